@@ -1,0 +1,15 @@
+"""mpdiag: numerical-stability diagnostics for PyTorch mixed-precision training.
+
+Attach :func:`diagnose` to a model, train, and read per-layer statistics from ``diag.run``.
+"""
+
+from mpdiag import formats
+from mpdiag.casting import classify, round_to
+from mpdiag.diagnose import Diagnosis, diagnose
+from mpdiag.errors import MpdiagError
+from mpdiag.run import Kind, Run, Site
+from mpdiag.stats import TensorStats
+
+__all__ = ["diagnose", "Diagnosis", "Run", "Site", "Kind", "TensorStats", "formats", "classify", "round_to",
+           "MpdiagError"]
+__version__ = "0.1.0"

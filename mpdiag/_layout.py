@@ -1,0 +1,128 @@
+"""Bucket layouts: one sorted edge list per source dtype that makes every count a single histogram.
+
+Every boundary a TensorStats needs, for one source dtype and a set of formats, is a magnitude where
+something changes: a power of two (the log2 histogram), a cast threshold of a tracked format (from
+``casting.thresholds``, so exact), the smallest positive value (zero vs non-zero) and infinity. Merged
+into one signed, sorted edge list, ``torch.bucketize`` gives each element one bucket index, and a
+single histogram of bucket indices holds everything; the host decodes it with tables built here.
+
+Buckets follow ``bucketize(right=False)``: bucket i holds ``edges[i-1] < x <= edges[i]``. Edge 0 is
+-inf, so bucket 0 is exactly -inf; the last edge is +inf; NaN lands one past it, in its own bucket.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from mpdiag import formats as _formats
+from mpdiag.casting import Category, source_dtype, thresholds
+from mpdiag.stats import HIST_EXPONENTS
+
+_INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+             torch.bfloat16: torch.int16}
+
+# Bucket kinds (host-side decode only).
+ZERO, FINITE, POSINF, NEGINF, NAN = range(5)
+
+
+def _neighbour(value: float, dtype: torch.dtype, step: int) -> float:
+    """The positive value ``step`` ulps away from the positive ``value`` in ``dtype``."""
+    bits = torch.tensor([value], dtype=dtype).view(_INT_VIEW[dtype]) + step
+    return float(bits.view(dtype).to(torch.float64))
+
+
+def _representable(value: float, dtype: torch.dtype) -> bool:
+    return float(torch.tensor([value], dtype=dtype).to(torch.float64)) == value
+
+
+class BucketLayout:
+    """Edges for one source dtype and format set, and the tables that decode bucket counts."""
+
+    def __init__(self, source: torch.dtype, format_names: tuple[str, ...]) -> None:
+        self.source = source
+        self.format_names = format_names
+        magnitudes = self._boundary_magnitudes()
+        self.edges = [-m for m in reversed(magnitudes)] + [_neighbour(m, source, -1) if math.isfinite(m)
+                                                           else float(torch.finfo(source).max)
+                                                           for m in magnitudes] + [math.inf]
+        self.n_buckets = len(self.edges) + 1
+        lower = [m for m in reversed(magnitudes)] + [0.0] + magnitudes[:-1] + [math.inf, math.nan]
+        signs = [-1] * len(magnitudes) + [0] + [1] * len(magnitudes) + [0]
+        self._build_tables(lower, signs)
+        self._device_edges: dict[torch.device, torch.Tensor] = {}
+
+    def _boundary_magnitudes(self) -> list[float]:
+        info = torch.finfo(self.source)
+        smallest = float(info.smallest_normal) * float(info.eps)
+        found = {smallest, math.inf}
+        for k in HIST_EXPONENTS:
+            power = math.ldexp(1.0, int(k))
+            if smallest <= power <= info.max and _representable(power, self.source):
+                found.add(power)
+        for name in self.format_names:
+            t = thresholds(_formats.get(name), self.source)
+            found.update(v for v in (t.nonzero_from, t.normal_from, t.overflow_from) if math.isfinite(v))
+        return sorted(found)
+
+    def _build_tables(self, lower: list[float], signs: list[int]) -> None:
+        """For each bucket: its kind, histogram bin and the cast category of each format."""
+        n = self.n_buckets
+        self.kind = np.full(n, FINITE, dtype=np.int8)
+        self.hist_bin = np.full(n, -1, dtype=np.int64)
+        self.category = np.zeros((len(self.format_names), n), dtype=np.int8)
+        fmt_thresholds = [thresholds(_formats.get(name), self.source) for name in self.format_names]
+        for i, (mag, sign) in enumerate(zip(lower, signs)):
+            if math.isnan(mag):
+                self.kind[i] = NAN
+            elif math.isinf(mag):
+                self.kind[i] = NEGINF if sign < 0 else POSINF
+            elif mag == 0:
+                self.kind[i] = ZERO
+            else:
+                exponent = min(max(math.frexp(mag)[1] - 1, int(HIST_EXPONENTS[0])), int(HIST_EXPONENTS[-1]))
+                self.hist_bin[i] = exponent - int(HIST_EXPONENTS[0])
+                for f, t in enumerate(fmt_thresholds):
+                    self.category[f, i] = _category(mag, t)
+
+    def edges_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._device_edges:
+            self._device_edges[device] = torch.tensor(self.edges, dtype=torch.float64).to(self.source).to(device)
+        return self._device_edges[device]
+
+    def decode(self, counts: np.ndarray) -> dict[str, object]:
+        """Turn one bucket histogram into TensorStats fields."""
+        finite = self.kind == FINITE
+        hist = np.zeros(len(HIST_EXPONENTS), dtype=np.int64)
+        np.add.at(hist, self.hist_bin[finite], counts[finite])
+        casts = np.stack([
+            [counts[self.category[f] == c].sum() for c in (Category.UNDERFLOW, Category.SUBNORMAL, Category.OVERFLOW)]
+            for f in range(len(self.format_names))
+        ]).astype(np.int64)
+        return {
+            "numel": int(counts.sum()),
+            "zeros": int(counts[self.kind == ZERO].sum()),
+            "nans": int(counts[self.kind == NAN].sum()),
+            "posinf": int(counts[self.kind == POSINF].sum()),
+            "neginf": int(counts[self.kind == NEGINF].sum()),
+            "hist": hist,
+            "casts": casts,
+        }
+
+
+def _category(magnitude: float, t) -> Category:
+    if magnitude < t.nonzero_from:
+        return Category.UNDERFLOW
+    if magnitude < t.normal_from:
+        return Category.SUBNORMAL
+    if magnitude >= t.overflow_from:
+        return Category.OVERFLOW
+    return Category.NORMAL
+
+
+@functools.cache
+def layout_for(dtype: torch.dtype, format_names: tuple[str, ...]) -> BucketLayout:
+    return BucketLayout(source_dtype(dtype), format_names)

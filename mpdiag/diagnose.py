@@ -1,0 +1,226 @@
+"""diagnose(model): attach the recorder to a model, close steps, hand out the Run.
+
+The Diagnosis owns every hook handle and removes them all on exit, also when the training step raised.
+Closing a step is the only place the host reads device values: once per recorded step.
+
+Example:
+    >>> import torch, mpdiag
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> with mpdiag.diagnose(model, optimizer=opt) as diag:
+    ...     for _ in range(3):
+    ...         opt.zero_grad()
+    ...         model(torch.randn(4, 8)).pow(2).mean().backward()
+    ...         opt.step()  # closes the step
+    >>> diag.run.steps
+    [0, 1, 2]
+    >>> diag.run.stats("2.weight", "param_grad", step=2).numel
+    8
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpdiag.errors import AttachError, MpdiagError
+from mpdiag.formats import Format
+from mpdiag.hooks import Recorder
+from mpdiag.run import Run, Site
+from mpdiag.stats import DEFAULT_FORMATS, TensorStats, format_names
+
+__all__ = ["diagnose", "Diagnosis"]
+
+log = logging.getLogger(__name__)
+
+# Modules currently observed (-> their name in the diagnosed model), so a second diagnosis is refused.
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, tuple[Diagnosis, str]] = weakref.WeakKeyDictionary()
+
+
+def diagnose(
+    model: nn.Module,
+    *,
+    formats: Sequence[str | torch.dtype | Format] = DEFAULT_FORMATS,
+    every: int = 1,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Diagnosis:
+    """Record, per module and parameter, how values sit against each format's range.
+
+    Args:
+        model: the module to observe (all its submodules, by ``named_modules()`` name; the root is "").
+        formats: formats to count casts for (names, aliases or dtypes).
+        every: record one step in ``every``; unrecorded steps cost next to nothing.
+        include: glob(s) of module names to observe; default all.
+        exclude: glob(s) of module names not to observe.
+        optimizer: when given, a step closes by itself just before ``optimizer.step()``; a step that a
+            GradScaler skips closes when the next forward starts with gradients cleared.
+
+    Returns:
+        A :class:`Diagnosis`, usable as a context manager.
+    """
+    return Diagnosis(model, formats=formats, every=every, include=include, exclude=exclude, optimizer=optimizer)
+
+
+def _globs(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    patterns = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(p, str) for p in patterns):
+        raise MpdiagError(f"{what} expects glob strings such as 'blocks.*.mlp', got {value!r}")
+    return patterns
+
+
+def _selected(name: str, include: tuple[str, ...] | None, exclude: tuple[str, ...] | None) -> bool:
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not (exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+
+class Diagnosis:
+    """Hooks on one model, the current step, and the statistics recorded so far. See :func:`diagnose`."""
+
+    def __init__(self, model: nn.Module, *, formats: Sequence[str | torch.dtype | Format] = DEFAULT_FORMATS,
+                 every: int = 1, include: str | Iterable[str] | None = None,
+                 exclude: str | Iterable[str] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
+        _check_arguments(model, every, optimizer)
+        self.formats = format_names(formats)
+        self.every = every
+        include_globs, exclude_globs = _globs(include, "include"), _globs(exclude, "exclude")
+        modules = {n: m for n, m in model.named_modules() if _selected(n, include_globs, exclude_globs)}
+        if not modules:
+            raise MpdiagError(f"include={include!r} / exclude={exclude!r} select none of the model's modules; "
+                              f"module names look like {[n for n, _ in list(model.named_modules())[:4]]}")
+        self._claim(model)
+        self._model_ref = weakref.ref(model)
+        self._recorder = Recorder(self.formats, _owned_parameters(modules))
+        self._records: dict[int, dict[Site, TensorStats]] = {}
+        self._step = 0
+        self._closed = False
+        self._handles: list[Any] = []
+        self._install(model, modules, optimizer)
+
+    # -- public API -------------------------------------------------------------------------------
+    @property
+    def step_index(self) -> int:
+        """Index of the step being recorded now (steps count from 0, recorded or not)."""
+        return self._step
+
+    @property
+    def recording(self) -> bool:
+        """Whether the current step is one that is recorded (see ``every``)."""
+        return self._recorder.recording
+
+    @property
+    def run(self) -> Run:
+        """A snapshot of everything recorded so far, as plain data."""
+        return Run(formats=self.formats, records={s: dict(r) for s, r in self._records.items()},
+                   meta={"every": self.every})
+
+    def step(self) -> None:
+        """Close the current step: read its statistics from the device (the one host sync) and move on."""
+        if self._closed:
+            raise MpdiagError("this Diagnosis is closed; attach a new one with mpdiag.diagnose(model)")
+        self._close_step()
+
+    def close(self) -> None:
+        """Record a step in progress, then remove every hook. Safe to call more than once."""
+        if self._closed:
+            return
+        try:
+            if self._recorder.active:
+                self._close_step()
+        finally:
+            self._closed = True
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            model = self._model_ref()
+            if model is not None:
+                for module in model.modules():
+                    if _ATTACHED.get(module, (None,))[0] is self:
+                        del _ATTACHED[module]
+
+    def __enter__(self) -> Diagnosis:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step {self._step}"
+        return f"<Diagnosis {state}, {len(self._records)} recorded steps, formats {', '.join(self.formats)}>"
+
+    # -- internals --------------------------------------------------------------------------------
+    def _claim(self, model: nn.Module) -> None:
+        for name, module in model.named_modules():
+            if module in _ATTACHED:
+                where = f"module {name!r} of this model" if name else "this model"
+                as_name = _ATTACHED[module][1]
+                raise AttachError(f"{where} is already being diagnosed (as module {as_name!r} of the model a "
+                                  f"Diagnosis is attached to); close that Diagnosis (diag.close() or leave its "
+                                  f"with-block) before attaching another")
+        for name, module in model.named_modules():
+            _ATTACHED[module] = (self, name)
+
+    def _install(self, model: nn.Module, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
+        rec = self._recorder
+        for name, module in modules.items():
+            self._handles.append(module.register_forward_hook(_bind(rec.on_forward, name)))
+        for name, param in rec.params.items():
+            if param.requires_grad:
+                self._handles.append(param.register_post_accumulate_grad_hook(_bind(rec.on_param_grad, name)))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self._close_step()))
+            self._handles.append(model.register_forward_pre_hook(lambda *_: self._close_skipped_step(model)))
+
+    def _close_skipped_step(self, model: nn.Module) -> None:
+        # A GradScaler that finds inf/NaN skips optimizer.step(), so the step pre-hook never fires.
+        # Backward ran and the gradients were cleared since: that step is over. Gradients still present
+        # mean gradient accumulation, which continues the step.
+        if self._recorder.saw_backward and all(p.grad is None for p in model.parameters()):
+            self._close_step()
+
+    def _close_step(self) -> None:
+        rec = self._recorder
+        if rec.recording:
+            self._records[self._step] = rec.collect()
+        rec.reset()
+        self._step += 1
+        rec.recording = self._step % self.every == 0
+
+
+def _bind(method: Any, name: str) -> Any:
+    def hook(*args: Any) -> None:
+        method(name, *args)
+    return hook
+
+
+def _check_arguments(model: object, every: object, optimizer: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"diagnose() expects a torch.nn.Module, got {type(model).__name__}; "
+                          f"pass the model itself (not its parameters or its output)")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise MpdiagError(f"every must be a positive integer (record one step in every N), got {every!r}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise AttachError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+
+def _owned_parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """Parameters held directly by the selected modules, by fully-qualified name, each once."""
+    params: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for module_name, module in modules.items():
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                params[f"{module_name}.{pname}" if module_name else pname] = param
+    return params

@@ -1,0 +1,119 @@
+"""The recording side: hook bodies that feed device-side accumulators, and nothing else.
+
+Hooks never format text, never read device values on the host and never change what they observe:
+they pass detached tensors to ``SiteAccumulator.observe`` and return None. A forward hook registers a
+tensor hook on each output that requires grad, which is how the gradient arriving at a module's output
+is seen without wrapping the output (``register_full_backward_hook`` would, and that breaks in-place
+ops that follow the module).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpdiag._accumulate import SKIP_REASONS, SiteAccumulator, read_many
+from mpdiag.run import Kind, Site
+from mpdiag.stats import TensorStats
+
+log = logging.getLogger(__name__)
+
+_MAX_NESTING = 32  # outputs nest a few levels at most; the cap guards against self-referencing objects
+
+
+def floating_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Every floating (or complex) tensor in a module output: tensors, sequences, mappings, dataclasses."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            yield obj
+        return
+    if depth >= _MAX_NESTING or isinstance(obj, (str, bytes)):
+        return
+    if isinstance(obj, (list, tuple)):  # namedtuples are tuples
+        items: Any = obj
+    elif isinstance(obj, Mapping):
+        items = obj.values()
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = (getattr(obj, f.name) for f in dataclasses.fields(obj))
+    else:
+        return
+    for item in items:
+        yield from floating_tensors(item, depth + 1)
+
+
+class Recorder:
+    """Owns the accumulators of one diagnosis and the bodies of its hooks."""
+
+    def __init__(self, format_names: tuple[str, ...], params: Mapping[str, nn.Parameter]) -> None:
+        self.format_names = format_names
+        self.params = dict(params)
+        self.recording = True
+        self.active = False  # a hook observed something since the last reset
+        self.saw_backward = False  # a gradient arrived since the last reset (recorded or not)
+        self._accumulators: dict[Site, SiteAccumulator] = {}
+        self._warned: set[tuple[Site, str]] = set()
+
+    def accumulator(self, site: Site) -> SiteAccumulator:
+        acc = self._accumulators.get(site)
+        if acc is None:
+            acc = self._accumulators[site] = SiteAccumulator(self.format_names)
+        return acc
+
+    def _observe(self, site: Site, tensor: torch.Tensor) -> None:
+        acc = self.accumulator(site)
+        acc.observe(tensor)
+        for reason in acc.skipped:
+            if (site, reason) not in self._warned:
+                self._warned.add((site, reason))
+                log.info("mpdiag: not recording a tensor at %s (%s): %s", site.name or "<root>", site.kind,
+                         SKIP_REASONS[reason])
+
+    # -- hook bodies ------------------------------------------------------------------------------
+    def on_forward(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if not self.recording:
+            return
+        self.active = True
+        site = Site(name, Kind.ACTIVATION)
+        for tensor in floating_tensors(output):
+            self._observe(site, tensor)
+            if tensor.requires_grad:
+                tensor.register_hook(functools.partial(self.on_activation_grad, name))
+
+    def on_activation_grad(self, name: str, grad: torch.Tensor) -> None:
+        self.saw_backward = True
+        if self.recording and grad is not None:
+            self.active = True
+            self._observe(Site(name, Kind.ACTIVATION_GRAD), grad)
+
+    def on_param_grad(self, name: str, param: torch.Tensor) -> None:
+        # Fires after each backward has accumulated into .grad; keep only the latest, so gradient
+        # accumulation over micro-batches records the gradient the optimizer will see.
+        self.saw_backward = True
+        if self.recording and param.grad is not None:
+            self.active = True
+            acc = self.accumulator(Site(name, Kind.PARAM_GRAD))
+            acc.reset()
+            acc.observe(param.grad)
+
+    # -- closing a step ---------------------------------------------------------------------------
+    def collect(self) -> dict[Site, TensorStats]:
+        """Observe parameters (and gradients no hook saw), then read everything with one host transfer."""
+        for name, param in self.params.items():
+            self._observe(Site(name, Kind.PARAM), param)
+            grad_site = Site(name, Kind.PARAM_GRAD)
+            if param.grad is not None and self.accumulator(grad_site).empty:
+                self._observe(grad_site, param.grad)  # set by hand, not by backward
+        live = {site: acc for site, acc in self._accumulators.items() if not acc.empty}
+        return read_many(live)
+
+    def reset(self) -> None:
+        for acc in self._accumulators.values():
+            acc.reset()
+        self.active = False
+        self.saw_backward = False

@@ -1,0 +1,138 @@
+"""Run: what a diagnosis recorded, as plain data independent of the model.
+
+A Run maps each recorded step to the statistics of every site seen in it. It holds no tensors and no
+reference to the model, so it can be kept, compared, saved and analysed after training has moved on.
+
+Example:
+    >>> import torch, mpdiag
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    >>> with mpdiag.diagnose(model) as diag:
+    ...     model(torch.randn(2, 4)).sum().backward()
+    ...     diag.step()
+    >>> run = diag.run
+    >>> run.steps
+    [0]
+    >>> run.stats("0", "activation").numel
+    6
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from mpdiag.errors import MpdiagError, UnknownSiteError
+from mpdiag.stats import TensorStats
+
+__all__ = ["Kind", "Site", "Run"]
+
+
+class Kind(str, enum.Enum):
+    """What was observed at a site."""
+
+    ACTIVATION = "activation"  # floating tensors in a module's output
+    ACTIVATION_GRAD = "activation_grad"  # the gradient arriving at those outputs in backward
+    PARAM = "param"  # a parameter's values when the step closed
+    PARAM_GRAD = "param_grad"  # a parameter's gradient as backward left it
+
+    @classmethod
+    def parse(cls, value: str | Kind) -> Kind:
+        try:
+            return cls(value)
+        except ValueError:
+            raise MpdiagError(
+                f"unknown site kind {value!r}; expected one of {', '.join(k.value for k in cls)}"
+            ) from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Site(NamedTuple):
+    """A place where tensors are observed: a module or parameter name and what was observed there."""
+
+    name: str
+    kind: Kind
+
+
+@dataclass(frozen=True)
+class Run:
+    """Statistics per recorded step and site.
+
+    Attributes:
+        formats: names of the tracked formats.
+        records: step index -> site -> statistics of that site in that step.
+        meta: facts about the recording (the ``every`` setting, for example), JSON-compatible values.
+    """
+
+    formats: tuple[str, ...]
+    records: Mapping[int, Mapping[Site, TensorStats]] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> list[int]:
+        """Recorded step indices, in order."""
+        return sorted(self.records)
+
+    @property
+    def sites(self) -> list[Site]:
+        """Every site recorded in any step, in the order first seen."""
+        seen: dict[Site, None] = {}
+        for step in self.steps:
+            seen.update(dict.fromkeys(self.records[step]))
+        return list(seen)
+
+    def stats(self, name: str, kind: str | Kind, step: int | None = None) -> TensorStats:
+        """Statistics of one site at ``step``, or merged over all recorded steps when step is None.
+
+        Raises:
+            UnknownSiteError: the site was never recorded (the message names close matches).
+            MpdiagError: ``step`` was not recorded, or the site was not seen in it.
+        """
+        site = Site(name, Kind.parse(kind))
+        if site not in set(self.sites):
+            raise UnknownSiteError(self._unknown_site_message(site))
+        if step is None:
+            return TensorStats.merge_all((r[site] for r in self.records.values() if site in r), self.formats)
+        if step not in self.records:
+            raise MpdiagError(f"step {step} was not recorded; recorded steps: {_ranges(self.steps)}")
+        if site not in self.records[step]:
+            seen_at = [s for s in self.steps if site in self.records[s]]
+            raise MpdiagError(f"site {name!r} ({site.kind}) was not seen in step {step}; seen in steps {_ranges(seen_at)}")
+        return self.records[step][site]
+
+    def table(self, step: int | None = None) -> list[dict[str, Any]]:
+        """One flat dict per site (name, kind and every statistic), ready for ``pandas.DataFrame``."""
+        sites = self.sites if step is None else list(self.records.get(step, {}))
+        if step is not None and step not in self.records:
+            raise MpdiagError(f"step {step} was not recorded; recorded steps: {_ranges(self.steps)}")
+        return [{"name": s.name, "kind": s.kind.value, **self.stats(s.name, s.kind, step).as_dict()} for s in sites]
+
+    def _unknown_site_message(self, site: Site) -> str:
+        names = sorted({s.name for s in self.sites if s.kind == site.kind})
+        close = difflib.get_close_matches(site.name, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        kinds = sorted({s.kind.value for s in self.sites if s.name == site.name})
+        if kinds:
+            hint = f"; {site.name!r} was recorded as {', '.join(kinds)}"
+        return f"no {site.kind} site named {site.name!r} in this run{hint}"
+
+    def __repr__(self) -> str:
+        return f"Run(steps={_ranges(self.steps)}, sites={len(self.sites)}, formats={self.formats})"
+
+
+def _ranges(steps: list[int]) -> str:
+    """Compact text for a list of step indices: '0-9, 20, 30-31'."""
+    if not steps:
+        return "none"
+    parts, start, prev = [], steps[0], steps[0]
+    for s in steps[1:] + [math.inf]:
+        if s != prev + 1:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = s
+        prev = s
+    return ", ".join(parts)

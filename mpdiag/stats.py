@@ -1,0 +1,213 @@
+"""TensorStats: what one observed site held, as plain host data that merges exactly.
+
+A TensorStats summarises every floating tensor observed at one site (a module's activations, say) over
+one or more calls and steps: counts of zeros and non-finite values, the largest and smallest non-zero
+finite magnitudes, a histogram of log2|x| at power-of-two resolution over the whole fp32 range, and for
+each tracked format exact counts of the values a cast would flush to zero, make subnormal, or overflow.
+
+Merging is exact, associative and commutative: sums of counts, max of amax, min of amin_nonzero.
+
+Example:
+    >>> import torch
+    >>> from mpdiag.stats import TensorStats
+    >>> s = TensorStats.of(torch.tensor([0.0, 1e-8, 3.0, 7e4, float("inf")]), formats=("fp16", "bf16"))
+    >>> s.numel, s.zeros, s.posinf, s.amax
+    (5, 1, 1, 70000.0)
+    >>> s.underflow("fp16"), s.overflow("fp16"), s.overflow("bf16")
+    (1, 1, 0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpdiag import formats as _formats
+from mpdiag.errors import MpdiagError
+from mpdiag.formats import Format
+
+__all__ = ["TensorStats", "HIST_EXPONENTS", "DEFAULT_FORMATS"]
+
+#: Formats tracked unless the caller says otherwise.
+DEFAULT_FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
+
+_FP32 = torch.finfo(torch.float32)
+_HIST_LOW = math.frexp(float(_FP32.smallest_normal) * float(_FP32.eps))[1] - 1  # -149: smallest subnormal
+_HIST_HIGH = math.frexp(float(_FP32.max))[1] - 1  # 127
+#: Histogram bin i counts finite non-zero values with floor(log2|x|) == HIST_EXPONENTS[i].
+HIST_EXPONENTS = np.arange(_HIST_LOW, _HIST_HIGH + 1)
+
+# Column order of TensorStats.casts.
+_UNDERFLOW, _SUBNORMAL, _OVERFLOW = 0, 1, 2
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, dtype=np.int64)
+    a.setflags(write=False)
+    return a
+
+
+def format_names(specs: Iterable[str | torch.dtype | Format]) -> tuple[str, ...]:
+    """Canonical, de-duplicated names for a user's list of formats (validated once, at the API edge)."""
+    names = tuple(dict.fromkeys(_formats.get(s).name for s in specs))
+    if not names:
+        raise MpdiagError("expected at least one format to track, got none")
+    return names
+
+
+@dataclass(frozen=True, eq=False)
+class TensorStats:
+    """Statistics of the floating tensors observed at one site.
+
+    Attributes:
+        formats: names of the tracked formats, the order of the rows of ``casts``.
+        numel: elements observed. zeros, nans, posinf, neginf: elements that were exactly so.
+        amax: largest finite |x| (0.0 when no finite value was seen).
+        amin_nonzero: smallest finite non-zero |x| (inf when none was seen).
+        hist: counts of finite non-zero values per floor(log2|x|), bins ``HIST_EXPONENTS``; fp64 values
+            beyond the fp32 range are counted in the end bins.
+        casts: int64 array (formats x 3): underflow, subnormal and overflow counts per format.
+        dtypes: names of the dtypes observed. calls: tensors observed.
+    """
+
+    formats: tuple[str, ...]
+    numel: int = 0
+    zeros: int = 0
+    nans: int = 0
+    posinf: int = 0
+    neginf: int = 0
+    amax: float = 0.0
+    amin_nonzero: float = math.inf
+    hist: np.ndarray = field(default_factory=lambda: _frozen(np.zeros(len(HIST_EXPONENTS))))
+    casts: np.ndarray | None = None
+    dtypes: frozenset[str] = frozenset()
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        casts = np.zeros((len(self.formats), 3)) if self.casts is None else self.casts
+        object.__setattr__(self, "hist", _frozen(self.hist))
+        object.__setattr__(self, "casts", _frozen(casts))
+        if self.hist.shape != HIST_EXPONENTS.shape or self.casts.shape != (len(self.formats), 3):
+            raise MpdiagError(
+                f"TensorStats arrays have the wrong shape: hist {self.hist.shape} (expected "
+                f"{HIST_EXPONENTS.shape}), casts {self.casts.shape} (expected ({len(self.formats)}, 3))"
+            )
+
+    @classmethod
+    def empty(cls, formats: Sequence[str | torch.dtype | Format] = DEFAULT_FORMATS) -> TensorStats:
+        return cls(formats=format_names(formats))
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, formats: Sequence[str | torch.dtype | Format] = DEFAULT_FORMATS) -> TensorStats:
+        """Statistics of one tensor, computed now (this reads the result back to the host once)."""
+        from mpdiag._accumulate import SiteAccumulator  # the device-side kernel lives there
+
+        names = format_names(formats)
+        acc = SiteAccumulator(names)
+        acc.observe(tensor)
+        return acc.read()
+
+    # -- per-format counts ------------------------------------------------------------------------
+    def _row(self, fmt: str | torch.dtype | Format) -> np.ndarray:
+        name = _formats.get(fmt).name
+        if name not in self.formats:
+            raise MpdiagError(f"format {name!r} was not tracked; tracked formats are {', '.join(self.formats)}")
+        return self.casts[self.formats.index(name)]
+
+    def underflow(self, fmt: str | torch.dtype | Format) -> int:
+        """Non-zero finite values that casting to ``fmt`` would flush to zero."""
+        return int(self._row(fmt)[_UNDERFLOW])
+
+    def subnormal(self, fmt: str | torch.dtype | Format) -> int:
+        """Values that casting to ``fmt`` would leave subnormal (non-zero, below its min normal)."""
+        return int(self._row(fmt)[_SUBNORMAL])
+
+    def overflow(self, fmt: str | torch.dtype | Format) -> int:
+        """Finite values at or past ``fmt``'s overflow threshold (inf, NaN or saturated after a cast)."""
+        return int(self._row(fmt)[_OVERFLOW])
+
+    def normal(self, fmt: str | torch.dtype | Format) -> int:
+        """Finite non-zero values that stay normal after casting to ``fmt``."""
+        return self.finite_nonzero - int(self._row(fmt).sum())
+
+    @property
+    def finite(self) -> int:
+        return self.numel - self.nans - self.posinf - self.neginf
+
+    @property
+    def finite_nonzero(self) -> int:
+        return self.finite - self.zeros
+
+    @property
+    def nonfinite(self) -> int:
+        return self.nans + self.posinf + self.neginf
+
+    # -- merging ----------------------------------------------------------------------------------
+    def merge(self, other: TensorStats) -> TensorStats:
+        """Statistics of everything both saw. Exact, associative and commutative."""
+        if self.formats != other.formats:
+            raise MpdiagError(f"cannot merge stats of formats {self.formats} with stats of formats {other.formats}")
+        return TensorStats(
+            formats=self.formats,
+            numel=self.numel + other.numel,
+            zeros=self.zeros + other.zeros,
+            nans=self.nans + other.nans,
+            posinf=self.posinf + other.posinf,
+            neginf=self.neginf + other.neginf,
+            amax=max(self.amax, other.amax),
+            amin_nonzero=min(self.amin_nonzero, other.amin_nonzero),
+            hist=self.hist + other.hist,
+            casts=self.casts + other.casts,
+            dtypes=self.dtypes | other.dtypes,
+            calls=self.calls + other.calls,
+        )
+
+    __add__ = merge
+
+    @staticmethod
+    def merge_all(items: Iterable[TensorStats], formats: Sequence[str] | None = None) -> TensorStats:
+        items = list(items)
+        if not items:
+            if formats is None:
+                raise MpdiagError("merge_all needs at least one TensorStats or the formats of an empty one")
+            return TensorStats.empty(formats)
+        out = items[0]
+        for s in items[1:]:
+            out = out.merge(s)
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TensorStats):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.formats, self.numel, self.zeros, self.nans, self.posinf, self.neginf, self.amax,
+                self.amin_nonzero, self.hist.tobytes(), self.casts.tobytes(), self.dtypes, self.calls)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A flat dict of plain Python values: counts, extremes and per-format cast counts."""
+        row: dict[str, Any] = {
+            "numel": self.numel, "zeros": self.zeros, "nans": self.nans, "posinf": self.posinf,
+            "neginf": self.neginf, "amax": self.amax, "amin_nonzero": self.amin_nonzero,
+            "dtypes": ",".join(sorted(self.dtypes)), "calls": self.calls,
+        }
+        for name in self.formats:
+            row[f"{name}_underflow"] = self.underflow(name)
+            row[f"{name}_subnormal"] = self.subnormal(name)
+            row[f"{name}_overflow"] = self.overflow(name)
+        return row
+
+    def __repr__(self) -> str:
+        casts = ", ".join(f"{n}: u{r[0]}/s{r[1]}/o{r[2]}" for n, r in zip(self.formats, self.casts))
+        return (f"TensorStats(numel={self.numel}, zeros={self.zeros}, nans={self.nans}, posinf={self.posinf}, "
+                f"neginf={self.neginf}, amax={self.amax:.6g}, amin_nonzero={self.amin_nonzero:.6g}, "
+                f"calls={self.calls}, casts={{{casts}}})")

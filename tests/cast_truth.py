@@ -1,0 +1,50 @@
+"""Ground truth for cast classification: what torch's real cast does, element by element."""
+
+from __future__ import annotations
+
+import torch
+
+from mpdiag.casting import Category, cast, source_dtype
+from mpdiag.formats import Format, Overflow
+
+INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+            torch.bfloat16: torch.int16}
+
+
+def from_bits(bits: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Floats of ``dtype`` with the given bit patterns (unsigned ints are wrapped to signed)."""
+    width = torch.finfo(dtype).bits
+    signed = [b - (1 << width) if b >= 1 << (width - 1) else b for b in bits]
+    return torch.tensor(signed, dtype=INT_VIEW[dtype]).view(dtype)
+
+
+def neighbours(value: float, dtype: torch.dtype, reach: int = 2) -> list[float]:
+    """``value`` (rounded into dtype) and the values up to ``reach`` ulps either side, both signs."""
+    base = int(torch.tensor([abs(value)], dtype=dtype).view(INT_VIEW[dtype]))
+    top = int(torch.tensor([torch.finfo(dtype).max], dtype=dtype).view(INT_VIEW[dtype]))
+    out = []
+    for b in range(max(base - reach, 0), min(base + reach, top) + 1):
+        v = float(from_bits([b], dtype).to(torch.float64))
+        out += [v, -v]
+    return out
+
+
+def real_categories(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Category codes from the real cast (emulation for TF32), computed independently of mpdiag's thresholds."""
+    x = x.to(source_dtype(x.dtype))
+    c = cast(x, fmt).to(torch.float64)
+    codes = torch.full(x.shape, int(Category.NORMAL), dtype=torch.int8)
+    codes[c.abs() < fmt.min_normal] = Category.SUBNORMAL
+    codes[c == 0] = Category.UNDERFLOW
+    if fmt.overflow is Overflow.SATURATE:
+        # The cast cannot show overflow; the definition is the round-to-nearest threshold. Check that
+        # everything past it saturates, and that nothing below it does except by ordinary rounding.
+        past = x.to(torch.float64).abs() >= fmt.overflow_threshold
+        assert torch.all(c[past & torch.isfinite(x)].abs() == fmt.max)
+        codes[past] = Category.OVERFLOW
+    else:
+        codes[~torch.isfinite(c)] = Category.OVERFLOW
+    codes[x == 0] = Category.ZERO
+    codes[torch.isinf(x)] = Category.INF
+    codes[torch.isnan(x)] = Category.NAN
+    return codes

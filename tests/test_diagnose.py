@@ -1,0 +1,337 @@
+"""diagnose(): what it records, when steps close, and that observing never changes training."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import weakref
+from collections import namedtuple
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mpdiag
+from mpdiag import Kind, Site, TensorStats
+from mpdiag.errors import AttachError, MpdiagError, UnknownFormatError
+from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def train_step(model: nn.Module, x: torch.Tensor, diag: mpdiag.Diagnosis | None = None) -> torch.Tensor:
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    if diag is not None:
+        diag.step()
+    return loss
+
+
+# -- what is recorded -----------------------------------------------------------------------------------
+def test_records_every_module_and_parameter() -> None:
+    model = TinyTransformerLM(vocab_size=32, d_model=16, n_heads=2, n_layers=1, seq_len=8)
+    tokens, targets = next(synthetic_batches(batch_size=2, seq_len=8, vocab_size=32))
+    with mpdiag.diagnose(model) as diag:
+        lm_loss(model(tokens), targets).backward()
+    run = diag.run  # close() recorded the step in progress
+    assert run.steps == [0]
+    names = {s.name for s in run.sites if s.kind is Kind.ACTIVATION}
+    assert names == {n for n, m in model.named_modules() if not isinstance(m, nn.ModuleList)}  # never called
+    params = {n for n, _ in model.named_parameters()}
+    assert {s.name for s in run.sites if s.kind is Kind.PARAM} == params
+    assert {s.name for s in run.sites if s.kind is Kind.PARAM_GRAD} == params
+    # every module whose output requires grad sees a gradient; token embeddings' output does too
+    assert {s.name for s in run.sites if s.kind is Kind.ACTIVATION_GRAD} == names
+
+
+def test_statistics_are_those_of_the_real_tensors() -> None:
+    model = mlp()
+    x = torch.randn(4, 6)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(module, args, out):
+            out.retain_grad()
+            seen[name] = out
+        return hook
+
+    for name, module in model.named_children():
+        module.register_forward_hook(keep(name))
+    with mpdiag.diagnose(model) as diag:
+        train_step(model, x, diag)
+    run = diag.run
+    for name, out in seen.items():
+        assert run.stats(name, "activation", step=0) == TensorStats.of(out.detach())
+        assert run.stats(name, "activation_grad", step=0) == TensorStats.of(out.grad)
+    for name, p in model.named_parameters():
+        assert run.stats(name, "param", step=0) == TensorStats.of(p.detach())
+        assert run.stats(name, "param_grad", step=0) == TensorStats.of(p.grad)
+
+
+@dataclasses.dataclass
+class Output:
+    hidden: torch.Tensor
+    extra: dict
+
+
+Pair = namedtuple("Pair", ["a", "b"])
+
+
+class Structured(nn.Module):
+    def forward(self, x: torch.Tensor):
+        return Output(hidden=x * 2, extra={"pair": Pair(x + 1, torch.arange(3)), "list": [x.double(), "text", None]})
+
+
+def test_all_floating_leaves_of_structured_outputs() -> None:
+    model = Structured()
+    x = torch.randn(3, 4, requires_grad=True)
+    with mpdiag.diagnose(model) as diag:
+        out = model(x)
+        (out.hidden.sum() + out.extra["pair"].a.sum() + out.extra["list"][0].sum()).backward()
+        diag.step()
+    act = diag.run.stats("", "activation")
+    assert act.numel == 3 * 12 and act.calls == 3  # the int tensor and the string are not floating values
+    assert act.dtypes == {"float32", "float64"}
+    assert diag.run.stats("", "activation_grad").numel == 3 * 12
+
+
+def test_a_module_called_twice_accumulates() -> None:
+    layer = nn.Linear(4, 4)
+    model = nn.Sequential(layer, nn.Tanh(), layer)  # shared: named_modules() lists it once, as "0"
+    with mpdiag.diagnose(model) as diag:
+        train_step(model, torch.randn(2, 4), diag)
+    stats = diag.run.stats("0", "activation", step=0)
+    assert stats.calls == 2 and stats.numel == 16
+    assert diag.run.stats("0", "activation_grad", step=0).calls == 2
+
+
+def test_include_and_exclude_select_modules_by_glob() -> None:
+    model = TinyTransformerLM(vocab_size=32, d_model=16, n_heads=2, n_layers=2, seq_len=8)
+    tokens, targets = next(synthetic_batches(batch_size=2, seq_len=8, vocab_size=32))
+    with mpdiag.diagnose(model, include="blocks.*.mlp*", exclude=["*.1"]) as diag:
+        lm_loss(model(tokens), targets).backward()
+    names = {s.name for s in diag.run.sites}
+    assert {s.name for s in diag.run.sites if s.kind is Kind.ACTIVATION} == {
+        "blocks.0.mlp", "blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.1.mlp", "blocks.1.mlp.0", "blocks.1.mlp.2"}
+    assert "blocks.0.mlp.0.weight" in names and "blocks.0.ln1.weight" not in names
+
+
+def test_formats_are_validated_and_tracked() -> None:
+    model = mlp()
+    with mpdiag.diagnose(model, formats=["half", torch.bfloat16, "e4m3", "fp16"]) as diag:
+        train_step(model, torch.randn(2, 6), diag)
+    assert diag.run.formats == ("fp16", "bf16", "fp8_e4m3")
+    with pytest.raises(UnknownFormatError, match="fp8_e5m2"):
+        mpdiag.diagnose(mlp(), formats=["fp7"])
+
+
+# -- steps ---------------------------------------------------------------------------------------------
+def test_every_n_records_one_step_in_n() -> None:
+    model = mlp()
+    with mpdiag.diagnose(model, every=3) as diag:
+        for i in range(7):
+            assert diag.recording == (i % 3 == 0)
+            train_step(model, torch.randn(2, 6), diag)
+    assert diag.run.steps == [0, 3, 6]
+
+
+def test_optimizer_closes_steps_and_records_grads_before_the_update() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    grads = []
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 6)).pow(2).mean().backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            opt.step()
+            for n in before:
+                assert diag.run.stats(n, "param", step=diag.step_index - 1) == TensorStats.of(before[n])
+    assert diag.run.steps == [0, 1, 2]
+    for step, g in enumerate(grads):
+        for n, grad in g.items():
+            assert diag.run.stats(n, "param_grad", step=step) == TensorStats.of(grad)
+
+
+def test_gradient_accumulation_is_one_step_with_the_accumulated_gradient() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        for _ in range(2):
+            opt.zero_grad()
+            for _ in range(3):  # micro-batches
+                model(torch.randn(4, 6)).pow(2).mean().backward()
+            final = model[0].weight.grad.clone()
+            opt.step()
+    assert diag.run.steps == [0, 1]
+    assert diag.run.stats("0", "activation", step=1).calls == 3
+    assert diag.run.stats("0.weight", "param_grad", step=1) == TensorStats.of(final)
+
+
+def test_a_step_that_grad_scaler_skips_still_closes() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    inputs = [torch.randn(4, 6), torch.full((4, 6), 1e38), torch.randn(4, 6)]  # step 1 overflows
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        for x in inputs:
+            opt.zero_grad()
+            scaler.scale(model(x).pow(2).mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert scaler.get_scale() == 2.0**3  # the real scaler did skip a step
+    assert diag.run.steps == [0, 1, 2]
+    assert diag.run.stats("0.weight", "param_grad", step=1).nonfinite > 0
+    assert diag.run.stats("0.weight", "param_grad", step=2).nonfinite == 0
+
+
+def test_close_records_the_step_in_progress_and_step_after_close_raises() -> None:
+    model = mlp()
+    diag = mpdiag.diagnose(model)
+    train_step(model, torch.randn(2, 6))
+    diag.close()
+    diag.close()  # idempotent
+    assert diag.run.steps == [0]
+    with pytest.raises(MpdiagError, match="closed"):
+        diag.step()
+
+
+# -- attaching and detaching ---------------------------------------------------------------------------
+def _hook_count(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    count = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    count += sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
+    return count + len(opt._optimizer_step_pre_hooks)
+
+
+def test_every_hook_is_removed_on_exit_even_when_the_body_raises() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = _hook_count(model, opt)
+    with pytest.raises(ValueError, match="boom"):
+        with mpdiag.diagnose(model, optimizer=opt):
+            assert _hook_count(model, opt) > before
+            raise ValueError("boom")
+    assert _hook_count(model, opt) == before
+    mpdiag.diagnose(model).close()  # can attach again once closed
+
+
+@pytest.mark.parametrize("target", [torch.randn(3), [nn.Linear(2, 2)], "model", None])
+def test_only_modules_can_be_diagnosed(target: object) -> None:
+    with pytest.raises(AttachError, match="torch.nn.Module"):
+        mpdiag.diagnose(target)  # type: ignore[arg-type]
+
+
+def test_a_second_diagnosis_of_the_same_model_is_refused() -> None:
+    model = mlp()
+    with mpdiag.diagnose(model):
+        with pytest.raises(AttachError, match="already being diagnosed"):
+            mpdiag.diagnose(model)
+        with pytest.raises(AttachError, match="as module '0'"):
+            mpdiag.diagnose(model[0])
+
+
+@pytest.mark.parametrize("kwargs", [{"every": 0}, {"every": 1.5}, {"every": True}, {"include": "nothing*"},
+                                    {"include": [3]}, {"optimizer": "sgd"}, {"formats": []}])
+def test_bad_arguments_get_clear_errors(kwargs: dict) -> None:
+    with pytest.raises(MpdiagError):
+        mpdiag.diagnose(mlp(), **kwargs)
+
+
+# -- observing never changes training ---------------------------------------------------------------------
+class WithBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.GELU(), nn.Dropout(0.3), nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _train(diagnosed: bool, autocast: bool, every: int = 1) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    torch.manual_seed(1)
+    model = WithBatchNorm()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    diag = mpdiag.diagnose(model, optimizer=opt, every=every) if diagnosed else None
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        x = torch.randn(16, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    if diag is not None:
+        diag.close()
+    return losses, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
+@pytest.mark.parametrize("every", [1, 2])
+def test_training_is_bit_identical_with_and_without_diagnose(autocast: bool, every: int) -> None:
+    plain_losses, plain_state = _train(False, autocast)
+    losses, state = _train(True, autocast, every)
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, losses))
+    assert all(torch.equal(plain_state[k], state[k]) for k in plain_state)  # params and batch-norm buffers
+
+
+def test_nothing_the_model_produced_is_kept_alive() -> None:
+    model = mlp()
+    with mpdiag.diagnose(model) as diag:
+        out = model(torch.randn(4, 6))
+        loss = out.pow(2).mean()
+        loss.backward()
+        refs = [weakref.ref(out), weakref.ref(loss), weakref.ref(model[0].weight.grad)]
+        model.zero_grad(set_to_none=True)
+        del out, loss
+        diag.step()
+        gc.collect()
+        assert all(r() is None for r in refs)
+
+
+class CountHostReads(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket))
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_reads_before_the_step_closes() -> None:
+    model = TinyTransformerLM(vocab_size=32, d_model=16, n_heads=2, n_layers=1, seq_len=8)
+    tokens, targets = next(synthetic_batches(batch_size=2, seq_len=8, vocab_size=32))
+    with mpdiag.diagnose(model) as diag:
+        with CountHostReads() as mode:
+            lm_loss(model(tokens), targets).backward()
+        assert mode.reads == 0
+        assert "aten.bucketize" in mode.ops  # the hooks did run under the mode
+        diag.step()
+    assert diag.run.stats("head", "activation_grad", step=0).numel == 2 * 8 * 32
+
+
+def test_forward_under_inference_mode_then_training() -> None:
+    model = mlp()
+    with mpdiag.diagnose(model) as diag:
+        with torch.inference_mode():
+            model(torch.randn(2, 6))
+        train_step(model, torch.randn(2, 6), diag)
+    assert diag.run.stats("0", "activation", step=0).calls == 2
+
+
+def test_nonfinite_values_are_counted_not_fatal() -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    with mpdiag.diagnose(model) as diag:
+        model(torch.tensor([[math.inf, 1.0]])).sum().backward()
+        diag.step()
+    s = diag.run.stats("0", "activation", step=0)
+    assert s.nonfinite == 2

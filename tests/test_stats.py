@@ -1,0 +1,142 @@
+"""TensorStats against a brute-force reference, merge laws, and the documented handling of odd tensors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cast_truth import from_bits, real_categories
+from mpdiag import formats
+from mpdiag.casting import Category
+from mpdiag.errors import MpdiagError
+from mpdiag.stats import HIST_EXPONENTS, TensorStats
+
+FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "tf32", "fp32")
+
+
+def reference(x: torch.Tensor, names: tuple[str, ...] = FORMATS) -> dict[str, object]:
+    """Every statistic computed the slow, obvious way: real casts and float64 numpy."""
+    v = x.detach().double().flatten().numpy()
+    finite = np.isfinite(v)
+    nonzero = finite & (v != 0)
+    mags = np.abs(v[nonzero])
+    exps = np.clip(np.frexp(mags)[1] - 1, HIST_EXPONENTS[0], HIST_EXPONENTS[-1])
+    casts = []
+    for name in names:
+        cats = real_categories(x.detach().flatten(), formats.get(name))
+        casts.append([int((cats == c).sum()) for c in (Category.UNDERFLOW, Category.SUBNORMAL, Category.OVERFLOW)])
+    return {
+        "numel": v.size, "zeros": int((v == 0).sum()), "nans": int(np.isnan(v).sum()),
+        "posinf": int((v == np.inf).sum()), "neginf": int((v == -np.inf).sum()),
+        "amax": float(np.abs(v[finite]).max()) if finite.any() else 0.0,
+        "amin_nonzero": float(mags.min()) if mags.size else math.inf,
+        "hist": np.bincount(exps - HIST_EXPONENTS[0], minlength=len(HIST_EXPONENTS)),
+        "casts": np.array(casts, dtype=np.int64).reshape(len(names), 3),
+    }
+
+
+def assert_matches_reference(x: torch.Tensor, names: tuple[str, ...] = FORMATS) -> None:
+    got, want = TensorStats.of(x, names), reference(x, names)
+    for key, value in want.items():
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(getattr(got, key), value), key
+        else:
+            assert getattr(got, key) == value, (key, getattr(got, key), value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_16_bit_value(dtype: torch.dtype) -> None:
+    assert_matches_reference(torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype))
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=200))
+def test_any_fp32_bit_patterns(bits: list[int]) -> None:
+    assert_matches_reference(from_bits(bits, torch.float32))
+
+
+@given(st.lists(st.floats(width=64), min_size=1, max_size=100))
+def test_any_fp64_values(values: list[float]) -> None:
+    assert_matches_reference(torch.tensor(values, dtype=torch.float64))
+
+
+def test_thresholds_and_their_neighbours_in_one_tensor() -> None:
+    from cast_truth import neighbours
+    from mpdiag.casting import thresholds
+    values = [0.0, -0.0, math.inf, -math.inf, math.nan]
+    for name in FORMATS:
+        t = thresholds(formats.get(name), torch.float32)
+        for v in (t.nonzero_from, t.normal_from, t.overflow_from):
+            if math.isfinite(v):
+                values += neighbours(v, torch.float32, reach=3)
+    values += [2.0**k for k in range(-149, 128)]
+    assert_matches_reference(torch.tensor(values, dtype=torch.float32))
+
+
+def test_realistic_activations_and_layouts() -> None:
+    x = torch.randn(64, 33) * torch.logspace(-30, 10, 33)
+    assert_matches_reference(x)
+    assert_matches_reference(x.t())  # non-contiguous
+    assert_matches_reference(x[:, ::3])
+    assert_matches_reference(x.to(torch.float8_e4m3fn).float())
+    assert_matches_reference(x.to(torch.float8_e5m2))  # fp8 tensors widen exactly
+
+
+def test_merge_is_exact() -> None:
+    a, b = torch.randn(100) * 1e3, torch.randn(50) * 1e-6
+    merged = TensorStats.of(a).merge(TensorStats.of(b))
+    whole = TensorStats.of(torch.cat([a, b]))
+    assert merged.hist.tolist() == whole.hist.tolist() and np.array_equal(merged.casts, whole.casts)
+    assert (merged.numel, merged.amax, merged.amin_nonzero) == (whole.numel, whole.amax, whole.amin_nonzero)
+    assert merged.calls == 2 and whole.calls == 1
+
+
+stats_strategy = st.lists(st.integers(0, 2**32 - 1), min_size=0, max_size=40).map(
+    lambda bits: TensorStats.of(from_bits(bits, torch.float32) if bits else torch.empty(0), ("fp16", "e4m3")))
+
+
+@given(stats_strategy, stats_strategy, stats_strategy)
+def test_merge_is_associative_and_commutative(a: TensorStats, b: TensorStats, c: TensorStats) -> None:
+    assert a.merge(b) == b.merge(a)
+    assert a.merge(b).merge(c) == a.merge(b.merge(c))
+    assert a.merge(TensorStats.empty(("fp16", "e4m3"))) == a
+
+
+def test_merge_refuses_different_formats() -> None:
+    with pytest.raises(MpdiagError, match="cannot merge"):
+        TensorStats.empty(("fp16",)).merge(TensorStats.empty(("bf16",)))
+
+
+def test_counts_add_up() -> None:
+    s = TensorStats.of(torch.tensor([0.0, 1e-9, 1e-6, 1.0, 1e5, math.nan, math.inf]), ("fp16",))
+    assert s.finite == 5 and s.finite_nonzero == 4 and s.nonfinite == 2
+    assert (s.underflow("fp16"), s.subnormal("half"), s.normal(torch.float16), s.overflow("fp16")) == (1, 1, 1, 1)
+    assert s.hist.sum() == s.finite_nonzero
+    with pytest.raises(MpdiagError, match="not tracked"):
+        s.underflow("bf16")
+
+
+# -- tensors with no floating values to classify ------------------------------------------------------
+def test_empty_tensor_counts_a_call_and_nothing_else() -> None:
+    s = TensorStats.of(torch.empty(0, 3))
+    assert (s.numel, s.calls, s.amax, s.amin_nonzero) == (0, 1, 0.0, math.inf)
+
+
+@pytest.mark.parametrize("tensor", [
+    torch.arange(4), torch.ones(3, dtype=torch.bool), torch.randn(3, dtype=torch.complex64),
+    torch.randn(4, 4).to_sparse(), torch.empty(3, device="meta"),
+], ids=["int", "bool", "complex", "sparse", "meta"])
+def test_tensors_that_are_skipped(tensor: torch.Tensor) -> None:
+    # Integer, bool, complex, sparse and meta tensors are skipped: no call is counted, nothing crashes.
+    s = TensorStats.of(tensor)
+    assert (s.numel, s.calls) == (0, 0)
+
+
+def test_as_dict_is_flat_plain_data() -> None:
+    row = TensorStats.of(torch.tensor([1e-9, 7e4]), ("fp16",)).as_dict()
+    assert row["fp16_underflow"] == 1 and row["fp16_overflow"] == 1 and row["dtypes"] == "float32"
+    assert all(isinstance(v, (int, float, str)) for v in row.values())
