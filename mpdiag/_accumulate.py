@@ -1,14 +1,14 @@
 """Device-side accumulation of TensorStats: no host reads until the owner asks for one.
 
-``SiteAccumulator.observe`` runs inside hooks. It only launches device ops whose output shapes are
-known in advance (bucketize, a fixed-size index_add, full reductions): no ``.item()``, no boolean-mask
-indexing, nothing that makes the host wait. ``read_many`` then moves every accumulator's tensors to the
-host in one transfer per device and decodes them.
+``measure`` runs inside hooks. On any device it only launches ops whose output shapes are known in
+advance (bucketize, a fixed-size index_add, full reductions): no ``.item()``, no boolean-mask indexing,
+nothing that makes the host wait. CPU tensors go through a compiled kernel that assigns the same
+buckets (``_cpu_kernel``). ``read_many`` moves every accumulator's tensors to the host in one transfer
+per device and decodes them.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Hashable, Mapping
 from dataclasses import replace
@@ -16,10 +16,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from mpdiag import _cpu_kernel
 from mpdiag._layout import BucketLayout, layout_for
 from mpdiag.stats import TensorStats
-
-log = logging.getLogger(__name__)
 
 #: Why a tensor was not observed, for tensors that have no floating values to classify.
 SKIP_REASONS = {
@@ -43,21 +42,80 @@ def skip_reason(x: torch.Tensor) -> str | None:
     return None
 
 
+def use_cpu_kernel() -> bool:
+    """Whether CPU tensors go through the compiled kernel (numba installed, not disabled)."""
+    return _cpu_kernel.available()
+
+
 def _ext_dtype(device: torch.device) -> torch.dtype:
     # amax/amin are kept in fp64 where the device has it, so fp64 inputs keep their range.
     return torch.float32 if device.type == "mps" else torch.float64
 
 
 class _Part:
-    """Counts and extremes of the tensors of one source dtype on one device."""
+    """Bucket counts and extremes of tensors of one source dtype on one device.
 
-    __slots__ = ("layout", "counts", "ext")
+    Device tensors on the tensors' device; plain numpy arrays for CPU tensors that the compiled
+    kernel measures (they are on the host already, and numpy arrays are far cheaper to make and add).
+    """
 
-    def __init__(self, layout: BucketLayout, device: torch.device) -> None:
-        self.layout = layout
-        self.counts = torch.zeros(layout.n_buckets, dtype=torch.int64, device=device)
-        # ext = [amax, -amin_nonzero]: both reduce with maximum, so one op updates them.
-        self.ext = torch.tensor([0.0, -math.inf], dtype=_ext_dtype(device), device=device)
+    __slots__ = ("layout", "device", "on_host", "counts", "ext")
+
+    def __init__(self, layout: BucketLayout, device: torch.device, on_host: bool) -> None:
+        self.layout, self.device, self.on_host = layout, device, on_host
+        if on_host:
+            self.counts = np.zeros(layout.n_buckets, dtype=np.int64)
+            self.ext = np.array([0.0, -math.inf])  # [amax, -amin_nonzero]: both reduce with maximum
+            return
+        # Normal tensors even when created inside inference_mode, so in-place updates outside it work.
+        with torch.inference_mode(False):
+            self.counts = torch.zeros(layout.n_buckets, dtype=torch.int64, device=device)
+            self.ext = torch.tensor([0.0, -math.inf], dtype=_ext_dtype(device), device=device)
+
+    def add(self, other: _Part) -> None:
+        self.counts += other.counts
+        if self.on_host:
+            np.maximum(self.ext, other.ext, out=self.ext)
+        else:
+            torch.maximum(self.ext, other.ext, out=self.ext)
+
+
+class Observation:
+    """The statistics of one tensor, still on its device. One observation can feed several sites
+    (a Sequential returns its last child's output: both sites see the same tensor)."""
+
+    __slots__ = ("part", "dtype", "numel")
+
+    def __init__(self, part: _Part, dtype: str, numel: int) -> None:
+        self.part, self.dtype, self.numel = part, dtype, numel
+
+
+@torch.no_grad()
+def measure(x: torch.Tensor, format_names: tuple[str, ...]) -> Observation:
+    """Statistics of ``x`` (a strided floating tensor), left on its device. Never changes ``x``."""
+    x = x.detach()
+    layout = layout_for(x.dtype, format_names)
+    on_host = x.device.type == "cpu" and use_cpu_kernel()
+    part = _Part(layout, x.device, on_host)
+    if x.numel():
+        source = x.to(layout.source)  # a no-op except for fp8 inputs, which widen exactly
+        if on_host:
+            amax, amin = _cpu_kernel.count_into(source, layout, part.counts)
+            part.ext[:] = (amax, -amin)
+        else:
+            _measure_with_torch(source, part)
+    return Observation(part, str(x.dtype).replace("torch.", ""), x.numel())
+
+
+def _measure_with_torch(x: torch.Tensor, part: _Part) -> None:
+    """Any device: one bucketize against the layout's edges and a fixed-size histogram."""
+    # bucketize copies a non-contiguous input anyway, and warns about it; copy without the warning.
+    buckets = torch.bucketize(x.contiguous(), part.layout.edges_on(x.device)).reshape(-1)
+    part.counts.index_add_(0, buckets, torch.ones((), dtype=torch.int64, device=x.device).expand(buckets.numel()))
+    magnitude = torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0)
+    amax = magnitude.amax()
+    amin = torch.where(magnitude > 0, magnitude, math.inf).amin()
+    part.ext.copy_(torch.stack([amax, -amin]))
 
 
 class SiteAccumulator:
@@ -65,7 +123,7 @@ class SiteAccumulator:
 
     def __init__(self, format_names: tuple[str, ...]) -> None:
         self.format_names = format_names
-        self._parts: dict[tuple[torch.dtype, torch.device], _Part] = {}
+        self._parts: dict[tuple[torch.dtype, torch.device, bool], _Part] = {}
         self.dtypes: set[str] = set()
         self.calls = 0
         self.skipped: dict[str, int] = {}
@@ -80,37 +138,25 @@ class SiteAccumulator:
         self.calls = 0
         self.skipped.clear()
 
-    @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """Add ``x``'s statistics. Never changes ``x``; never waits for the device."""
+        """Add ``x``'s statistics (skipping tensors ``skip_reason`` names). Never waits for the device."""
         reason = skip_reason(x)
         if reason is not None:
             self.skipped[reason] = self.skipped.get(reason, 0) + 1
             return
-        x = x.detach()
-        self.calls += 1
-        self.dtypes.add(str(x.dtype).replace("torch.", ""))
-        if x.numel() == 0:
-            return
-        layout = layout_for(x.dtype, self.format_names)
-        x = x.to(layout.source)  # no-op except for fp8 inputs, which widen exactly
-        part = self._part(layout, x.device)
-        buckets = torch.bucketize(x, layout.edges_on(x.device)).reshape(-1)
-        part.counts.index_add_(0, buckets, torch.ones((), dtype=torch.int64, device=x.device).expand(buckets.numel()))
-        magnitude = torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0)
-        amax = magnitude.amax()
-        amin = torch.where(magnitude > 0, magnitude, math.inf).amin()
-        torch.maximum(part.ext, torch.stack([amax, -amin]).to(part.ext.dtype), out=part.ext)
+        self.add(measure(x, self.format_names))
 
-    def _part(self, layout: BucketLayout, device: torch.device) -> _Part:
-        key = (layout.source, device)
+    def add(self, obs: Observation) -> None:
+        self.calls += 1
+        self.dtypes.add(obs.dtype)
+        if obs.numel == 0:
+            return
+        src = obs.part
+        key = (src.layout.source, src.device, src.on_host)
         part = self._parts.get(key)
         if part is None:
-            # Created as a normal tensor even inside inference_mode, so that later in-place updates
-            # outside it are allowed.
-            with torch.inference_mode(False):
-                part = self._parts[key] = _Part(layout, device)
-        return part
+            part = self._parts[key] = _Part(src.layout, src.device, src.on_host)
+        part.add(src)
 
     def read(self) -> TensorStats:
         """This accumulator's statistics, read from the device now."""
@@ -119,21 +165,30 @@ class SiteAccumulator:
 
 def read_many(accumulators: Mapping[Hashable, SiteAccumulator]) -> dict[Hashable, TensorStats]:
     """Read every accumulator with one device-to-host transfer per device and decode them."""
-    by_device: dict[torch.device, list[tuple[Hashable, _Part]]] = {}
+    rows: list[tuple[Hashable, BucketLayout, np.ndarray, np.ndarray]] = []
+    on_device: dict[torch.device, list[tuple[Hashable, _Part]]] = {}
     for key, acc in accumulators.items():
-        for (_, device), part in acc._parts.items():
-            by_device.setdefault(device, []).append((key, part))
-    decoded: dict[Hashable, list[TensorStats]] = {key: [] for key in accumulators}
-    for device, items in by_device.items():
+        for part in acc._parts.values():
+            if part.on_host:
+                rows.append((key, part.layout, part.counts, part.ext))
+            else:
+                on_device.setdefault(part.device, []).append((key, part))
+    for items in on_device.values():
         packed = torch.cat([t for _, part in items for t in (part.counts, _as_int64(part.ext))]).cpu().numpy()
         offset = 0
         for key, part in items:
             n = part.layout.n_buckets
-            counts, ext = packed[offset:offset + n], _from_int64(packed[offset + n:offset + n + 2], part.ext.dtype)
+            ext = _from_int64(packed[offset + n:offset + n + 2], part.ext.dtype)
+            rows.append((key, part.layout, packed[offset:offset + n], ext))
             offset += n + 2
-            fields = part.layout.decode(counts)
-            decoded[key].append(TensorStats(accumulators[key].format_names, amax=float(ext[0]),
-                                            amin_nonzero=float(-ext[1]), **fields))
+    by_layout: dict[BucketLayout, list[tuple[Hashable, np.ndarray, np.ndarray]]] = {}
+    for key, layout, counts, ext in rows:
+        by_layout.setdefault(layout, []).append((key, counts, ext))
+    decoded: dict[Hashable, list[TensorStats]] = {key: [] for key in accumulators}
+    for layout, items in by_layout.items():
+        fields = layout.decode_many(np.stack([counts for _, counts, _ in items]))
+        for (key, _, ext), f in zip(items, fields):
+            decoded[key].append(TensorStats(layout.format_names, amax=float(ext[0]), amin_nonzero=float(-ext[1]), **f))
     return {key: _finish(acc, decoded[key]) for key, acc in accumulators.items()}
 
 

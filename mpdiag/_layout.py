@@ -46,6 +46,7 @@ class BucketLayout:
         self.source = source
         self.format_names = format_names
         magnitudes = self._boundary_magnitudes()
+        self.magnitudes = magnitudes  # sorted: smallest positive value, ..., inf
         self.edges = [-m for m in reversed(magnitudes)] + [_neighbour(m, source, -1) if math.isfinite(m)
                                                            else float(torch.finfo(source).max)
                                                            for m in magnitudes] + [math.inf]
@@ -93,24 +94,51 @@ class BucketLayout:
             self._device_edges[device] = torch.tensor(self.edges, dtype=torch.float64).to(self.source).to(device)
         return self._device_edges[device]
 
-    def decode(self, counts: np.ndarray) -> dict[str, object]:
-        """Turn one bucket histogram into TensorStats fields."""
-        finite = self.kind == FINITE
-        hist = np.zeros(len(HIST_EXPONENTS), dtype=np.int64)
-        np.add.at(hist, self.hist_bin[finite], counts[finite])
-        casts = np.stack([
-            [counts[self.category[f] == c].sum() for c in (Category.UNDERFLOW, Category.SUBNORMAL, Category.OVERFLOW)]
-            for f in range(len(self.format_names))
-        ]).astype(np.int64)
-        return {
-            "numel": int(counts.sum()),
-            "zeros": int(counts[self.kind == ZERO].sum()),
-            "nans": int(counts[self.kind == NAN].sum()),
-            "posinf": int(counts[self.kind == POSINF].sum()),
-            "neginf": int(counts[self.kind == NEGINF].sum()),
-            "hist": hist,
-            "casts": casts,
-        }
+    @functools.cached_property
+    def _column_of_bucket(self) -> np.ndarray:
+        """For each bucket, the TensorStats field column its count adds to, one row per field group.
+
+        Groups: the kind of value (numel is the total), the histogram bin, and each format's cast
+        category. -1 where a bucket adds to no column of the group (NORMAL casts, say).
+        """
+        groups = [np.where(np.isin(self.kind, (ZERO, NAN, POSINF, NEGINF)),
+                           np.searchsorted([ZERO, POSINF, NEGINF, NAN], self.kind).clip(0, 3), -1)]
+        groups.append(np.where(self.kind == FINITE, self.hist_bin, -1))
+        for f in range(len(self.format_names)):
+            column = np.full(self.n_buckets, -1)
+            for c, category in enumerate((Category.UNDERFLOW, Category.SUBNORMAL, Category.OVERFLOW)):
+                column[self.category[f] == category] = c
+            groups.append(column)
+        return np.stack(groups)
+
+    def decode_many(self, counts: np.ndarray) -> list[dict[str, object]]:
+        """Turn bucket histograms (one per row) into TensorStats fields.
+
+        Exact integer sums with numpy (no BLAS: its worker threads would compete with training for
+        the CPU long after the call returns).
+        """
+        counts = np.asarray(counts, dtype=np.int64)
+        kinds, hist, *casts = (_sum_by_column(counts, columns, width)
+                               for columns, width in zip(self._column_of_bucket,
+                                                         [4, len(HIST_EXPONENTS)] + [3] * len(self.format_names)))
+        numel = counts.sum(axis=1)
+        cast_rows = np.stack(casts, axis=1) if casts else np.zeros((len(counts), 0, 3), dtype=np.int64)
+        return [{
+            "numel": int(numel[i]), "zeros": int(kinds[i, 0]), "posinf": int(kinds[i, 1]),
+            "neginf": int(kinds[i, 2]), "nans": int(kinds[i, 3]), "hist": hist[i], "casts": cast_rows[i],
+        } for i in range(len(counts))]
+
+
+def _sum_by_column(counts: np.ndarray, columns: np.ndarray, width: int) -> np.ndarray:
+    """out[:, c] = sum of counts[:, b] over buckets b with columns[b] == c."""
+    used = np.flatnonzero(columns >= 0)
+    order = used[np.argsort(columns[used], kind="stable")]
+    out = np.zeros((counts.shape[0], width), dtype=np.int64)
+    if order.size:
+        cols = columns[order]
+        starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
+        out[:, cols[starts]] = np.add.reduceat(counts[:, order], starts, axis=1)
+    return out
 
 
 def _category(magnitude: float, t) -> Category:

@@ -12,19 +12,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from mpdiag._accumulate import SKIP_REASONS, SiteAccumulator, read_many
+from mpdiag._accumulate import SKIP_REASONS, Observation, SiteAccumulator, measure, read_many, skip_reason
 from mpdiag.run import Kind, Site
 from mpdiag.stats import TensorStats
 
 log = logging.getLogger(__name__)
 
 _MAX_NESTING = 32  # outputs nest a few levels at most; the cap guards against self-referencing objects
+_RECENT = 4  # measurements remembered for reuse; the same tensor reaches nested modules back to back
 
 
 def floating_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
@@ -58,6 +60,7 @@ class Recorder:
         self.saw_backward = False  # a gradient arrived since the last reset (recorded or not)
         self._accumulators: dict[Site, SiteAccumulator] = {}
         self._warned: set[tuple[Site, str]] = set()
+        self._recent: list[tuple[weakref.ref[torch.Tensor], int, Observation]] = []
 
     def accumulator(self, site: Site) -> SiteAccumulator:
         acc = self._accumulators.get(site)
@@ -66,13 +69,29 @@ class Recorder:
         return acc
 
     def _observe(self, site: Site, tensor: torch.Tensor) -> None:
-        acc = self.accumulator(site)
-        acc.observe(tensor)
-        for reason in acc.skipped:
+        reason = skip_reason(tensor)
+        if reason is not None:
             if (site, reason) not in self._warned:
                 self._warned.add((site, reason))
                 log.info("mpdiag: not recording a tensor at %s (%s): %s", site.name or "<root>", site.kind,
                          SKIP_REASONS[reason])
+            return
+        self.accumulator(site).add(self._measure_once(tensor))
+
+    def _measure_once(self, tensor: torch.Tensor) -> Observation:
+        """Measure ``tensor``, or reuse the measurement of the very same, unmodified tensor.
+
+        Nested modules often return the same tensor object (a Sequential returns its last child's
+        output; the root returns the head's logits) and their gradient hooks then get the same gradient.
+        """
+        if tensor.is_inference():  # no version counter to tell whether it changed in place since
+            return measure(tensor, self.format_names)
+        for ref, version, obs in self._recent:
+            if ref() is tensor and tensor._version == version:
+                return obs
+        obs = measure(tensor, self.format_names)
+        self._recent = [(weakref.ref(tensor), tensor._version, obs), *self._recent[:_RECENT - 1]]
+        return obs
 
     # -- hook bodies ------------------------------------------------------------------------------
     def on_forward(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
@@ -97,9 +116,9 @@ class Recorder:
         self.saw_backward = True
         if self.recording and param.grad is not None:
             self.active = True
-            acc = self.accumulator(Site(name, Kind.PARAM_GRAD))
-            acc.reset()
-            acc.observe(param.grad)
+            site = Site(name, Kind.PARAM_GRAD)
+            self.accumulator(site).reset()
+            self._observe(site, param.grad)
 
     # -- closing a step ---------------------------------------------------------------------------
     def collect(self) -> dict[Site, TensorStats]:
@@ -113,6 +132,7 @@ class Recorder:
         return read_many(live)
 
     def reset(self) -> None:
+        self._recent.clear()
         for acc in self._accumulators.values():
             acc.reset()
         self.active = False

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpdiag
+from mpdiag import _accumulate
 from mpdiag import Kind, Site, TensorStats
 from mpdiag.errors import AttachError, MpdiagError, UnknownFormatError
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
@@ -307,14 +308,19 @@ class CountHostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_no_host_reads_before_the_step_closes() -> None:
+@pytest.mark.parametrize("cpu_kernel", [False, True], ids=["torch-ops", "cpu-kernel"])
+def test_no_host_reads_before_the_step_closes(cpu_kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if cpu_kernel and not _accumulate.use_cpu_kernel():
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(_accumulate, "use_cpu_kernel", lambda: cpu_kernel)
     model = TinyTransformerLM(vocab_size=32, d_model=16, n_heads=2, n_layers=1, seq_len=8)
     tokens, targets = next(synthetic_batches(batch_size=2, seq_len=8, vocab_size=32))
     with mpdiag.diagnose(model) as diag:
         with CountHostReads() as mode:
             lm_loss(model(tokens), targets).backward()
         assert mode.reads == 0
-        assert "aten.bucketize" in mode.ops  # the hooks did run under the mode
+        if not cpu_kernel:  # the device path's ops ran under the mode, so it saw everything they did
+            assert "aten.bucketize" in mode.ops
         diag.step()
     assert diag.run.stats("head", "activation_grad", step=0).numel == 2 * 8 * 32
 

@@ -19,6 +19,11 @@ from mpdiag.stats import HIST_EXPONENTS, TensorStats
 FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "tf32", "fp32")
 
 
+@pytest.fixture(autouse=True)
+def _both_paths(stats_path: str) -> None:
+    """Every test here runs once with torch ops and once with the compiled CPU kernel."""
+
+
 def reference(x: torch.Tensor, names: tuple[str, ...] = FORMATS) -> dict[str, object]:
     """Every statistic computed the slow, obvious way: real casts and float64 numpy."""
     v = x.detach().double().flatten().numpy()
@@ -84,6 +89,13 @@ def test_realistic_activations_and_layouts() -> None:
     assert_matches_reference(x[:, ::3])
     assert_matches_reference(x.to(torch.float8_e4m3fn).float())
     assert_matches_reference(x.to(torch.float8_e5m2))  # fp8 tensors widen exactly
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_large_tensors_split_across_threads(dtype: torch.dtype) -> None:
+    x = torch.randn(1 << 18, dtype=torch.float64) * torch.logspace(-45, 40, 1 << 18, dtype=torch.float64)
+    x[::997], x[1::991], x[2::983], x[3::977] = math.nan, math.inf, -math.inf, 0.0
+    assert_matches_reference(x.to(dtype))
 
 
 def test_merge_is_exact() -> None:
