@@ -1,72 +1,109 @@
-"""Overhead of diagnose() on one training step of the built-in transformer: plain vs diagnosed.
+"""Overhead of diagnose() on one training step of the built-in transformer, side by side with others.
 
-Rounds are interleaved (plain, every=1, every=10, plain, ...) so that machine noise hits all variants
-alike; the printed ratios are medians over rounds. Run: python benchmarks/overhead.py [--rounds N]
+Variants, run in interleaved rounds so that machine noise hits them alike (ratios are medians over
+rounds of variant time / plain time in the same round):
+  plain            the training step alone
+  mpdiag every=1   diagnose() recording every step
+  mpdiag every=10  diagnose() recording one step in ten
+  amax hooks       the cheapest useful observer: one abs().amax() per module output and output grad
+  detect_anomaly   torch.autograd.detect_anomaly() around forward and backward
+
+Run: python benchmarks/overhead.py [--rounds N] [--steps N] [--d-model N] [--layers N]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 
 import mpdiag
+from mpdiag import _cpu_kernel
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
 
-def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch):
-    tokens, targets = batch
+@contextlib.contextmanager
+def amax_hooks(model: torch.nn.Module) -> Iterator[None]:
+    """One abs().amax() per output and per output gradient, kept on the device (no host sync)."""
+    kept: list[torch.Tensor] = []
 
-    def step() -> None:
-        opt.zero_grad()
-        lm_loss(model(tokens), targets).backward()
-        opt.step()
-    return step
+    def forward_hook(module: torch.nn.Module, args: object, out: object) -> None:
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            kept.append(out.detach().abs().amax())
+            if out.requires_grad:
+                out.register_hook(lambda g: kept.append(g.abs().amax()) and None)
 
-
-def time_steps(step, n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - start) / n
+    handles = [m.register_forward_hook(forward_hook) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
+    parser.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     args = parser.parse_args()
+
     torch.manual_seed(0)
     model = TinyTransformerLM(d_model=args.d_model, n_layers=args.layers, seq_len=args.seq)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batch = next(synthetic_batches(batch_size=args.batch, seq_len=args.seq))
-    step = make_step(model, opt, batch)
-    variants = {"plain": None, "every=1": 1, "every=10": 10}
+    tokens, targets = next(synthetic_batches(batch_size=args.batch, seq_len=args.seq))
+
+    def step() -> None:
+        opt.zero_grad()
+        lm_loss(model(tokens), targets).backward()
+        opt.step()
+
+    variants: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
+        "plain": contextlib.nullcontext,
+        "mpdiag every=1": lambda: mpdiag.diagnose(model, every=1, optimizer=opt),
+        "mpdiag every=10": lambda: mpdiag.diagnose(model, every=10, optimizer=opt),
+        "amax hooks": lambda: amax_hooks(model),
+        "detect_anomaly": lambda: torch.autograd.detect_anomaly(check_nan=True),
+    }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(2):
-        step()  # warm up allocator and kernels
-    for _ in range(args.rounds):
-        for name, every in variants.items():
-            if every is None:
-                times[name].append(time_steps(step, args.steps))
-                continue
-            with mpdiag.diagnose(model, every=every, optimizer=opt):
-                step()  # warm-up: builds layouts and accumulators
-                times[name].append(time_steps(step, args.steps))
-    plain = statistics.median(times["plain"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d_model={args.d_model}, "
-          f"layers={args.layers}, batch={args.batch}x{args.seq}, {args.rounds} rounds x {args.steps} steps")
-    print(f"plain step: {plain * 1e3:.1f} ms (median)")
-    for name in variants:
-        if name != "plain":
-            ratios = [t / p for t, p in zip(times[name], times["plain"])]
-            print(f"{name:>9}: {statistics.median(times[name]) * 1e3:.1f} ms, ratio to plain {statistics.median(ratios):.2f}x")
+        step()  # warm up the allocator, and compile mpdiag's kernels
+    with mpdiag.diagnose(model, optimizer=opt):
+        step()
+    with contextlib.ExitStack() as quiet:
+        quiet.enter_context(_no_anomaly_warnings())
+        for _ in range(args.rounds):
+            for name, make in variants.items():
+                with make():
+                    step()  # the first step of a fresh diagnosis builds its accumulators
+                    start = time.perf_counter()
+                    for _ in range(args.steps):
+                        step()
+                    times[name].append((time.perf_counter() - start) / args.steps)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numba kernel: "
+          f"{'on' if _cpu_kernel.available() else 'off'}; d_model={args.d_model}, layers={args.layers}, "
+          f"batch {args.batch}x{args.seq}; {args.rounds} rounds x {args.steps} steps")
+    plain = times["plain"]
+    for name, ts in times.items():
+        ratio = statistics.median(t / p for t, p in zip(ts, plain))
+        print(f"{name:>16}: {statistics.median(ts) * 1e3:7.1f} ms/step   {ratio:5.2f}x plain")
+
+
+@contextlib.contextmanager
+def _no_anomaly_warnings() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
+        yield
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ therefore agrees with the real cast by construction, round-to-nearest-even ties 
 of fp64 inputs included (torch casts fp64 to fp16 through fp32). The property tests check it.
 
 NB: casts are probed on the CPU with the current ``torch.set_flush_denormal`` setting, once per process;
-flushing denormals changes how fp32 subnormals cast to bf16.
+flushing denormals changes how fp32 subnormals cast to bf16. NB: overflow of a saturating format (e4m3fn)
+is the round-to-nearest threshold applied to the input; an fp64 input a hair below it that torch's
+intermediate fp32 rounding lifts onto it saturates without being counted.
 
 Example:
     >>> import torch
@@ -30,7 +32,7 @@ import torch
 from mpdiag import formats as _formats
 from mpdiag._tf32 import round_to_tf32
 from mpdiag.errors import MpdiagError
-from mpdiag.formats import Format, Overflow
+from mpdiag.formats import Format
 
 __all__ = ["Category", "CastThresholds", "thresholds", "classify", "round_to", "source_dtype", "SOURCE_DTYPES"]
 
@@ -101,19 +103,26 @@ def thresholds(fmt: Format, source: torch.dtype) -> CastThresholds:
     def cast64(v: torch.Tensor) -> torch.Tensor:
         return cast(v, fmt).to(torch.float64)
 
-    if fmt.overflow is Overflow.SATURATE:
-        # A saturating cast hides overflow (it returns max), so use the round-to-nearest threshold.
-        def overflows(v: torch.Tensor) -> bool:
-            return bool(v.to(torch.float64) >= fmt.overflow_threshold)
-    else:
-        def overflows(v: torch.Tensor) -> bool:
-            return not bool(torch.isfinite(cast64(v)))
+    # Each predicate must hold from some magnitude upwards; a cast that overflows to NaN would break
+    # "|cast| >= min_normal" at the top of the range, hence the isfinite terms.
+    def nonzero(v: torch.Tensor) -> bool:
+        return bool(cast64(v) != 0)
+
+    def normal(v: torch.Tensor) -> bool:
+        c = cast64(v)
+        return bool((c.abs() >= fmt.min_normal) | ~torch.isfinite(c))
+
+    def overflows(v: torch.Tensor) -> bool:
+        # Past the round-to-nearest threshold is overflow whatever the cast then does (saturating
+        # e4m3fn returns 448, older torch returns 448 at the tie and NaN beyond); and anything the
+        # cast itself takes out of the finite range (fp64 inputs rounded twice) is overflow too.
+        return bool(v.to(torch.float64) >= fmt.overflow_threshold) or not bool(torch.isfinite(cast64(v)))
 
     return CastThresholds(
         fmt=fmt,
         source=source,
-        nonzero_from=_smallest_with(source, lambda v: bool(cast64(v) != 0)),
-        normal_from=_smallest_with(source, lambda v: bool(cast64(v).abs() >= fmt.min_normal)),
+        nonzero_from=_smallest_with(source, nonzero),
+        normal_from=_smallest_with(source, normal),
         overflow_from=_smallest_with(source, overflows),
     )
 

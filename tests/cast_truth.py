@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mpdiag.casting import Category, cast, source_dtype
-from mpdiag.formats import Format, Overflow
+from mpdiag.formats import Format
 
 INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
             torch.bfloat16: torch.int16}
@@ -30,20 +30,23 @@ def neighbours(value: float, dtype: torch.dtype, reach: int = 2) -> list[float]:
 
 
 def real_categories(x: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Category codes from the real cast (emulation for TF32), computed independently of mpdiag's thresholds."""
+    """Category codes from the real cast (emulation for TF32), computed independently of mpdiag's thresholds.
+
+    Overflow is by definition at or past the format's round-to-nearest threshold, or wherever the
+    cast itself leaves the finite range; there the cast must give inf, NaN or (saturating) max, and
+    nowhere else may it give a non-finite value.
+    """
     x = x.to(source_dtype(x.dtype))
     c = cast(x, fmt).to(torch.float64)
     codes = torch.full(x.shape, int(Category.NORMAL), dtype=torch.int8)
     codes[c.abs() < fmt.min_normal] = Category.SUBNORMAL
     codes[c == 0] = Category.UNDERFLOW
-    if fmt.overflow is Overflow.SATURATE:
-        # The cast cannot show overflow; the definition is the round-to-nearest threshold. Check that
-        # everything past it saturates, and that nothing below it does except by ordinary rounding.
-        past = x.to(torch.float64).abs() >= fmt.overflow_threshold
-        assert torch.all(c[past & torch.isfinite(x)].abs() == fmt.max)
-        codes[past] = Category.OVERFLOW
-    else:
-        codes[~torch.isfinite(c)] = Category.OVERFLOW
+    finite_input = torch.isfinite(x)
+    past = finite_input & ((x.to(torch.float64).abs() >= fmt.overflow_threshold) | ~torch.isfinite(c))
+    became = c[past]
+    assert torch.all(~torch.isfinite(became) | (became.abs() == fmt.max)), became
+    assert torch.all(torch.isfinite(c[finite_input & ~past]))
+    codes[past] = Category.OVERFLOW
     codes[x == 0] = Category.ZERO
     codes[torch.isinf(x)] = Category.INF
     codes[torch.isnan(x)] = Category.NAN
