@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping
-from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,9 +90,11 @@ class Observation:
         self.part, self.dtype, self.numel = part, dtype, numel
 
 
-@torch.no_grad()
 def measure(x: torch.Tensor, format_names: tuple[str, ...]) -> Observation:
-    """Statistics of ``x`` (a strided floating tensor), left on its device. Never changes ``x``."""
+    """Statistics of ``x`` (a strided floating tensor), left on its device. Never changes ``x``.
+
+    No autograd context is needed: every op reads ``x.detach()`` or writes mpdiag's own tensors.
+    """
     x = x.detach()
     layout = layout_for(x.dtype, format_names)
     on_host = x.device.type == "cpu" and use_cpu_kernel()
@@ -184,17 +186,27 @@ def read_many(accumulators: Mapping[Hashable, SiteAccumulator]) -> dict[Hashable
     by_layout: dict[BucketLayout, list[tuple[Hashable, np.ndarray, np.ndarray]]] = {}
     for key, layout, counts, ext in rows:
         by_layout.setdefault(layout, []).append((key, counts, ext))
-    decoded: dict[Hashable, list[TensorStats]] = {key: [] for key in accumulators}
+    decoded: dict[Hashable, list[dict[str, Any]]] = {key: [] for key in accumulators}
     for layout, items in by_layout.items():
         fields = layout.decode_many(np.stack([counts for _, counts, _ in items]))
         for (key, _, ext), f in zip(items, fields):
-            decoded[key].append(TensorStats(layout.format_names, amax=float(ext[0]), amin_nonzero=float(-ext[1]), **f))
+            decoded[key].append({**f, "amax": float(ext[0]), "amin_nonzero": float(-ext[1])})
     return {key: _finish(acc, decoded[key]) for key, acc in accumulators.items()}
 
 
-def _finish(acc: SiteAccumulator, parts: list[TensorStats]) -> TensorStats:
-    merged = TensorStats.merge_all(parts, acc.format_names)
-    return replace(merged, dtypes=frozenset(acc.dtypes), calls=acc.calls)
+def _finish(acc: SiteAccumulator, parts: list[dict[str, Any]]) -> TensorStats:
+    """One TensorStats from the decoded parts of one site (usually one: a single dtype and device)."""
+    fields: dict[str, Any] = parts[0] if len(parts) == 1 else _merge_fields(parts) if parts else {}
+    return TensorStats(acc.format_names, dtypes=frozenset(acc.dtypes), calls=acc.calls, **fields)
+
+
+def _merge_fields(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    merged = dict(parts[0])
+    for part in parts[1:]:
+        for name, value in part.items():
+            merged[name] = (max(merged[name], value) if name == "amax" else
+                            min(merged[name], value) if name == "amin_nonzero" else merged[name] + value)
+    return merged
 
 
 def _as_int64(ext: torch.Tensor) -> torch.Tensor:

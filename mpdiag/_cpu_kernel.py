@@ -68,35 +68,47 @@ class KernelTables:
             for sign in (0, 1)
         ]).astype(np.int64)
         self.stride = n_b + 2
+        self.bucket_flat = self.bucket_of.reshape(-1)
 
 
 if numba is not None:
 
     @numba.njit(cache=True, nogil=True)
-    def _count(bits, magnitude_mask, shift, inf_bits, direct, boundaries, bucket_of, stride, counts, extremes):
-        """Add each element's bucket to counts; extremes = [max finite, min finite non-zero] magnitude bits."""
-        hi = extremes[0]
-        lo = extremes[1]
+    def _histogram(bits, shift, magnitude_mask, direct, boundaries, bucket_of, stride, counts):
+        """Add each element's bucket to counts."""
         for i in range(bits.shape[0]):
             b = np.int64(bits[i])
-            m = b & magnitude_mask
-            negative = np.int64(b < 0)
-            k = direct[(negative << 15) | (m >> shift)]
+            k = direct[(b >> shift) & 0xFFFF]  # the sign and the top 15 magnitude bits
             if k < 0:  # a boundary lies inside this key's range: finish with a short scan
+                m = b & magnitude_mask
                 j = -k - 1
                 while boundaries[j] <= m:
                     j += 1
-                k = bucket_of[negative * stride + j]
+                k = bucket_of[np.int64(b < 0) * stride + j]
             counts[k] += 1
-            if m < inf_bits:
-                hi = max(hi, m)
-                if m != 0:
-                    lo = min(lo, m)
-        extremes[0] = hi
-        extremes[1] = lo
+
+    @numba.njit(cache=True, nogil=True)
+    def _extremes(bits, magnitude_mask, inf_bits, out):
+        """out = [max finite magnitude, min finite non-zero magnitude] in bits, merged with out's values.
+
+        Branch-free, in its own loop, so that it compiles to vector instructions.
+        """
+        hi = out[0]
+        lo = out[1]
+        for i in range(bits.shape[0]):
+            m = bits[i] & magnitude_mask
+            hi = max(hi, m if m < inf_bits else 0)
+            lo = min(lo, m if (m > 0) & (m < inf_bits) else inf_bits)
+        out[0] = hi
+        out[1] = lo
+
+    @numba.njit(cache=True, nogil=True)
+    def _count(bits, shift, magnitude_mask, inf_bits, direct, boundaries, bucket_of, stride, counts, extremes):
+        _histogram(bits, shift, magnitude_mask, direct, boundaries, bucket_of, stride, counts)
+        _extremes(bits, magnitude_mask, inf_bits, extremes)
 
     @numba.njit(cache=True, parallel=True)
-    def _count_parallel(bits, magnitude_mask, shift, inf_bits, direct, boundaries, bucket_of, stride, counts,
+    def _count_parallel(bits, shift, magnitude_mask, inf_bits, direct, boundaries, bucket_of, stride, counts,
                         extremes, n_chunks):
         size = (bits.shape[0] + n_chunks - 1) // n_chunks
         local_counts = np.zeros((n_chunks, counts.shape[0]), dtype=np.int64)
@@ -104,7 +116,7 @@ if numba is not None:
         for c in numba.prange(n_chunks):
             local_ext[c, 0] = extremes[0]
             local_ext[c, 1] = extremes[1]
-            _count(bits[c * size:(c + 1) * size], magnitude_mask, shift, inf_bits, direct, boundaries, bucket_of,
+            _count(bits[c * size:(c + 1) * size], shift, magnitude_mask, inf_bits, direct, boundaries, bucket_of,
                    stride, local_counts[c], local_ext[c])
         for c in range(n_chunks):
             counts += local_counts[c]
@@ -130,8 +142,8 @@ def count_into(x: torch.Tensor, layout, counts: np.ndarray) -> tuple[float, floa
     t = tables_for(layout)
     bits = x.contiguous().view(t.signed_view).numpy().reshape(-1)
     extremes = np.array([0, t.inf_bits], dtype=np.int64)
-    args = (bits, t.magnitude_mask, t.shift, t.inf_bits, t.direct, t.boundaries, t.bucket_of.reshape(-1), t.stride,
-            counts, extremes)
+    args = (bits, t.shift, t.magnitude_mask, t.inf_bits, t.direct, t.boundaries, t.bucket_flat, t.stride, counts,
+            extremes)
     threads = numba.get_num_threads()
     if bits.shape[0] >= _PARALLEL_FROM and threads > 1:
         _count_parallel(*args, threads)

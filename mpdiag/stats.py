@@ -47,8 +47,11 @@ _UNDERFLOW, _SUBNORMAL, _OVERFLOW = 0, 1, 2
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
-    a = np.array(a, dtype=np.int64)
-    a.setflags(write=False)
+    """A read-only int64 array: shared when ``a`` already is one, else a private copy."""
+    a = np.asarray(a, dtype=np.int64)
+    if a.flags.writeable:
+        a = a.copy()
+        a.setflags(write=False)
     return a
 
 
