@@ -51,3 +51,19 @@ def real_categories(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     codes[torch.isinf(x)] = Category.INF
     codes[torch.isnan(x)] = Category.NAN
     return codes
+
+
+def fp32_values_near_every_threshold() -> list[float]:
+    """Every tracked format's fp32 cast thresholds and constants with their fp32 neighbours."""
+    import math
+
+    from mpdiag import formats
+    from mpdiag.casting import thresholds
+
+    values: list[float] = []
+    for fmt in formats.all_formats():
+        t = thresholds(fmt, torch.float32)
+        for v in (t.nonzero_from, t.normal_from, t.overflow_from, fmt.max, fmt.min_normal, fmt.min_subnormal):
+            if math.isfinite(v) and v <= torch.finfo(torch.float32).max:
+                values += neighbours(v, torch.float32, reach=2)
+    return values

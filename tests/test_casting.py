@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cast_truth import from_bits, neighbours, real_categories
+from cast_truth import from_bits, fp32_values_near_every_threshold, neighbours, real_categories
 from mpdiag import formats
 from mpdiag.casting import Category, classify, round_to, thresholds
 from mpdiag.errors import MpdiagError
@@ -48,10 +48,26 @@ def test_classify_is_exact_at_thresholds_neighbours_and_specials(fmt: formats.Fo
     _check(torch.tensor(_interesting(fmt, source), dtype=source), fmt)
 
 
+def _fp32_values() -> st.SearchStrategy[float]:
+    """Arbitrary fp32 values, weighted towards where casts are decided: +-0, +-inf, NaN (with payloads),
+    fp32 subnormals, every format's thresholds and their fp32 neighbours, and midpoints between those.
+    (The formats' own halfway points, the ties, have a test of their own below.)"""
+    near = fp32_values_near_every_threshold()
+    as_fp32 = st.integers(0, 2**32 - 1).map(lambda b: float(from_bits([b], torch.float32).double()))
+    return st.one_of(
+        st.sampled_from([0.0, -0.0, math.inf, -math.inf, math.nan]),
+        st.integers(0x7F800001, 0x7FFFFFFF).map(lambda b: float(from_bits([b], torch.float32).double())),
+        st.integers(1, 0x007FFFFF).map(lambda b: float(from_bits([b], torch.float32).double())),
+        st.sampled_from(near),
+        st.tuples(st.sampled_from(near), st.sampled_from(near)).map(lambda ab: (ab[0] + ab[1]) / 2),
+        as_fp32,
+    )
+
+
 @pytest.mark.parametrize("fmt", ALL, ids=str)
-@given(bits=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=64))
-def test_classify_matches_real_cast_for_any_fp32_bit_pattern(fmt: formats.Format, bits: list[int]) -> None:
-    _check(from_bits(bits, torch.float32), fmt)
+@given(values=st.lists(_fp32_values(), min_size=1, max_size=64))
+def test_classify_matches_real_cast_for_any_fp32_value(fmt: formats.Format, values: list[float]) -> None:
+    _check(torch.tensor(values, dtype=torch.float64).float(), fmt)
 
 
 def _halfway_points(fmt: formats.Format) -> st.SearchStrategy[float]:

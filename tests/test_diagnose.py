@@ -282,6 +282,17 @@ def test_training_is_bit_identical_with_and_without_diagnose(autocast: bool, eve
     assert all(torch.equal(plain_state[k], state[k]) for k in plain_state)  # params and batch-norm buffers
 
 
+def test_dtypes_under_autocast_are_recorded() -> None:
+    model = mlp()
+    with mpdiag.diagnose(model) as diag:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randn(2, 6)).float().sum().backward()
+        diag.step()
+    assert diag.run.stats("0", "activation").dtypes == {"bfloat16"}
+    assert diag.run.stats("0", "activation_grad").dtypes == {"bfloat16"}
+    assert diag.run.stats("0.weight", "param_grad").dtypes == {"float32"}
+
+
 def test_nothing_the_model_produced_is_kept_alive() -> None:
     model = mlp()
     with mpdiag.diagnose(model) as diag:

@@ -1,0 +1,44 @@
+"""The device path on a GPU: same statistics as on the CPU, no host reads in hooks, fp16 autocast.
+
+Skipped where no CUDA GPU exists (CI has none); run on a GPU machine with `python -m pytest tests/test_cuda.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mpdiag
+from mpdiag import TensorStats
+from test_diagnose import CountHostReads
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_statistics_on_the_gpu_equal_those_on_the_cpu(dtype: torch.dtype) -> None:
+    x = (torch.randn(1 << 16, dtype=torch.float64) * torch.logspace(-40, 40, 1 << 16, dtype=torch.float64)).to(dtype)
+    x[::101] = float("nan")
+    x[1::103] = float("inf")
+    x[2::107] = 0.0
+    assert TensorStats.of(x.cuda()) == TensorStats.of(x)
+
+
+def test_diagnose_under_fp16_autocast_on_the_gpu_reads_the_host_once_per_step() -> None:
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 10)).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.cuda.amp.GradScaler()
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        for _ in range(3):
+            opt.zero_grad()
+            with CountHostReads() as mode, torch.autocast("cuda", dtype=torch.float16):
+                loss = model(torch.randn(32, 64, device="cuda")).float().pow(2).mean()
+            assert mode.reads == 0
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    run = diag.run
+    assert run.steps == [0, 1, 2]
+    assert run.stats("0", "activation").dtypes == {"float16"}
+    assert run.stats("0.weight", "param").dtypes == {"float32"}
