@@ -1,13 +1,15 @@
 """A compiled single-pass kernel for CPU tensors (numba), exact and equivalent to the torch path.
 
 ``torch.bucketize`` over ~600 edges costs about 20 ns per element on a CPU core, which makes recording
-several times slower than training. This kernel assigns the same buckets from the bit patterns in one
-pass: a 32768-entry table indexed by the top 15 magnitude bits gives how many boundaries lie below,
-a short scan finishes the count, and amax / amin_nonzero are tracked in the same loop.
+several times slower than training. This kernel assigns the same buckets from the bit patterns: a
+65536-entry table indexed by the sign and the top 15 magnitude bits gives the bucket directly, except
+for the few table entries whose range holds a boundary, where a short scan finishes the job. amax and
+amin_nonzero come from a second, branch-free loop that compiles to vector instructions. Large tensors
+are split across numba's threads.
 
 It is used for CPU tensors when numba is installed (``pip install mpdiag[fast]``) and not disabled with
-``MPDIAG_NUMBA=0``; GPU tensors always take the torch path, where bucketize is memory-bound and cheap.
-The tests check that both paths give identical counts.
+``MPDIAG_NUMBA=0`` (read at import); GPU tensors always take the torch path, where bucketize is
+memory-bound and cheap. The tests check that both paths give identical counts.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ _TABLE_BITS = 15
 _PARALLEL_FROM = 65536  # below this many elements, threads cost more than they save
 
 
+_ENABLED = numba is not None and os.environ.get("MPDIAG_NUMBA", "1") != "0"  # read once, at import
+
+
 def available() -> bool:
-    return numba is not None and os.environ.get("MPDIAG_NUMBA", "1") != "0"
+    return _ENABLED
 
 
 class KernelTables:
@@ -144,8 +149,8 @@ def count_into(x: torch.Tensor, layout, counts: np.ndarray) -> tuple[float, floa
     extremes = np.array([0, t.inf_bits], dtype=np.int64)
     args = (bits, t.shift, t.magnitude_mask, t.inf_bits, t.direct, t.boundaries, t.bucket_flat, t.stride, counts,
             extremes)
-    threads = numba.get_num_threads()
-    if bits.shape[0] >= _PARALLEL_FROM and threads > 1:
+    threads = numba.get_num_threads() if bits.shape[0] >= _PARALLEL_FROM else 1
+    if threads > 1:
         _count_parallel(*args, threads)
     else:
         _count(*args)
