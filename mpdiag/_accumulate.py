@@ -31,15 +31,16 @@ SKIP_REASONS = {
 
 def skip_reason(x: torch.Tensor) -> str | None:
     """Why ``x`` is not observed, or None when it is. Complex, sparse and meta tensors are skipped."""
-    if x.is_complex():
-        return "complex"
     if not x.is_floating_point():
-        return "not_floating"
+        return "complex" if x.is_complex() else "not_floating"
     if x.layout != torch.strided:
         return "sparse"
-    if x.device.type == "meta":
+    if x.is_meta:
         return "meta"
     return None
+
+
+_DTYPE_NAMES = {d: str(d).replace("torch.", "") for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
 
 
 def use_cpu_kernel() -> bool:
@@ -99,14 +100,15 @@ def measure(x: torch.Tensor, format_names: tuple[str, ...]) -> Observation:
     layout = layout_for(x.dtype, format_names)
     on_host = x.device.type == "cpu" and use_cpu_kernel()
     part = _Part(layout, x.device, on_host)
-    if x.numel():
-        source = x.to(layout.source)  # a no-op except for fp8 inputs, which widen exactly
+    numel, dtype = x.numel(), x.dtype
+    if numel:
+        if x.dtype != layout.source:
+            x = x.to(layout.source)  # fp8 inputs widen exactly
         if on_host:
-            amax, amin = _cpu_kernel.count_into(source, layout, part.counts)
-            part.ext[:] = (amax, -amin)
+            _cpu_kernel.count_into(x, layout, part.counts, part.ext)
         else:
-            _measure_with_torch(source, part)
-    return Observation(part, str(x.dtype).replace("torch.", ""), x.numel())
+            _measure_with_torch(x, part)
+    return Observation(part, _DTYPE_NAMES.get(dtype) or str(dtype).replace("torch.", ""), numel)
 
 
 def _measure_with_torch(x: torch.Tensor, part: _Part) -> None:

@@ -14,7 +14,9 @@ memory-bound and cheap. The tests check that both paths give identical counts.
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 
 import numpy as np
 import torch
@@ -74,6 +76,7 @@ class KernelTables:
         ]).astype(np.int64)
         self.stride = n_b + 2
         self.bucket_flat = self.bucket_of.reshape(-1)
+        self.to_float = _bits_to_float(source)
 
 
 if numba is not None:
@@ -139,11 +142,9 @@ def tables_for(layout) -> KernelTables:  # noqa: ANN001 - a BucketLayout
     return tables
 
 
-def count_into(x: torch.Tensor, layout, counts: np.ndarray) -> tuple[float, float]:  # noqa: ANN001
-    """Add the bucket counts of CPU tensor ``x`` (already in ``layout.source``) to ``counts``.
-
-    Returns (amax, amin_nonzero) of x's finite values (0.0 / inf when there are none).
-    """
+def count_into(x: torch.Tensor, layout, counts: np.ndarray, ext: np.ndarray) -> None:  # noqa: ANN001
+    """Add the bucket counts of CPU tensor ``x`` (already in ``layout.source``) to ``counts`` and set
+    ``ext`` to [amax, -amin_nonzero] of its finite values ([0, -inf] when there are none)."""
     t = tables_for(layout)
     bits = x.contiguous().view(t.signed_view).numpy().reshape(-1)
     extremes = np.array([0, t.inf_bits], dtype=np.int64)
@@ -154,14 +155,17 @@ def count_into(x: torch.Tensor, layout, counts: np.ndarray) -> tuple[float, floa
         _count_parallel(*args, threads)
     else:
         _count(*args)
-    floats = _BITS_TO_FLOAT[t.source](extremes)
-    return float(floats[0]), (float(floats[1]) if extremes[1] < t.inf_bits else float("inf"))
+    hi, lo = int(extremes[0]), int(extremes[1])
+    ext[0] = t.to_float(hi)
+    ext[1] = -t.to_float(lo) if lo < t.inf_bits else -math.inf
 
 
-# Bit patterns (held in int64) back to floats, with numpy only: this runs once per observed tensor.
-_BITS_TO_FLOAT = {
-    torch.float64: lambda b: b.view(np.float64),
-    torch.float32: lambda b: b.astype(np.int32).view(np.float32),
-    torch.float16: lambda b: b.astype(np.int16).view(np.float16),
-    torch.bfloat16: lambda b: (b.astype(np.int32) << 16).view(np.float32),  # bf16 is fp32's top half
-}
+def _bits_to_float(source: torch.dtype):  # noqa: ANN202
+    """A function from a magnitude's bit pattern (a Python int) to its float value, for ``source``."""
+    if source is torch.bfloat16:  # bf16 is the top half of an fp32
+        fp32 = _bits_to_float(torch.float32)
+        return lambda bits: fp32(bits << 16)
+    int_code, float_code = {torch.float64: ("<q", "<d"), torch.float32: ("<i", "<f"),
+                            torch.float16: ("<h", "<e")}[source]
+    pack, unpack = struct.Struct(int_code).pack, struct.Struct(float_code).unpack
+    return lambda bits: unpack(pack(bits))[0]

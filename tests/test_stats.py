@@ -89,6 +89,7 @@ def test_realistic_activations_and_layouts() -> None:
     assert_matches_reference(x[:, ::3])
     assert_matches_reference(x.to(torch.float8_e4m3fn).float())
     assert_matches_reference(x.to(torch.float8_e5m2))  # fp8 tensors widen exactly
+    assert TensorStats.of(x.to(torch.float8_e5m2)).dtypes == {"float8_e5m2"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
