@@ -51,6 +51,7 @@ def diagnose(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Diagnosis:
     """Record, per module and parameter, how values sit against each format's range.
 
@@ -62,11 +63,15 @@ def diagnose(
         exclude: glob(s) of module names not to observe.
         optimizer: when given, a step closes by itself just before ``optimizer.step()``; a step that a
             GradScaler skips closes when the next forward starts with gradients cleared.
+        scaler: the GradScaler (``torch.amp`` or ``torch.cuda.amp``) scaling this training, if any: the
+            loss scale of each recorded step is kept in ``run.loss_scales``, so that analyses can tell
+            true gradients from the scaled ones that were recorded.
 
     Returns:
         A :class:`Diagnosis`, usable as a context manager.
     """
-    return Diagnosis(model, formats=formats, every=every, include=include, exclude=exclude, optimizer=optimizer)
+    return Diagnosis(model, formats=formats, every=every, include=include, exclude=exclude, optimizer=optimizer,
+                     scaler=scaler)
 
 
 def _globs(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | None:
@@ -90,8 +95,9 @@ class Diagnosis:
     def __init__(self, model: nn.Module, *, formats: Sequence[str | torch.dtype | Format] = DEFAULT_FORMATS,
                  every: int = 1, include: str | Iterable[str] | None = None,
                  exclude: str | Iterable[str] | None = None,
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
-        _check_arguments(model, every, optimizer)
+                 optimizer: torch.optim.Optimizer | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        _check_arguments(model, every, optimizer, scaler)
         self.formats = format_names(formats)
         self.every = every
         include_globs, exclude_globs = _globs(include, "include"), _globs(exclude, "exclude")
@@ -103,6 +109,10 @@ class Diagnosis:
         self._model_ref = weakref.ref(model)
         self._recorder = Recorder(self.formats, _owned_parameters(modules))
         self._records: dict[int, dict[Site, TensorStats]] = {}
+        self._loss_scales: dict[int, float] = {}
+        self._scale_seen = _LossScaleSnapshot(scaler) if scaler is not None else None
+        if self._scale_seen is not None:
+            self._recorder.on_first_backward = self._scale_seen.take
         self._step = 0
         self._closed = False
         self._handles: list[Any] = []
@@ -123,7 +133,7 @@ class Diagnosis:
     def run(self) -> Run:
         """A snapshot of everything recorded so far, as plain data."""
         return Run(formats=self.formats, records={s: dict(r) for s, r in self._records.items()},
-                   meta={"every": self.every})
+                   meta={"every": self.every}, loss_scales=dict(self._loss_scales))
 
     def step(self) -> None:
         """Close the current step: read its statistics from the device (the one host sync) and move on."""
@@ -193,6 +203,12 @@ class Diagnosis:
         rec = self._recorder
         if rec.recording:
             self._records[self._step] = rec.collect()
+            if self._scale_seen is not None:
+                scale = self._scale_seen.read()
+                if scale is not None:
+                    self._loss_scales[self._step] = scale
+        if self._scale_seen is not None:
+            self._scale_seen.clear()
         rec.reset()
         self._step += 1
         rec.recording = self._step % self.every == 0
@@ -204,7 +220,34 @@ def _bind(method: Any, name: str) -> Any:
     return hook
 
 
-def _check_arguments(model: object, every: object, optimizer: object) -> None:
+class _LossScaleSnapshot:
+    """The loss scale a GradScaler used in the current step, captured without a host read.
+
+    The scale is copied on its device when the step's first gradient arrives (the GradScaler has scaled
+    the loss by then, and has not yet updated the scale for the next step); the host reads the copy
+    when the step closes. ``GradScaler._scale`` is private, so a scaler without it is read with
+    ``get_scale()`` at the close instead (right for every step but one the scaler skipped).
+    """
+
+    def __init__(self, scaler: Any) -> None:
+        self.scaler = scaler
+        self._copy: torch.Tensor | None = None
+
+    def take(self) -> None:
+        scale = getattr(self.scaler, "_scale", None)
+        if self._copy is None and isinstance(scale, torch.Tensor):
+            self._copy = scale.detach().clone()
+
+    def read(self) -> float | None:
+        if not self.scaler.is_enabled():
+            return None
+        return float(self._copy) if self._copy is not None else float(self.scaler.get_scale())
+
+    def clear(self) -> None:
+        self._copy = None
+
+
+def _check_arguments(model: object, every: object, optimizer: object, scaler: object) -> None:
     if not isinstance(model, nn.Module):
         raise AttachError(f"diagnose() expects a torch.nn.Module, got {type(model).__name__}; "
                           f"pass the model itself (not its parameters or its output)")
@@ -212,6 +255,8 @@ def _check_arguments(model: object, every: object, optimizer: object) -> None:
         raise MpdiagError(f"every must be a positive integer (record one step in every N), got {every!r}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise AttachError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if scaler is not None and not (callable(getattr(scaler, "get_scale", None)) and hasattr(scaler, "is_enabled")):
+        raise AttachError(f"scaler must be a torch GradScaler (torch.amp.GradScaler), got {type(scaler).__name__}")
 
 
 def _owned_parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:

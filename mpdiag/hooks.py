@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -58,6 +58,7 @@ class Recorder:
         self.recording = True
         self.active = False  # a hook observed something since the last reset
         self.saw_backward = False  # a gradient arrived since the last reset (recorded or not)
+        self.on_first_backward: Callable[[], None] | None = None  # called once per step, at its first gradient
         self._accumulators: dict[Site, SiteAccumulator] = {}
         self._warned: set[tuple[Site, str]] = set()
         self._recent: list[tuple[weakref.ref[torch.Tensor], int, Observation]] = []
@@ -104,8 +105,14 @@ class Recorder:
             if tensor.requires_grad:
                 tensor.register_hook(functools.partial(self.on_activation_grad, name))
 
+    def _backward_seen(self) -> None:
+        if not self.saw_backward:
+            self.saw_backward = True
+            if self.on_first_backward is not None:
+                self.on_first_backward()
+
     def on_activation_grad(self, name: str, grad: torch.Tensor) -> None:
-        self.saw_backward = True
+        self._backward_seen()
         if self.recording and grad is not None:
             self.active = True
             self._observe(Site(name, Kind.ACTIVATION_GRAD), grad)
@@ -113,7 +120,7 @@ class Recorder:
     def on_param_grad(self, name: str, param: torch.Tensor) -> None:
         # Fires after each backward has accumulated into .grad; keep only the latest, so gradient
         # accumulation over micro-batches records the gradient the optimizer will see.
-        self.saw_backward = True
+        self._backward_seen()
         if self.recording and param.grad is not None:
             self.active = True
             site = Site(name, Kind.PARAM_GRAD)

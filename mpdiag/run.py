@@ -67,11 +67,18 @@ class Run:
         formats: names of the tracked formats.
         records: step index -> site -> statistics of that site in that step.
         meta: facts about the recording (the ``every`` setting, for example), JSON-compatible values.
+        loss_scales: the loss scale a GradScaler applied in each recorded step (``diagnose(scaler=...)``);
+            steps without an entry were not scaled. Recorded gradients are the scaled ones.
     """
 
     formats: tuple[str, ...]
     records: Mapping[int, Mapping[Site, TensorStats]] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    loss_scales: Mapping[int, float] = field(default_factory=dict)
+
+    def loss_scale(self, step: int) -> float:
+        """The loss scale of ``step`` (1.0 where no GradScaler was recorded)."""
+        return float(self.loss_scales.get(step, 1.0))
 
     @property
     def steps(self) -> list[int]:

@@ -1,0 +1,155 @@
+"""Replaying a dynamic loss scaler (torch.amp.GradScaler and its DeepSpeed/Megatron/Apex cousins) on a run.
+
+The scaler's decision at each step depends only on whether the scaled gradients overflow, and that is
+known exactly from the recorded statistics: a step overflows at scale s when a true gradient is
+non-finite or its largest magnitude times s reaches the format's overflow threshold. With default
+parameters the update rule is torch's (``torch._amp_update_scale_``, computed in fp32 like torch);
+``hysteresis``, ``min_scale`` and ``max_scale`` cover DeepSpeed (hysteresis 2, min scale 1), Megatron
+(hysteresis 2) and Apex (max scale 2^24).
+
+Example:
+    >>> import torch, mpdiag
+    >>> model = torch.nn.Linear(4, 1, bias=False)
+    >>> with mpdiag.diagnose(model) as diag:
+    ...     for _ in range(4):
+    ...         model.zero_grad()
+    ...         (model(torch.full((1, 4), 0.5)).sum() * 0.3).backward()  # largest gradient: 0.3
+    ...         diag.step()
+    >>> sim = simulate_grad_scaler(diag.run, init_scale=2.0**18)  # 0.3 * 2^18 > 65520: overflow
+    >>> sim.skipped, sim.scales[-1]
+    ((True, False, False, False), 131072.0)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mpdiag import formats as _formats
+from mpdiag.errors import MpdiagError
+from mpdiag.formats import Format
+from mpdiag.run import Run
+from mpdiag.scaling import gradient_sites, true_gradient_steps
+
+__all__ = ["simulate_grad_scaler", "GradScalerSimulation", "scaler_trajectory", "MpdiagWarning"]
+
+
+class MpdiagWarning(UserWarning):
+    """A result mpdiag computed is approximate or may mislead; the message says why."""
+
+
+@dataclass(frozen=True)
+class GradScalerSimulation:
+    """The loss scale a dynamic scaler would use at each recorded step, and the steps it would skip.
+
+    Attributes:
+        steps: recorded step indices. scales: the scale used in each. skipped: whether it overflowed.
+        final_scale: the scale after the last step's update.
+    """
+
+    fmt: Format
+    steps: tuple[int, ...]
+    scales: tuple[float, ...]
+    skipped: tuple[bool, ...]
+    final_scale: float
+    approximate: bool
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        return [s for s, skip in zip(self.steps, self.skipped) if skip]
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped)
+
+    def __str__(self) -> str:
+        scales = sorted(set(self.scales))
+        note = " (approximate: not every step was recorded)" if self.approximate else ""
+        return (f"GradScaler replay for {self.fmt.name}{note}: {len(self.steps)} steps, {self.total_skipped} skipped "
+                f"{self.skipped_steps[:10]}{'...' if self.total_skipped > 10 else ''}; scale from "
+                f"2^{math.log2(scales[0]):g} to 2^{math.log2(scales[-1]):g}, final 2^{math.log2(self.final_scale):g}")
+
+
+def scaler_trajectory(overflows: Callable[[int, float], bool], n_steps: int, *, init_scale: float = 2.0**16,
+                      growth_factor: float = 2.0, backoff_factor: float = 0.5, growth_interval: int = 2000,
+                      hysteresis: int = 1, min_scale: float | None = None,
+                      max_scale: float | None = None) -> tuple[list[float], list[bool], float]:
+    """Run the dynamic-scaler update rule: ``overflows(i, scale)`` says whether step i overflows at scale.
+
+    Returns (the scale used at each step, whether each step was skipped, the final scale).
+    """
+    _check(init_scale, growth_factor, backoff_factor, growth_interval, hysteresis)
+    scale = np.float32(init_scale)  # torch keeps the scale in an fp32 tensor
+    tracker, hysteresis_left = 0, hysteresis
+    scales, skipped = [], []
+    for i in range(n_steps):
+        scales.append(float(scale))
+        found_inf = overflows(i, float(scale))
+        skipped.append(found_inf)
+        if found_inf:
+            tracker = 0
+            if hysteresis_left > 1:  # DeepSpeed/Megatron: tolerate a few overflows before backing off
+                hysteresis_left -= 1
+                continue
+            scale = _times(scale, backoff_factor)
+            if min_scale is not None:
+                scale = max(scale, np.float32(min_scale))
+            continue
+        tracker += 1
+        if tracker == growth_interval:
+            grown = _times(scale, growth_factor)
+            if np.isfinite(grown):
+                scale = grown if max_scale is None else min(grown, np.float32(max_scale))
+            tracker, hysteresis_left = 0, hysteresis
+    return scales, skipped, float(scale)
+
+
+def simulate_grad_scaler(run: Run, fmt: str | torch.dtype | Format = "fp16", *, init_scale: float = 2.0**16,
+                         growth_factor: float = 2.0, backoff_factor: float = 0.5, growth_interval: int = 2000,
+                         hysteresis: int = 1, min_scale: float | None = None, max_scale: float | None = None,
+                         steps: Sequence[int] | None = None) -> GradScalerSimulation:
+    """Replay a dynamic loss scaler over the recorded steps' true gradients.
+
+    Warns (MpdiagWarning) when the run did not record every step: the scaler then also reacts to steps
+    mpdiag did not see, and the trajectory is approximate.
+    """
+    fmt = _formats.get(fmt)
+    chosen = true_gradient_steps(run, steps)
+    sites = gradient_sites(run)
+    if not sites:
+        raise MpdiagError("the run recorded no gradients; call backward() while diagnose() is attached")
+    approximate = int(run.meta.get("every", 1)) > 1 or chosen != list(range(chosen[0], chosen[-1] + 1))
+    if approximate:
+        warnings.warn("the run did not record every step, so the replayed GradScaler trajectory is approximate: "
+                      "record with every=1 to replay it exactly", MpdiagWarning, stacklevel=2)
+    peaks = [_largest_true_gradient(run, step, sites) for step in chosen]
+    scales, skipped, final = scaler_trajectory(
+        lambda i, scale: peaks[i] * scale >= fmt.overflow_threshold, len(chosen), init_scale=init_scale,
+        growth_factor=growth_factor, backoff_factor=backoff_factor, growth_interval=growth_interval,
+        hysteresis=hysteresis, min_scale=min_scale, max_scale=max_scale)
+    return GradScalerSimulation(fmt, tuple(chosen), tuple(scales), tuple(skipped), final, approximate)
+
+
+def _times(scale: np.float32, factor: float) -> np.float32:
+    # As torch's kernel: the fp32 scale times the double factor, in double, stored back into fp32.
+    return np.float32(float(scale) * factor)
+
+
+def _largest_true_gradient(run: Run, step: int, sites: list) -> float:
+    """max |true gradient| of a step, inf when any was non-finite (every scale then overflows)."""
+    stats = [run.records[step][s] for s in sites if s in run.records[step]]
+    if any(s.nonfinite for s in stats):
+        return math.inf
+    return max((s.amax for s in stats), default=0.0) / run.loss_scale(step)
+
+
+def _check(init_scale: float, growth: float, backoff: float, interval: int, hysteresis: int) -> None:
+    if not (init_scale > 0 and growth > 1.0 and 0.0 < backoff < 1.0 and interval >= 1 and hysteresis >= 1):
+        raise MpdiagError(
+            "expected init_scale > 0, growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1 and "
+            f"hysteresis >= 1; got {init_scale}, {growth}, {backoff}, {interval}, {hysteresis}")

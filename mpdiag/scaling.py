@@ -1,0 +1,295 @@
+"""Loss-scale replay: what each power-of-two loss scale would do to the recorded gradients.
+
+``advise(run, "fp16")`` replays loss scaling analytically on the statistics of the ``activation_grad``
+and ``param_grad`` sites: for every scale 2^k over the whole range the data spans, per site and
+overall, whether any gradient would overflow (a GradScaler would skip the step) and which fraction of
+the non-zero finite gradients would flush to zero or become subnormal. Multiplying by 2^k is exact, so
+the overflow decision is exact (it depends on amax alone) and so is the underflow fraction (whole
+log2 bins lie below the format's zero tie), except for values lying exactly on that tie.
+
+NB: the subnormal fraction counts the whole bin just below the min normal; values within half an ulp
+of it round up to normal and are counted as subnormal.
+
+Example:
+    >>> import torch, mpdiag
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Linear(64, 64)
+    >>> with mpdiag.diagnose(model) as diag:
+    ...     (model(torch.randn(8, 64)).sum() * 1e-7).backward()  # tiny gradients
+    >>> adv = advise(diag.run, "fp16")
+    >>> round(adv.at(1.0).underflow, 2), adv.at(adv.recommended).underflow, adv.recommended == 2.0**35
+    (0.08, 0.0, True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mpdiag import formats as _formats
+from mpdiag.errors import MpdiagError
+from mpdiag.formats import Format
+from mpdiag.run import Kind, Run, Site
+from mpdiag.stats import HIST_EXPONENTS, TensorStats
+
+__all__ = ["advise", "LossScaleAdvice", "ScaleOutcome", "gradient_sites", "true_gradient_steps"]
+
+GRADIENT_KINDS = (Kind.ACTIVATION_GRAD, Kind.PARAM_GRAD)
+
+
+@dataclass(frozen=True)
+class ScaleOutcome:
+    """What one loss scale does, for one site or for all gradient sites together.
+
+    Attributes:
+        scale: the loss scale.
+        overflow: some gradient reaches the format's overflow threshold (or is already non-finite).
+        underflow, subnormal: fractions of the non-zero finite gradients flushed to zero / left subnormal.
+        overflow_sites: names of the sites that overflow, largest gradient first.
+        worst_underflow_site: the site losing the largest fraction to underflow, or None when none does.
+    """
+
+    scale: float
+    overflow: bool
+    underflow: float
+    subnormal: float
+    overflow_sites: tuple[str, ...] = ()
+    worst_underflow_site: str | None = None
+
+
+@dataclass(frozen=True)
+class _SiteCurve:
+    """One gradient site over the chosen steps: enough to answer any scale exactly."""
+
+    site: Site
+    nonzero: int  # non-zero finite gradients
+    amax: float  # largest true |gradient| (inf when a step had non-finite gradients)
+    below: np.ndarray  # below[i]: values in histogram bins before HIST_EXPONENTS[i] (cumulative)
+
+    def count_below(self, exponent: int) -> int:
+        """Values with |x| < 2^exponent: whole bins, so exact."""
+        return int(self.below[min(max(exponent - int(HIST_EXPONENTS[0]), 0), len(HIST_EXPONENTS))])
+
+
+@dataclass(frozen=True)
+class LossScaleAdvice:
+    """The replay of every power-of-two loss scale on the recorded gradients. See :func:`advise`.
+
+    Attributes:
+        fmt: the format the gradients would be cast to.
+        exponents: k of every replayed scale 2^k, ascending.
+        recommended: the largest 2^k that stays ``margin_bits`` below overflow at every recorded step
+            with finite gradients; None when there is none.
+        window: (low, high): the scales at which nothing overflows and at most ``max_underflow`` of the
+            gradients underflow; None when no scale does both (the gradients' dynamic range exceeds
+            the format): ``limiting_sites`` then says who is responsible.
+        overflow_limiter: the site that overflows first as the scale grows.
+        underflow_limiter: the site losing most to underflow at the top of the overflow-free range.
+        nonfinite_steps: steps whose true gradients already held NaN or inf; no scale helps there.
+    """
+
+    fmt: Format
+    steps: tuple[int, ...]
+    margin_bits: int
+    max_underflow: float
+    exponents: np.ndarray
+    recommended: float | None
+    window: tuple[float, float] | None
+    overflow_limiter: str | None
+    underflow_limiter: str | None
+    nonfinite_steps: tuple[int, ...]
+    _curves: tuple[_SiteCurve, ...] = field(repr=False, default=())
+
+    @property
+    def sites(self) -> list[Site]:
+        return [c.site for c in self._curves]
+
+    def at(self, scale: float, site: Site | tuple[str, str] | None = None) -> ScaleOutcome:
+        """The outcome of loss scale ``scale`` (a power of two) for one site, or overall when None."""
+        curves = self._curves if site is None else (self._curve(site),)
+        return _outcome(curves, _exponent_of(scale), self.fmt)
+
+    def curve(self, site: Site | tuple[str, str] | None = None) -> list[ScaleOutcome]:
+        """The outcome at every replayed scale, ascending (for plotting underflow against log2(scale))."""
+        return [self.at(2.0 ** int(k), site) for k in self.exponents]
+
+    def _curve(self, site: Site | tuple[str, str]) -> _SiteCurve:
+        wanted = Site(site[0], Kind.parse(site[1]))
+        for c in self._curves:
+            if c.site == wanted:
+                return c
+        raise MpdiagError(f"{wanted.name!r} ({wanted.kind}) is not a gradient site of this advice; "
+                          f"gradient sites are activation_grad and param_grad sites, e.g. {self.sites[:3]}")
+
+    @property
+    def limiting_sites(self) -> tuple[str | None, str | None]:
+        """(the site that overflows first, the site that underflows most)."""
+        return self.overflow_limiter, self.underflow_limiter
+
+    def __str__(self) -> str:
+        lines = [f"Loss-scale advice for {self.fmt.name} over {len(self.steps)} recorded step(s), "
+                 f"{len(self._curves)} gradient sites:"]
+        if self.recommended is None:
+            lines.append("  no loss scale keeps every step below overflow")
+        else:
+            at = self.at(self.recommended)
+            lines.append(f"  recommended scale 2^{_exponent_of(self.recommended)} ({self.margin_bits} bit(s) below "
+                         f"overflow): {at.underflow:.2%} of gradients underflow, {at.subnormal:.2%} subnormal")
+        if self.window is None:
+            lines.append(f"  no scale keeps underflow at or below {self.max_underflow:.2%} without overflowing: "
+                         f"the gradients span more than {self.fmt.name} represents "
+                         f"(overflow first in {self.overflow_limiter}, underflow worst in {self.underflow_limiter})")
+        else:
+            low, high = (_exponent_of(v) for v in self.window)
+            lines.append(f"  window 2^{low} .. 2^{high}: no overflow and at most {self.max_underflow:.2%} underflow")
+        without = self.at(1.0)
+        lines.append(f"  without scaling: {without.underflow:.2%} underflow"
+                     + (", overflow" if without.overflow else ""))
+        if self.overflow_limiter:
+            lines.append(f"  overflows first: {self.overflow_limiter}")
+        if self.nonfinite_steps:
+            lines.append(f"  steps with NaN/inf gradients before any scaling: {list(self.nonfinite_steps)}")
+        return "\n".join(lines)
+
+
+def gradient_sites(run: Run) -> list[Site]:
+    return [s for s in run.sites if s.kind in GRADIENT_KINDS]
+
+
+def true_gradient_steps(run: Run, steps: Iterable[int] | None = None) -> list[int]:
+    chosen = run.steps if steps is None else sorted(set(steps))
+    missing = sorted(set(chosen) - set(run.steps))
+    if missing:
+        raise MpdiagError(f"steps {missing} were not recorded; recorded steps: {run.steps}")
+    if not chosen:
+        raise MpdiagError("the run has no recorded steps; train at least one step with diagnose() attached")
+    return chosen
+
+
+def advise(run: Run, fmt: str | torch.dtype | Format = "fp16", *, steps: Sequence[int] | None = None,
+           margin_bits: int = 1, max_underflow: float = 1e-3) -> LossScaleAdvice:
+    """Replay every power-of-two loss scale on the recorded gradients and recommend one.
+
+    Args:
+        run: a recorded run; its gradients are divided by ``run.loss_scales`` (true gradients).
+        fmt: the format gradients would be cast to (fp16 needs scaling; bf16 almost never does).
+        steps: recorded steps to consider (default all).
+        margin_bits: how far below overflow the recommended scale keeps the largest gradient.
+        max_underflow: the underflow fraction the window tolerates.
+    """
+    fmt = _formats.get(fmt)
+    if margin_bits < 0 or not 0.0 <= max_underflow < 1.0:
+        raise MpdiagError(f"expected margin_bits >= 0 and 0 <= max_underflow < 1, got {margin_bits}, {max_underflow}")
+    chosen = true_gradient_steps(run, steps)
+    sites = gradient_sites(run)
+    if not sites:
+        raise MpdiagError("the run recorded no gradients (activation_grad or param_grad sites); "
+                          "call backward() while diagnose() is attached")
+    per_step = {step: {site: _true_stats(run, site, step) for site in sites if site in run.records[step]}
+                for step in chosen}
+    nonfinite_steps = tuple(s for s, stats in per_step.items() if any(v.nonfinite for v in stats.values()))
+    exponents = _exponent_range(per_step.values(), fmt)
+    curves = tuple(_site_curve(site, [v[site] for v in per_step.values() if site in v]) for site in sites)
+    finite_curves = [_site_curve(site, [v[site] for s, v in per_step.items() if site in v and s not in nonfinite_steps])
+                     for site in sites]
+    recommended = _recommend(finite_curves, exponents, margin_bits, fmt)
+    window, underflow_limiter = _window(finite_curves, exponents, fmt, max_underflow)
+    ranked = sorted((c for c in curves if c.nonzero), key=lambda c: -c.amax)
+    return LossScaleAdvice(
+        fmt=fmt, steps=tuple(chosen), margin_bits=margin_bits, max_underflow=max_underflow, exponents=exponents,
+        recommended=recommended, window=window,
+        overflow_limiter=ranked[0].site.name if ranked else None, underflow_limiter=underflow_limiter,
+        nonfinite_steps=nonfinite_steps, _curves=curves)
+
+
+def _true_stats(run: Run, site: Site, step: int) -> TensorStats:
+    """The site's statistics at ``step`` divided by that step's loss scale (exact for powers of two)."""
+    stats = run.records[step][site]
+    scale = run.loss_scale(step)
+    if scale == 1.0:
+        return stats
+    shift = _exponent_of(scale, what="a recorded loss scale")
+    # Bin i moves to bin i - shift; bins pushed past either end of fp32's range collect in the end bins.
+    hist = np.zeros_like(stats.hist)
+    np.add.at(hist, np.clip(np.arange(len(hist)) - shift, 0, len(hist) - 1), stats.hist)
+    return TensorStats(stats.formats, numel=stats.numel, zeros=stats.zeros, nans=stats.nans,
+                       posinf=stats.posinf, neginf=stats.neginf, amax=stats.amax / scale,
+                       amin_nonzero=stats.amin_nonzero / scale, hist=hist, casts=stats.casts,
+                       dtypes=stats.dtypes, calls=stats.calls)
+
+
+def _exponent_of(scale: float, what: str = "a loss scale") -> int:
+    mantissa, exponent = math.frexp(scale)
+    if scale <= 0 or mantissa != 0.5 or not math.isfinite(scale):
+        raise MpdiagError(f"expected {what} that is a power of two (2.0**k), got {scale!r}")
+    return exponent - 1
+
+
+def _tie_exponent(fmt: Format) -> int:
+    """log2 of the largest magnitude that rounds to zero: half the smallest subnormal (a tie to even 0)."""
+    return math.frexp(fmt.min_subnormal)[1] - 2
+
+
+def _normal_exponent(fmt: Format) -> int:
+    return math.frexp(fmt.min_normal)[1] - 1
+
+
+def _exponent_range(steps: Iterable[dict[Site, TensorStats]], fmt: Format) -> np.ndarray:
+    """From the scale where every gradient underflows to the one where the smallest overflows."""
+    stats = [v for step in steps for v in step.values() if v.finite_nonzero]
+    if not stats:
+        return np.arange(-1, 2)
+    largest = max(v.amax for v in stats)
+    smallest = min(v.amin_nonzero for v in stats)
+    low = math.floor(math.log2(2.0 ** _tie_exponent(fmt) / largest)) - 1
+    high = math.ceil(math.log2(fmt.overflow_threshold / smallest)) + 1
+    return np.arange(low, high + 1)
+
+
+def _site_curve(site: Site, stats: list[TensorStats]) -> _SiteCurve:
+    hist = np.sum([s.hist for s in stats], axis=0) if stats else np.zeros(len(HIST_EXPONENTS), dtype=np.int64)
+    nonfinite = any(s.nonfinite for s in stats)
+    amax = math.inf if nonfinite else max((s.amax for s in stats), default=0.0)
+    return _SiteCurve(site, int(hist.sum()), amax, np.concatenate([[0], np.cumsum(hist)]))
+
+
+def _outcome(curves: Sequence[_SiteCurve], k: int, fmt: Format) -> ScaleOutcome:
+    """x * 2^k underflows iff |x| < 2^(tie - k) (ties themselves aside) and is subnormal below 2^(normal - k)."""
+    scale = 2.0 ** k
+    under = [c.count_below(_tie_exponent(fmt) - k) for c in curves]
+    sub = [c.count_below(_normal_exponent(fmt) - k) - u for c, u in zip(curves, under)]
+    nonzero = sum(c.nonzero for c in curves)
+    overflowing = sorted((c for c in curves if c.amax * scale >= fmt.overflow_threshold), key=lambda c: -c.amax)
+    fractions = [(u / c.nonzero, c.site.name) for u, c in zip(under, curves) if u]
+    return ScaleOutcome(
+        scale=scale, overflow=bool(overflowing), underflow=sum(under) / nonzero if nonzero else 0.0,
+        subnormal=sum(sub) / nonzero if nonzero else 0.0,
+        overflow_sites=tuple(c.site.name for c in overflowing),
+        worst_underflow_site=max(fractions)[1] if fractions else None)
+
+
+def _recommend(curves: Sequence[_SiteCurve], exponents: np.ndarray, margin_bits: int, fmt: Format) -> float | None:
+    """The largest 2^k with amax * 2^(k + margin) below the overflow threshold for every finite site."""
+    largest = max((c.amax for c in curves if math.isfinite(c.amax) and c.nonzero), default=None)
+    if largest is None:
+        return None
+    for k in exponents[::-1]:
+        if largest * 2.0 ** (int(k) + margin_bits) < fmt.overflow_threshold:
+            return 2.0 ** int(k)
+    return None
+
+
+def _window(curves: Sequence[_SiteCurve], exponents: np.ndarray, fmt: Format,
+            max_underflow: float) -> tuple[tuple[float, float] | None, str | None]:
+    """Scales with no overflow and little underflow; and the site limiting the low end."""
+    outcomes = [_outcome(curves, int(k), fmt) for k in exponents]
+    good = [int(k) for k, o in zip(exponents, outcomes) if not o.overflow and o.underflow <= max_underflow]
+    no_overflow = [o for o in outcomes if not o.overflow]
+    limiter = no_overflow[-1].worst_underflow_site if no_overflow else None
+    if not good:
+        return None, limiter
+    return (2.0 ** min(good), 2.0 ** max(good)), limiter

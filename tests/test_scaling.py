@@ -1,0 +1,172 @@
+"""advise(): the analytic loss-scale replay against real casts, and the advice users see."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import mpdiag
+from mpdiag.errors import MpdiagError
+from mpdiag.scaling import advise
+
+
+def record(grads: list[torch.Tensor], scaler_scale: float | None = None) -> mpdiag.Run:
+    """A run whose only gradient site is a parameter with exactly these gradients, one per step."""
+    param = nn.Parameter(torch.zeros_like(grads[0]))
+    holder = nn.Module()
+    holder.register_parameter("w", param)
+    with mpdiag.diagnose(holder) as diag:
+        for g in grads:
+            param.grad = g.clone() if scaler_scale is None else g * scaler_scale
+            diag.step()
+    return diag.run
+
+
+def real_outcome(grads: list[torch.Tensor], k: int) -> tuple[bool, int, int, int]:
+    """(overflow, underflow, ties, non-zero) of x * 2^k cast to fp16, counted on the real cast."""
+    overflow, under, ties, nonzero = False, 0, 0, 0
+    for g in grads:
+        cast = (g * 2.0**k).to(torch.float16)
+        nz = (g != 0) & torch.isfinite(g)
+        overflow |= bool((~torch.isfinite(cast) & nz).any())
+        under += int(((cast == 0) & nz).sum())
+        ties += int(((g * 2.0**k).abs() == 2.0**-25).sum())
+        nonzero += int(nz.sum())
+    return overflow, under, ties, nonzero
+
+
+@given(st.lists(st.floats(-40, 10), min_size=1, max_size=64), st.integers(-20, 40), st.data())
+def test_replay_agrees_with_casting_each_scale(log2_magnitudes: list[float], k: int, data: st.DataObject) -> None:
+    grads = torch.tensor([2.0**e for e in log2_magnitudes], dtype=torch.float32)
+    grads *= torch.tensor(data.draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=len(grads), max_size=len(grads))))
+    adv = advise(record([grads]), "fp16", max_underflow=0.5)
+    out = adv.at(2.0**k)
+    overflow, under, ties, nonzero = real_outcome([grads], k)
+    assert out.overflow == overflow  # exact
+    assert round(out.underflow * nonzero) == under - ties  # exact but for values exactly on the tie
+
+
+def test_ties_are_the_only_difference() -> None:
+    grads = torch.tensor([2.0**-25, 2.0**-26, 2.0**-24, 1.0])
+    out = advise(record([grads])).at(1.0)
+    assert out.underflow == 1 / 4  # the tie 2^-25 rounds to zero too, but sits in a bin that mostly does not
+    assert real_outcome([grads], 0)[1] == 2
+
+
+def test_tiny_gradients_need_scaling_and_the_advice_works() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))
+    with mpdiag.diagnose(model) as diag:
+        for _ in range(4):
+            model.zero_grad()
+            (model(torch.randn(16, 32)).pow(2).mean() * 1e-6).backward()
+            diag.step()
+    adv = advise(diag.run, "fp16")
+    without = adv.at(1.0)
+    assert without.underflow > 0.2 and not without.overflow
+    best = adv.at(adv.recommended)
+    assert best.underflow < 1e-3 and not best.overflow
+    low, high = adv.window
+    assert low <= adv.recommended <= high
+    assert adv.at(high * 2).overflow  # one step above the window, some step overflows
+    assert adv.at(high * 2).overflow_sites[0] == adv.overflow_limiter
+    text = str(adv)
+    assert "recommended scale 2^" in text and "window 2^" in text and "underflow" in text
+
+
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler('cpu') needs torch >= 2.3")
+def test_runs_recorded_under_a_grad_scaler_are_advised_on_true_gradients() -> None:
+    def train(use_scaler: bool) -> mpdiag.Run:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1) if use_scaler else None
+        with mpdiag.diagnose(model, optimizer=opt, scaler=scaler) as diag:
+            for _ in range(3):
+                opt.zero_grad()
+                loss = model(torch.randn(4, 8)).pow(2).mean() * 1e-5
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+        return diag.run
+
+    plain, scaled = train(False), train(True)
+    assert scaled.loss_scales == {0: 2.0**10, 1: 2.0**11, 2: 2.0**12}  # growth_interval=1 grows each step
+    assert plain.stats("0.weight", "param_grad").amax * 2**10 == scaled.stats("0.weight", "param_grad", 0).amax
+    a, b = advise(plain), advise(scaled)
+    assert (a.recommended, a.window) == (b.recommended, b.window)
+    for k in range(-5, 40, 3):
+        assert a.at(2.0**k) == b.at(2.0**k)
+
+
+def test_when_no_scale_works_it_says_so_and_names_the_sites() -> None:
+    run = record([torch.tensor([1e-12, 3e-13, 2e3, 1.5e3])])
+    adv = advise(run, "fp16")
+    assert adv.window is None
+    assert adv.overflow_limiter == "w" and adv.underflow_limiter == "w"
+    assert "no scale keeps underflow" in str(adv)
+    assert adv.recommended == 2.0**4  # 2e3 * 2^(4+1) < 65520 <= 2e3 * 2^6
+
+
+def test_nonfinite_gradients_are_reported_not_scaled_away() -> None:
+    run = record([torch.tensor([1e-3, 2e-3]), torch.tensor([math.inf, 1.0]), torch.tensor([1e-3, 4e-3])])
+    adv = advise(run)
+    assert adv.nonfinite_steps == (1,)
+    assert adv.at(2.0**-40).overflow  # step 1 overflows at any scale
+    assert adv.recommended == 2.0**22  # from the finite steps: 4e-3 * 2^23 < 65520 <= 4e-3 * 2^24
+    assert "NaN/inf" in str(adv)
+
+
+def test_bf16_needs_no_scaling_for_ordinary_gradients() -> None:
+    run = record([torch.randn(1000) * 1e-6])
+    adv = advise(run, "bf16")
+    assert adv.at(1.0).underflow == 0.0 and adv.window[0] <= 1.0 <= adv.window[1]
+
+
+def test_per_site_outcomes_and_curves() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    with mpdiag.diagnose(model) as diag:
+        (model(torch.randn(2, 4)).sum() * 1e-8).backward()
+    adv = advise(diag.run)
+    site = ("0.weight", "param_grad")
+    assert adv.at(1.0, site).underflow >= 0 and adv.at(1.0, site) != adv.at(1.0)
+    curve = adv.curve(site)
+    assert len(curve) == len(adv.exponents)
+    underflow = [o.underflow for o in curve]
+    assert underflow == sorted(underflow, reverse=True)  # less underflow as the scale grows
+    assert underflow[0] == 1.0 and curve[-1].overflow  # the range covers both ends
+
+
+@pytest.mark.parametrize("call", [
+    lambda adv: adv.at(3.0), lambda adv: adv.at(0.0), lambda adv: adv.at(1.0, ("nope", "param_grad")),
+    lambda adv: adv.at(1.0, ("w", "activation")),
+])
+def test_bad_questions_get_clear_errors(call) -> None:
+    adv = advise(record([torch.tensor([1e-3])]))
+    with pytest.raises(MpdiagError):
+        call(adv)
+
+
+def test_runs_without_gradients_and_bad_arguments() -> None:
+    model = nn.Linear(2, 2)
+    with torch.no_grad(), mpdiag.diagnose(model) as diag:
+        model(torch.ones(1, 2))
+    with pytest.raises(MpdiagError, match="no gradients"):
+        advise(diag.run)
+    run = record([torch.tensor([1.0])])
+    with pytest.raises(MpdiagError, match="margin_bits"):
+        advise(run, margin_bits=-1)
+    with pytest.raises(MpdiagError, match="not recorded"):
+        advise(run, steps=[5])
+    assert np.all(np.diff(advise(run).exponents) == 1)
