@@ -7,9 +7,12 @@ from mpdiag import formats
 from mpdiag.casting import classify, round_to
 from mpdiag.diagnose import Diagnosis, diagnose
 from mpdiag.errors import MpdiagError
+from mpdiag.grad_scaler import simulate_grad_scaler
+from mpdiag.replay import replay_loss_scale
 from mpdiag.run import Kind, Run, Site
+from mpdiag.scaling import advise
 from mpdiag.stats import TensorStats
 
 __all__ = ["diagnose", "Diagnosis", "Run", "Site", "Kind", "TensorStats", "formats", "classify", "round_to",
-           "MpdiagError"]
+           "advise", "simulate_grad_scaler", "replay_loss_scale", "MpdiagError"]
 __version__ = "0.1.0"

@@ -20,10 +20,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from mpdiag.hooks import Recorder
 from mpdiag.run import Run, Site
 from mpdiag.stats import DEFAULT_FORMATS, TensorStats, format_names
 
-__all__ = ["diagnose", "Diagnosis"]
+__all__ = ["diagnose", "Diagnosis", "suspended"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,23 @@ def diagnose(
     """
     return Diagnosis(model, formats=formats, every=every, include=include, exclude=exclude, optimizer=optimizer,
                      scaler=scaler)
+
+
+@contextlib.contextmanager
+def suspended(model: nn.Module) -> Iterator[None]:
+    """Inside, a Diagnosis attached to ``model`` (or to any of its modules) records nothing and closes
+    no step; for mpdiag's own re-runs of a batch, which must not count as training."""
+    diagnoses = {entry[0] for m in model.modules() if (entry := _ATTACHED.get(m)) is not None}
+    saved = [(d, d._suspended, d._recorder.recording, d._recorder.active, d._recorder.saw_backward)
+             for d in diagnoses]
+    for d in diagnoses:
+        d._suspended, d._recorder.recording = True, False
+    try:
+        yield
+    finally:
+        for d, was_suspended, recording, active, saw_backward in saved:
+            d._suspended, d._recorder.recording = was_suspended, recording
+            d._recorder.active, d._recorder.saw_backward = active, saw_backward
 
 
 def _globs(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | None:
@@ -115,6 +133,7 @@ class Diagnosis:
             self._recorder.on_first_backward = self._scale_seen.take
         self._step = 0
         self._closed = False
+        self._suspended = False
         self._handles: list[Any] = []
         self._install(model, modules, optimizer)
 
@@ -196,6 +215,8 @@ class Diagnosis:
         # A GradScaler that finds inf/NaN skips optimizer.step(), so the step pre-hook never fires.
         # Backward ran and the gradients were cleared since: that step is over. Gradients still present
         # mean gradient accumulation, which continues the step.
+        if self._suspended:
+            return
         if self._recorder.saw_backward and all(p.grad is None for p in model.parameters()):
             self._close_step()
 
