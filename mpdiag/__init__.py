@@ -6,13 +6,15 @@ Attach :func:`diagnose` to a model, train, and read per-layer statistics from ``
 from mpdiag import formats
 from mpdiag.casting import classify, round_to
 from mpdiag.diagnose import Diagnosis, diagnose
-from mpdiag.errors import MpdiagError
+from mpdiag.errors import MpdiagError, MpdiagWarning
 from mpdiag.grad_scaler import simulate_grad_scaler
+from mpdiag.nonfinite import NonFiniteError, NonFiniteEvent
 from mpdiag.replay import replay_loss_scale
 from mpdiag.run import Kind, Run, Site
 from mpdiag.scaling import advise
 from mpdiag.stats import TensorStats
 
 __all__ = ["diagnose", "Diagnosis", "Run", "Site", "Kind", "TensorStats", "formats", "classify", "round_to",
-           "advise", "simulate_grad_scaler", "replay_loss_scale", "MpdiagError"]
+           "advise", "simulate_grad_scaler", "replay_loss_scale", "NonFiniteEvent", "NonFiniteError",
+           "MpdiagError", "MpdiagWarning"]
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ per device and decodes them.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -169,6 +169,12 @@ class SiteAccumulator:
 
 def read_many(accumulators: Mapping[Hashable, SiteAccumulator]) -> dict[Hashable, TensorStats]:
     """Read every accumulator with one device-to-host transfer per device and decode them."""
+    return read_with_extras(accumulators, [])[0]
+
+
+def read_with_extras(accumulators: Mapping[Hashable, SiteAccumulator],
+                     extras: Sequence[torch.Tensor]) -> tuple[dict[Hashable, TensorStats], list[np.ndarray]]:
+    """read_many, plus small int64 device tensors (``extras``) read in the same transfer per device."""
     rows: list[tuple[Hashable, BucketLayout, np.ndarray, np.ndarray]] = []
     on_device: dict[torch.device, list[tuple[Hashable, _Part]]] = {}
     for key, acc in accumulators.items():
@@ -177,14 +183,24 @@ def read_many(accumulators: Mapping[Hashable, SiteAccumulator]) -> dict[Hashable
                 rows.append((key, part.layout, part.counts, part.ext))
             else:
                 on_device.setdefault(part.device, []).append((key, part))
-    for items in on_device.values():
-        packed = torch.cat([t for _, part in items for t in (part.counts, _as_int64(part.ext))]).cpu().numpy()
+    extras_by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(extras):
+        extras_by_device.setdefault(t.device, []).append(i)
+    extras_host: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(extras)
+    for device in on_device.keys() | extras_by_device.keys():
+        items = on_device.get(device, [])
+        own = [extras[i].reshape(-1) for i in extras_by_device.get(device, [])]
+        packed = torch.cat([t for _, part in items for t in (part.counts, _as_int64(part.ext))] + own).cpu().numpy()
         offset = 0
         for key, part in items:
             n = part.layout.n_buckets
             ext = _from_int64(packed[offset + n:offset + n + 2], part.ext.dtype)
             rows.append((key, part.layout, packed[offset:offset + n], ext))
             offset += n + 2
+        for i in extras_by_device.get(device, []):
+            size = extras[i].numel()
+            extras_host[i] = packed[offset:offset + size]
+            offset += size
     by_layout: dict[BucketLayout, list[tuple[Hashable, np.ndarray, np.ndarray]]] = {}
     for key, layout, counts, ext in rows:
         by_layout.setdefault(layout, []).append((key, counts, ext))
@@ -193,7 +209,7 @@ def read_many(accumulators: Mapping[Hashable, SiteAccumulator]) -> dict[Hashable
         fields = layout.decode_many(np.stack([counts for _, counts, _ in items]))
         for (key, _, ext), f in zip(items, fields):
             decoded[key].append({**f, "amax": float(ext[0]), "amin_nonzero": float(-ext[1])})
-    return {key: _finish(acc, decoded[key]) for key, acc in accumulators.items()}
+    return {key: _finish(acc, decoded[key]) for key, acc in accumulators.items()}, extras_host
 
 
 def _finish(acc: SiteAccumulator, parts: list[dict[str, Any]]) -> TensorStats:

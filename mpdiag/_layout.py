@@ -51,6 +51,8 @@ class BucketLayout:
                                                            else float(torch.finfo(source).max)
                                                            for m in magnitudes] + [math.inf]
         self.n_buckets = len(self.edges) + 1
+        # (nan, +inf, -inf) buckets: NaN lands past the last edge, +inf on the last, -inf on the first
+        self.nonfinite_buckets = (self.n_buckets - 1, self.n_buckets - 2, 0)
         lower = [m for m in reversed(magnitudes)] + [0.0] + magnitudes[:-1] + [math.inf, math.nan]
         signs = [-1] * len(magnitudes) + [0] + [1] * len(magnitudes) + [0]
         self._build_tables(lower, signs)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -30,10 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpdiag.errors import AttachError, MpdiagError
+from mpdiag.errors import AttachError, MpdiagError, MpdiagWarning
 from mpdiag.formats import Format
 from mpdiag.hooks import Recorder
-from mpdiag.run import Run, Site
+from mpdiag.nonfinite import NonFiniteError, NonFiniteEvent
+from mpdiag.run import Kind, Run, Site
 from mpdiag.stats import DEFAULT_FORMATS, TensorStats, format_names
 
 __all__ = ["diagnose", "Diagnosis", "suspended"]
@@ -53,6 +55,7 @@ def diagnose(
     exclude: str | Iterable[str] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    on_nonfinite: str = "record",
 ) -> Diagnosis:
     """Record, per module and parameter, how values sit against each format's range.
 
@@ -67,12 +70,15 @@ def diagnose(
         scaler: the GradScaler (``torch.amp`` or ``torch.cuda.amp``) scaling this training, if any: the
             loss scale of each recorded step is kept in ``run.loss_scales``, so that analyses can tell
             true gradients from the scaled ones that were recorded.
+        on_nonfinite: what to do when a recorded step saw NaN or inf, once it closes: "record" (keep the
+            events in ``run.nonfinite_events()``), "warn" (also an MpdiagWarning naming the origin) or
+            "raise" (also a NonFiniteError carrying the origin and the sites' recent history).
 
     Returns:
         A :class:`Diagnosis`, usable as a context manager.
     """
     return Diagnosis(model, formats=formats, every=every, include=include, exclude=exclude, optimizer=optimizer,
-                     scaler=scaler)
+                     scaler=scaler, on_nonfinite=on_nonfinite)
 
 
 @contextlib.contextmanager
@@ -114,8 +120,11 @@ class Diagnosis:
                  every: int = 1, include: str | Iterable[str] | None = None,
                  exclude: str | Iterable[str] | None = None,
                  optimizer: torch.optim.Optimizer | None = None,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+                 scaler: torch.amp.GradScaler | None = None, on_nonfinite: str = "record") -> None:
         _check_arguments(model, every, optimizer, scaler)
+        if on_nonfinite not in _ON_NONFINITE:
+            raise MpdiagError(f"on_nonfinite must be one of {', '.join(map(repr, _ON_NONFINITE))}, got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
         self.formats = format_names(formats)
         self.every = every
         include_globs, exclude_globs = _globs(include, "include"), _globs(exclude, "exclude")
@@ -128,6 +137,7 @@ class Diagnosis:
         self._recorder = Recorder(self.formats, _owned_parameters(modules))
         self._records: dict[int, dict[Site, TensorStats]] = {}
         self._loss_scales: dict[int, float] = {}
+        self._events: dict[int, tuple[NonFiniteEvent, ...]] = {}
         self._scale_seen = _LossScaleSnapshot(scaler) if scaler is not None else None
         if self._scale_seen is not None:
             self._recorder.on_first_backward = self._scale_seen.take
@@ -152,7 +162,8 @@ class Diagnosis:
     def run(self) -> Run:
         """A snapshot of everything recorded so far, as plain data."""
         return Run(formats=self.formats, records={s: dict(r) for s, r in self._records.items()},
-                   meta={"every": self.every}, loss_scales=dict(self._loss_scales))
+                   meta={"every": self.every}, loss_scales=dict(self._loss_scales),
+                   events=dict(self._events))
 
     def step(self) -> None:
         """Close the current step: read its statistics from the device (the one host sync) and move on."""
@@ -222,17 +233,38 @@ class Diagnosis:
 
     def _close_step(self) -> None:
         rec = self._recorder
+        step, events = self._step, []
         if rec.recording:
-            self._records[self._step] = rec.collect()
+            self._records[step], events = rec.collect(step)
+            if events:
+                self._events[step] = tuple(events)
             if self._scale_seen is not None:
                 scale = self._scale_seen.read()
                 if scale is not None:
-                    self._loss_scales[self._step] = scale
+                    self._loss_scales[step] = scale
         if self._scale_seen is not None:
             self._scale_seen.clear()
         rec.reset()
         self._step += 1
         rec.recording = self._step % self.every == 0
+        if events:
+            self._report_nonfinite(step, events)
+
+    def _report_nonfinite(self, step: int, events: list[NonFiniteEvent]) -> None:
+        """After the step is recorded and the next one set up, so that raising loses nothing."""
+        if self.on_nonfinite == "warn":
+            warnings.warn(f"mpdiag: non-finite values at {events[0]} ({len(events)} site(s) in this step)",
+                          MpdiagWarning, stacklevel=4)
+        elif self.on_nonfinite == "raise":
+            involved = {(e.name, e.kind) for e in events}
+            recent = [s for s in sorted(self._records) if s <= step][-_HISTORY:]
+            history = {(n, k): [(s, self._records[s][Site(n, Kind(k))]) for s in recent
+                                if Site(n, Kind(k)) in self._records[s]] for n, k in involved}
+            raise NonFiniteError(events[0], events, history)
+
+
+_ON_NONFINITE = ("record", "warn", "raise")
+_HISTORY = 8  # recorded steps of history a NonFiniteError carries for each site involved
 
 
 def _bind(method: Any, name: str) -> Any:

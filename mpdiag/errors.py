@@ -20,3 +20,7 @@ class UnknownSiteError(MpdiagError, KeyError):
 
 class AttachError(MpdiagError, TypeError):
     """diagnose() was given something it cannot observe."""
+
+
+class MpdiagWarning(UserWarning):
+    """A result mpdiag computed is approximate or may mislead, or training produced something to look at."""

@@ -31,16 +31,12 @@ import numpy as np
 import torch
 
 from mpdiag import formats as _formats
-from mpdiag.errors import MpdiagError
+from mpdiag.errors import MpdiagError, MpdiagWarning
 from mpdiag.formats import Format
 from mpdiag.run import Run
 from mpdiag.scaling import gradient_sites, true_gradient_steps
 
 __all__ = ["simulate_grad_scaler", "GradScalerSimulation", "scaler_trajectory", "MpdiagWarning"]
-
-
-class MpdiagWarning(UserWarning):
-    """A result mpdiag computed is approximate or may mislead; the message says why."""
 
 
 @dataclass(frozen=True)

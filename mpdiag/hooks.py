@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpdiag._accumulate import SKIP_REASONS, Observation, SiteAccumulator, measure, read_many, skip_reason
+from mpdiag._accumulate import SKIP_REASONS, Observation, SiteAccumulator, measure, read_with_extras, skip_reason
+from mpdiag.nonfinite import EventLog, NonFiniteEvent
 from mpdiag.run import Kind, Site
 from mpdiag.stats import TensorStats
 
@@ -62,6 +63,8 @@ class Recorder:
         self._accumulators: dict[Site, SiteAccumulator] = {}
         self._warned: set[tuple[Site, str]] = set()
         self._recent: list[tuple[weakref.ref[torch.Tensor], int, Observation]] = []
+        self.events = EventLog()  # non-finite counts of each observation, in execution order
+        self._seq = 0
 
     def accumulator(self, site: Site) -> SiteAccumulator:
         acc = self._accumulators.get(site)
@@ -69,7 +72,7 @@ class Recorder:
             acc = self._accumulators[site] = SiteAccumulator(self.format_names)
         return acc
 
-    def _observe(self, site: Site, tensor: torch.Tensor) -> None:
+    def _observe(self, site: Site, tensor: torch.Tensor, seq: int | None = None) -> None:
         reason = skip_reason(tensor)
         if reason is not None:
             if (site, reason) not in self._warned:
@@ -77,7 +80,11 @@ class Recorder:
                 log.info("mpdiag: not recording a tensor at %s (%s): %s", site.name or "<root>", site.kind,
                          SKIP_REASONS[reason])
             return
-        self.accumulator(site).add(self._measure_once(tensor))
+        obs = self._measure_once(tensor)
+        self.accumulator(site).add(obs)
+        if seq is None:
+            seq, self._seq = self._seq, self._seq + 1
+        self.events.note(seq, site.name, site.kind.value, obs.part.counts, obs.part.layout.nonfinite_buckets)
 
     def _measure_once(self, tensor: torch.Tensor) -> Observation:
         """Measure ``tensor``, or reuse the measurement of the very same, unmodified tensor.
@@ -128,18 +135,22 @@ class Recorder:
             self._observe(site, param.grad)
 
     # -- closing a step ---------------------------------------------------------------------------
-    def collect(self) -> dict[Site, TensorStats]:
-        """Observe parameters (and gradients no hook saw), then read everything with one host transfer."""
+    def collect(self, step: int) -> tuple[dict[Site, TensorStats], list[NonFiniteEvent]]:
+        """Observe parameters (and gradients no hook saw), then read everything with one host transfer
+        per device: the statistics of every site and the non-finite events of the step."""
         for name, param in self.params.items():
-            self._observe(Site(name, Kind.PARAM), param)
+            self._observe(Site(name, Kind.PARAM), param, seq=-1)  # what the forward used: before all else
             grad_site = Site(name, Kind.PARAM_GRAD)
             if param.grad is not None and self.accumulator(grad_site).empty:
                 self._observe(grad_site, param.grad)  # set by hand, not by backward
         live = {site: acc for site, acc in self._accumulators.items() if not acc.empty}
-        return read_many(live)
+        stats, event_counts = read_with_extras(live, self.events.device_tensors())
+        return stats, self.events.events(step, event_counts)
 
     def reset(self) -> None:
         self._recent.clear()
+        self.events.clear()
+        self._seq = 0
         for acc in self._accumulators.values():
             acc.reset()
         self.active = False

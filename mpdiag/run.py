@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from mpdiag.errors import MpdiagError, UnknownSiteError
+from mpdiag.nonfinite import PHASES, NonFiniteEvent, order
 from mpdiag.stats import TensorStats
 
 __all__ = ["Kind", "Site", "Run"]
@@ -75,6 +76,22 @@ class Run:
     records: Mapping[int, Mapping[Site, TensorStats]] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
     loss_scales: Mapping[int, float] = field(default_factory=dict)
+    events: Mapping[int, tuple[NonFiniteEvent, ...]] = field(default_factory=dict)
+
+    def nonfinite_events(self) -> list[NonFiniteEvent]:
+        """Every observation that held NaN or inf, step by step, forward before backward, in execution order."""
+        return order([e for step in sorted(self.events) for e in self.events[step]])
+
+    def first_nonfinite(self, step: int | None = None, phase: str | None = None) -> NonFiniteEvent | None:
+        """Where non-finite values first appeared: in ``step`` (default: the first step that had any), in
+        ``phase`` ("forward" or "backward"; default whichever came first: forward). None if nowhere."""
+        if phase is not None and phase not in PHASES:
+            raise MpdiagError(f"phase must be one of {', '.join(PHASES)} or None, got {phase!r}")
+        if step is not None and step not in self.records:
+            raise MpdiagError(f"step {step} was not recorded; recorded steps: {_ranges(self.steps)}")
+        candidates = [e for e in self.nonfinite_events()
+                      if (step is None or e.step == step) and (phase is None or e.phase == phase)]
+        return candidates[0] if candidates else None
 
     def loss_scale(self, step: int) -> float:
         """The loss scale of ``step`` (1.0 where no GradScaler was recorded)."""
