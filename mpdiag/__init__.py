@@ -13,8 +13,10 @@ from mpdiag.replay import replay_loss_scale
 from mpdiag.run import Kind, Run, Site
 from mpdiag.scaling import advise
 from mpdiag.stats import TensorStats
+from mpdiag.trace import NonFiniteOrigin, trace_nonfinite
 
 __all__ = ["diagnose", "Diagnosis", "Run", "Site", "Kind", "TensorStats", "formats", "classify", "round_to",
            "advise", "simulate_grad_scaler", "replay_loss_scale", "NonFiniteEvent", "NonFiniteError",
+           "trace_nonfinite", "NonFiniteOrigin",
            "MpdiagError", "MpdiagWarning"]
 __version__ = "0.1.0"

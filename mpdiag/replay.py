@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mpdiag import formats as _formats
-from mpdiag.diagnose import suspended
+from mpdiag._rerun import preserved
 from mpdiag.errors import MpdiagError
 from mpdiag.hooks import floating_tensors
 from mpdiag.run import Kind, Site
@@ -94,7 +94,7 @@ def replay_loss_scale(model: nn.Module, loss_fn: LossFn, batch: Any, scales: Seq
     fmt = _formats.get(dtype)
     device_type = device_type or _device_type(model)
     _check_autocast(device_type, dtype)
-    with _preserved(model) as rerun:
+    with preserved(model) as rerun:
         reference = rerun(lambda: _gradients(model, loss_fn, batch, 1.0, None))
         counts = {float(scale): _compare(reference, rerun(lambda s=scale: _gradients(model, loss_fn, batch, s,
                                                                                        (device_type, dtype))),
@@ -150,46 +150,6 @@ def _compare(reference: dict[Site, torch.Tensor], replay: dict[Site, torch.Tenso
             subnormal=int((live & (got != 0) & (got.abs() < min_normal)).sum()),
             overflow=bool((torch.isfinite(ref) & ~torch.isfinite(got)).any()))
     return counts
-
-
-@contextlib.contextmanager
-def _preserved(model: nn.Module) -> Iterator[Callable[[Callable[[], Any]], Any]]:
-    """Yield ``rerun(fn)``: runs fn from the same RNG state with .grad cleared; restore everything after."""
-    grads = {p: p.grad for p in model.parameters()}
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    rng = _rng_state()
-
-    def rerun(fn: Callable[[], Any]) -> Any:
-        _set_rng_state(rng)
-        for p in model.parameters():
-            p.grad = None
-        try:
-            return fn()
-        finally:
-            with torch.no_grad():
-                for name, b in model.named_buffers():
-                    b.copy_(buffers[name])
-
-    try:
-        with suspended(model):
-            yield rerun
-    finally:
-        for p, g in grads.items():
-            p.grad = g
-        _set_rng_state(rng)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _device_type(model: nn.Module) -> str:

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpdiag
 from mpdiag import _accumulate
-from mpdiag import Kind, Site, TensorStats
+from mpdiag import Kind, TensorStats
 from mpdiag.errors import AttachError, MpdiagError, UnknownFormatError
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 

@@ -1,0 +1,52 @@
+"""Re-running one batch on a model without leaving a trace: used by replay_loss_scale and trace_nonfinite."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpdiag.diagnose import suspended
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[Callable[[Callable[[], Any]], Any]]:
+    """Yield ``rerun(fn)``: runs fn from the same RNG state with .grad cleared; restore everything after."""
+    grads = {p: p.grad for p in model.parameters()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    rng = _rng_state()
+
+    def rerun(fn: Callable[[], Any]) -> Any:
+        _set_rng_state(rng)
+        for p in model.parameters():
+            p.grad = None
+        try:
+            return fn()
+        finally:
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
+
+    try:
+        with suspended(model):
+            yield rerun
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+        _set_rng_state(rng)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
