@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from mpdiag._rerun import preserved
 from mpdiag.errors import MpdiagError
+from mpdiag.hooks import floating_tensors
 
 __all__ = ["trace_nonfinite", "NonFiniteOrigin"]
 
@@ -145,7 +145,7 @@ def _user_frames(stack: list[str]) -> tuple[str, ...]:
 
 
 def _floating(tree: Any) -> Iterator[torch.Tensor]:
-    return (t for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point())
+    return (t for t in floating_tensors(tree) if t.is_floating_point())
 
 
 class _module_tracking:  # noqa: N801 - used as a context manager, like torch's own
