@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpdiag.anomaly import AnomalyWatch
 from mpdiag.errors import AttachError, MpdiagError, MpdiagWarning
 from mpdiag.formats import Format
 from mpdiag.hooks import Recorder
@@ -145,7 +146,10 @@ class Diagnosis:
         self._closed = False
         self._suspended = False
         self._handles: list[Any] = []
+        self._anomaly = AnomalyWatch(lambda: self._step)
+        self._recorder.anomaly = self._anomaly
         self._install(model, modules, optimizer)
+        self._anomaly.install()
 
     # -- public API -------------------------------------------------------------------------------
     @property
@@ -163,7 +167,7 @@ class Diagnosis:
         """A snapshot of everything recorded so far, as plain data."""
         return Run(formats=self.formats, records={s: dict(r) for s, r in self._records.items()},
                    meta={"every": self.every}, loss_scales=dict(self._loss_scales),
-                   events=dict(self._events))
+                   events=dict(self._events), anomalies=tuple(self._anomaly.records))
 
     def step(self) -> None:
         """Close the current step: read its statistics from the device (the one host sync) and move on."""
@@ -180,6 +184,7 @@ class Diagnosis:
                 self._close_step()
         finally:
             self._closed = True
+            self._anomaly.uninstall()
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
@@ -192,7 +197,8 @@ class Diagnosis:
     def __enter__(self) -> Diagnosis:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self._anomaly.saw_exception(exc)  # read, never swallowed: the exception goes on to the caller
         self.close()
 
     def __repr__(self) -> str:

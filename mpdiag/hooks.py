@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mpdiag._accumulate import SKIP_REASONS, Observation, SiteAccumulator, measure, read_with_extras, skip_reason
+from mpdiag.anomaly import AnomalyWatch
 from mpdiag.nonfinite import EventLog, NonFiniteEvent
 from mpdiag.run import Kind, Site
 from mpdiag.stats import TensorStats
@@ -64,6 +65,7 @@ class Recorder:
         self._warned: set[tuple[Site, str]] = set()
         self._recent: list[tuple[weakref.ref[torch.Tensor], int, Observation]] = []
         self.events = EventLog()  # non-finite counts of each observation, in execution order
+        self.anomaly: AnomalyWatch | None = None  # set by the Diagnosis: tags autograd nodes in anomaly mode
         self._seq = 0
 
     def accumulator(self, site: Site) -> SiteAccumulator:
@@ -103,6 +105,8 @@ class Recorder:
 
     # -- hook bodies ------------------------------------------------------------------------------
     def on_forward(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if self.anomaly is not None and torch.is_anomaly_enabled():
+            self.anomaly.tag(name, [t.grad_fn for t in floating_tensors(output) if t.grad_fn is not None])
         if not self.recording:
             return
         self.active = True

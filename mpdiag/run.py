@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from mpdiag.anomaly import AnomalyRecord
 from mpdiag.errors import MpdiagError, UnknownSiteError
 from mpdiag.nonfinite import PHASES, NonFiniteEvent, order
 from mpdiag.stats import TensorStats
@@ -70,6 +71,8 @@ class Run:
         meta: facts about the recording (the ``every`` setting, for example), JSON-compatible values.
         loss_scales: the loss scale a GradScaler applied in each recorded step (``diagnose(scaler=...)``);
             steps without an entry were not scaled. Recorded gradients are the scaled ones.
+        events: the non-finite events of each recorded step that had any (see ``nonfinite_events``).
+        anomalies: what torch's anomaly mode reported while attached (message, forward traceback, module).
     """
 
     formats: tuple[str, ...]
@@ -77,6 +80,7 @@ class Run:
     meta: Mapping[str, Any] = field(default_factory=dict)
     loss_scales: Mapping[int, float] = field(default_factory=dict)
     events: Mapping[int, tuple[NonFiniteEvent, ...]] = field(default_factory=dict)
+    anomalies: tuple[AnomalyRecord, ...] = ()
 
     def nonfinite_events(self) -> list[NonFiniteEvent]:
         """Every observation that held NaN or inf, step by step, forward before backward, in execution order."""

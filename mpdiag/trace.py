@@ -30,13 +30,12 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mpdiag._nodes import MODULE_KEY, claim_nodes
 from mpdiag._rerun import preserved
 from mpdiag.errors import MpdiagError
 from mpdiag.hooks import floating_tensors
 
 __all__ = ["trace_nonfinite", "NonFiniteOrigin"]
-
-_MODULE_KEY = "mpdiag_module"  # autograd node metadata: the module whose forward created the node
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ class _FirstNonFinite(TorchDispatchMode):
         else:
             node = torch._C._current_autograd_node()
             metadata = node.metadata if node is not None else {}
-            module, stack = metadata.get(_MODULE_KEY), list(metadata.get("traceback_", ()))
+            module, stack = metadata.get(MODULE_KEY), list(metadata.get("traceback_", ()))
         return NonFiniteOrigin(
             op=str(func), module=module, phase=self.phase, stack=_user_frames(stack),
             nans=sum(int(torch.isnan(t).sum()) for t in bad),
@@ -172,17 +171,5 @@ class _module_tracking:  # noqa: N801 - used as a context manager, like torch's 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if self.watch.modules and self.watch.modules[-1] == name:
                 self.watch.modules.pop()
-            _tag_nodes([t.grad_fn for t in _floating(output) if t.grad_fn is not None], name)
+            claim_nodes([t.grad_fn for t in _floating(output) if t.grad_fn is not None], name)
         return hook
-
-
-def _tag_nodes(roots: list[Any], name: str) -> None:
-    """Mark the nodes reachable from ``roots`` that no inner module claimed with module ``name``."""
-    pending, seen = list(roots), set()
-    while pending:
-        node = pending.pop()
-        if node is None or id(node) in seen or _MODULE_KEY in node.metadata:
-            continue
-        seen.add(id(node))
-        node.metadata[_MODULE_KEY] = name
-        pending.extend(n for n, _ in node.next_functions)
