@@ -28,10 +28,11 @@ def test_python_examples_run_in_order() -> None:
     from test_replay import _cpu_fp16_autocast
 
     blocks = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     namespace: dict[str, object] = {}
     for i, code in enumerate(blocks):
         if i == 1 and not _cpu_fp16_autocast():
             code = code.replace("batch, [", "batch, dtype=torch.bfloat16, scales=[")
         exec(compile(code.replace("print(", "(lambda *a: a)("), "README.md", "exec"), namespace)
     assert namespace["rows"] and namespace["adv"].recommended and namespace["res"].at(2.0**16)
+    assert namespace["origin"] is None
