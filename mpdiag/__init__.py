@@ -11,6 +11,7 @@ from mpdiag.grad_scaler import simulate_grad_scaler
 from mpdiag.nonfinite import NonFiniteError, NonFiniteEvent
 from mpdiag.replay import replay_loss_scale
 from mpdiag.run import Kind, Run, Site
+from mpdiag.runfile import RunFileError, load
 from mpdiag.scaling import advise
 from mpdiag.stats import TensorStats
 from mpdiag.trace import NonFiniteOrigin, trace_nonfinite
@@ -18,5 +19,5 @@ from mpdiag.trace import NonFiniteOrigin, trace_nonfinite
 __all__ = ["diagnose", "Diagnosis", "Run", "Site", "Kind", "TensorStats", "formats", "classify", "round_to",
            "advise", "simulate_grad_scaler", "replay_loss_scale", "NonFiniteEvent", "NonFiniteError",
            "trace_nonfinite", "NonFiniteOrigin",
-           "MpdiagError", "MpdiagWarning"]
+           "load", "RunFileError", "MpdiagError", "MpdiagWarning"]
 __version__ = "0.1.0"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import os
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,11 +33,13 @@ import torch
 from torch import nn
 
 from mpdiag.anomaly import AnomalyWatch
+from mpdiag.environment import describe
 from mpdiag.errors import AttachError, MpdiagError, MpdiagWarning
 from mpdiag.formats import Format
 from mpdiag.hooks import Recorder
 from mpdiag.nonfinite import NonFiniteError, NonFiniteEvent
 from mpdiag.run import Kind, Run, Site
+from mpdiag.runfile import RunWriter
 from mpdiag.stats import DEFAULT_FORMATS, TensorStats, format_names
 
 __all__ = ["diagnose", "Diagnosis", "suspended"]
@@ -57,6 +60,7 @@ def diagnose(
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
     on_nonfinite: str = "record",
+    run_file: str | os.PathLike[str] | None = None,
 ) -> Diagnosis:
     """Record, per module and parameter, how values sit against each format's range.
 
@@ -74,12 +78,14 @@ def diagnose(
         on_nonfinite: what to do when a recorded step saw NaN or inf, once it closes: "record" (keep the
             events in ``run.nonfinite_events()``), "warn" (also an MpdiagWarning naming the origin) or
             "raise" (also a NonFiniteError carrying the origin and the sites' recent history).
+        run_file: a new file to write every recorded step to as it closes (SQLite, crash-safe);
+            ``mpdiag.load(path)`` reads it back, also while training goes on.
 
     Returns:
         A :class:`Diagnosis`, usable as a context manager.
     """
     return Diagnosis(model, formats=formats, every=every, include=include, exclude=exclude, optimizer=optimizer,
-                     scaler=scaler, on_nonfinite=on_nonfinite)
+                     scaler=scaler, on_nonfinite=on_nonfinite, run_file=run_file)
 
 
 @contextlib.contextmanager
@@ -121,7 +127,8 @@ class Diagnosis:
                  every: int = 1, include: str | Iterable[str] | None = None,
                  exclude: str | Iterable[str] | None = None,
                  optimizer: torch.optim.Optimizer | None = None,
-                 scaler: torch.amp.GradScaler | None = None, on_nonfinite: str = "record") -> None:
+                 scaler: torch.amp.GradScaler | None = None, on_nonfinite: str = "record",
+                 run_file: str | os.PathLike[str] | None = None) -> None:
         _check_arguments(model, every, optimizer, scaler)
         if on_nonfinite not in _ON_NONFINITE:
             raise MpdiagError(f"on_nonfinite must be one of {', '.join(map(repr, _ON_NONFINITE))}, got {on_nonfinite!r}")
@@ -133,6 +140,10 @@ class Diagnosis:
         if not modules:
             raise MpdiagError(f"include={include!r} / exclude={exclude!r} select none of the model's modules; "
                               f"module names look like {[n for n, _ in list(model.named_modules())[:4]]}")
+        self._environment = describe(model, self.formats, scaler)
+        self._device_type = self._environment["device"].split(":")[0]
+        self._writer = RunWriter(run_file, self.formats, self._meta()) if run_file is not None else None
+        self._anomalies_written = 0
         self._claim(model)
         self._model_ref = weakref.ref(model)
         self._recorder = Recorder(self.formats, _owned_parameters(modules))
@@ -148,6 +159,7 @@ class Diagnosis:
         self._handles: list[Any] = []
         self._anomaly = AnomalyWatch(lambda: self._step)
         self._recorder.anomaly = self._anomaly
+        self._recorder.device_type = self._device_type
         self._install(model, modules, optimizer)
         self._anomaly.install()
 
@@ -166,8 +178,11 @@ class Diagnosis:
     def run(self) -> Run:
         """A snapshot of everything recorded so far, as plain data."""
         return Run(formats=self.formats, records={s: dict(r) for s, r in self._records.items()},
-                   meta={"every": self.every}, loss_scales=dict(self._loss_scales),
+                   meta=self._meta(), loss_scales=dict(self._loss_scales),
                    events=dict(self._events), anomalies=tuple(self._anomaly.records))
+
+    def _meta(self) -> dict[str, Any]:
+        return {"every": self.every, "environment": dict(self._environment)}
 
     def step(self) -> None:
         """Close the current step: read its statistics from the device (the one host sync) and move on."""
@@ -185,6 +200,9 @@ class Diagnosis:
         finally:
             self._closed = True
             self._anomaly.uninstall()
+            if self._writer is not None:
+                self._write_anomalies()
+                self._writer.close()
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
@@ -248,6 +266,12 @@ class Diagnosis:
                 scale = self._scale_seen.read()
                 if scale is not None:
                     self._loss_scales[step] = scale
+            if rec.autocast_dtype is not None:
+                self._environment["autocast_dtype"] = rec.autocast_dtype
+            if self._writer is not None:
+                self._writer.write_step(step, self._records[step], tuple(events), self._loss_scales.get(step),
+                                        meta={"environment": self._environment})
+                self._write_anomalies()
         if self._scale_seen is not None:
             self._scale_seen.clear()
         rec.reset()
@@ -255,6 +279,11 @@ class Diagnosis:
         rec.recording = self._step % self.every == 0
         if events:
             self._report_nonfinite(step, events)
+
+    def _write_anomalies(self) -> None:
+        for record in self._anomaly.records[self._anomalies_written:]:
+            self._writer.write_anomaly(record)  # type: ignore[union-attr]
+        self._anomalies_written = len(self._anomaly.records)
 
     def _report_nonfinite(self, step: int, events: list[NonFiniteEvent]) -> None:
         """After the step is recorded and the next one set up, so that raising loses nothing."""

@@ -21,6 +21,7 @@ from torch import nn
 
 from mpdiag._accumulate import SKIP_REASONS, Observation, SiteAccumulator, measure, read_with_extras, skip_reason
 from mpdiag.anomaly import AnomalyWatch
+from mpdiag.environment import autocast_dtype
 from mpdiag.nonfinite import EventLog, NonFiniteEvent
 from mpdiag.run import Kind, Site
 from mpdiag.stats import TensorStats
@@ -66,6 +67,8 @@ class Recorder:
         self._recent: list[tuple[weakref.ref[torch.Tensor], int, Observation]] = []
         self.events = EventLog()  # non-finite counts of each observation, in execution order
         self.anomaly: AnomalyWatch | None = None  # set by the Diagnosis: tags autograd nodes in anomaly mode
+        self.device_type = "cpu"  # set by the Diagnosis: where autocast is looked up
+        self.autocast_dtype: str | None = None  # the autocast dtype seen in a recorded forward
         self._seq = 0
 
     def accumulator(self, site: Site) -> SiteAccumulator:
@@ -110,6 +113,8 @@ class Recorder:
         if not self.recording:
             return
         self.active = True
+        if not name and self.autocast_dtype is None:  # the root: autocast is still on as it returns
+            self.autocast_dtype = autocast_dtype(self.device_type)
         site = Site(name, Kind.ACTIVATION)
         for tensor in floating_tensors(output):
             self._observe(site, tensor)

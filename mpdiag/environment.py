@@ -1,0 +1,64 @@
+"""The facts of the environment that explain numerics, as JSON-compatible data for a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def describe(model: nn.Module, formats: tuple[str, ...], scaler: Any = None) -> dict[str, Any]:
+    """torch version, device, matmul precision and TF32 flags, anomaly mode, GradScaler settings, formats."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "device_name": _device_name(device),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "anomaly_mode": bool(torch.is_anomaly_enabled()),
+        "bf16_supported": _bf16_supported(device),
+        "formats": list(formats),
+        "autocast_dtype": None,
+    }
+    if scaler is not None:
+        env["grad_scaler"] = {
+            "enabled": bool(scaler.is_enabled()),
+            "init_scale": float(scaler.get_scale()) if scaler.is_enabled() else None,
+            "growth_factor": float(scaler.get_growth_factor()),
+            "backoff_factor": float(scaler.get_backoff_factor()),
+            "growth_interval": int(scaler.get_growth_interval()),
+        }
+    return env
+
+
+def autocast_dtype(device_type: str) -> str | None:
+    """The autocast dtype active now for ``device_type``, or None when autocast is off."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return str(torch.get_autocast_dtype(device_type)).replace("torch.", "")
+    if device_type == "cpu":
+        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    else:
+        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return str(dtype).replace("torch.", "") if enabled else None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        import platform
+
+        return platform.processor() or platform.machine()
+    return device.type
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return True  # CPUs compute bf16 (emulated where there is no native support)

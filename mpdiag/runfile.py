@@ -1,0 +1,211 @@
+"""Run files: what a diagnosis records, on disk as it goes, in an SQLite database (standard library).
+
+``diagnose(..., run_file="run.mpdiag")`` writes each recorded step in one transaction, committed when
+the step closes, in WAL mode: a reader can load the file while training writes it, and a process
+killed mid-run leaves a file holding every step committed before the kill. ``mpdiag.load(path)``
+returns the same :class:`~mpdiag.run.Run` that ``diag.run`` gives.
+
+Nothing in a run file is executed on load: rows hold numbers, text, JSON and raw little-endian integer
+arrays (no pickle). Histograms keep only the span of non-empty bins, with the narrowest integer type
+that holds their counts, compressed with zlib.
+
+Example:
+    >>> import tempfile, os, torch, mpdiag
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.mpdiag")
+    >>> model = torch.nn.Linear(4, 2)
+    >>> with mpdiag.diagnose(model, run_file=path) as diag:
+    ...     model(torch.randn(3, 4)).sum().backward()
+    ...     diag.step()
+    >>> mpdiag.load(path).stats("", "activation") == diag.run.stats("", "activation")
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpdiag.anomaly import AnomalyRecord
+from mpdiag.errors import MpdiagError
+from mpdiag.nonfinite import NonFiniteEvent
+from mpdiag.run import Kind, Run, Site
+from mpdiag.stats import HIST_EXPONENTS, TensorStats
+
+__all__ = ["load", "RunWriter", "RunFileError", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+_APPLICATION_ID = 0x6D706467  # "mpdg": marks the SQLite file as an mpdiag run file
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE sites (id INTEGER PRIMARY KEY, name TEXT NOT NULL, kind TEXT NOT NULL, UNIQUE (name, kind));
+CREATE TABLE steps (step INTEGER PRIMARY KEY, loss_scale REAL);
+CREATE TABLE stats (
+    step INTEGER NOT NULL, site INTEGER NOT NULL REFERENCES sites (id),
+    numel INTEGER, zeros INTEGER, nans INTEGER, posinf INTEGER, neginf INTEGER,
+    amax REAL, amin_nonzero REAL, calls INTEGER, dtypes TEXT, hist_first INTEGER, hist BLOB, casts BLOB,
+    PRIMARY KEY (step, site));
+CREATE TABLE events (step INTEGER, seq INTEGER, name TEXT, kind TEXT, phase TEXT,
+                     nans INTEGER, posinf INTEGER, neginf INTEGER, produced INTEGER);
+CREATE TABLE anomalies (id INTEGER PRIMARY KEY, step INTEGER, message TEXT, traceback TEXT, module TEXT, node TEXT);
+"""
+
+
+class RunFileError(MpdiagError):
+    """A run file that cannot be written or read; the message says which and why."""
+
+
+class RunWriter:
+    """Appends recorded steps to a run file, one committed transaction per step."""
+
+    def __init__(self, path: str | os.PathLike[str], formats: tuple[str, ...], meta: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.formats = formats
+        if self.path.exists():
+            raise RunFileError(f"run file {self.path} already exists; choose a new path or delete it first")
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # a killed process loses nothing committed
+            with self._transaction():
+                self.db.execute(f"PRAGMA application_id={_APPLICATION_ID}")
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    self.db.execute(statement)  # executescript() would commit our transaction early
+                self._put_meta({"schema_version": SCHEMA_VERSION, "formats": list(formats), **meta})
+        except (sqlite3.Error, OSError) as err:
+            raise RunFileError(f"cannot create run file {self.path}: {err}; check the directory exists and "
+                               f"is writable") from err
+        self._site_ids: dict[Site, int] = {}
+
+    def _transaction(self) -> Any:
+        db = self.db
+
+        class _Tx:
+            def __enter__(self) -> None:
+                db.execute("BEGIN")
+
+            def __exit__(self, exc_type: object, *rest: object) -> None:
+                db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+        return _Tx()
+
+    def _put_meta(self, meta: Mapping[str, Any]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                            [(k, json.dumps(v, default=str)) for k, v in meta.items()])
+
+    def _site_id(self, site: Site) -> int:
+        if site not in self._site_ids:
+            cur = self.db.execute("INSERT INTO sites (name, kind) VALUES (?, ?)", (site.name, site.kind.value))
+            self._site_ids[site] = int(cur.lastrowid)
+        return self._site_ids[site]
+
+    def write_step(self, step: int, stats: Mapping[Site, TensorStats], events: tuple[NonFiniteEvent, ...] = (),
+                   loss_scale: float | None = None, meta: Mapping[str, Any] | None = None) -> None:
+        with self._transaction():
+            self.db.execute("INSERT INTO steps VALUES (?, ?)", (step, loss_scale))
+            self.db.executemany("INSERT INTO stats VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                                [(step, self._site_id(site), *_stats_row(s)) for site, s in stats.items()])
+            self.db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?)",
+                                [(e.step, e.seq, e.name, e.kind, e.phase, e.nans, e.posinf, e.neginf,
+                                  int(e.produced)) for e in events])
+            if meta:
+                self._put_meta(meta)
+
+    def write_anomaly(self, record: AnomalyRecord) -> None:
+        with self._transaction():
+            self.db.execute("INSERT INTO anomalies (step, message, traceback, module, node) VALUES (?,?,?,?,?)",
+                            (record.step, record.message, json.dumps(list(record.traceback)), record.module,
+                             record.node))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _stats_row(s: TensorStats) -> tuple[Any, ...]:
+    nonzero = np.flatnonzero(s.hist)
+    first = int(nonzero[0]) if nonzero.size else 0
+    span = s.hist[first:int(nonzero[-1]) + 1] if nonzero.size else s.hist[:0]
+    return (s.numel, s.zeros, s.nans, s.posinf, s.neginf, s.amax, _finite_or_none(s.amin_nonzero), s.calls,
+            ",".join(sorted(s.dtypes)), first, _pack(span), _pack(s.casts.reshape(-1)))
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # SQLite has no inf literal worth trusting
+
+
+_WIDTHS = (np.uint8, np.uint16, np.uint32, np.uint64)
+
+
+def _pack(counts: np.ndarray) -> bytes:
+    """Counts (non-negative) as zlib-compressed little-endian integers of the narrowest width; 1 byte of width."""
+    top = int(counts.max()) if counts.size else 0
+    width = next(i for i, t in enumerate(_WIDTHS) if top <= np.iinfo(t).max)
+    return bytes([width]) + zlib.compress(counts.astype(np.dtype(_WIDTHS[width]).newbyteorder("<")).tobytes(), 1)
+
+
+def _unpack(blob: bytes) -> np.ndarray:
+    dtype = np.dtype(_WIDTHS[blob[0]]).newbyteorder("<")
+    return np.frombuffer(zlib.decompress(blob[1:]), dtype=dtype).astype(np.int64)
+
+
+def load(path: str | os.PathLike[str]) -> Run:
+    """The Run stored in a run file; safe to call while training still writes it.
+
+    Raises:
+        RunFileError: not a run file, written by a newer mpdiag, damaged or truncated, or missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunFileError(f"no run file at {path}")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return _read(db, path)
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as err:
+        raise RunFileError(f"{path} is not a readable mpdiag run file ({err}); it may be damaged, truncated, "
+                           f"or another kind of file") from err
+
+
+def _read(db: sqlite3.Connection, path: Path) -> Run:
+    if db.execute("PRAGMA application_id").fetchone()[0] != _APPLICATION_ID:
+        raise RunFileError(f"{path} is an SQLite database but not an mpdiag run file")
+    meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+    version = meta.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise RunFileError(f"{path} has run-file schema version {version!r}; this mpdiag reads up to "
+                           f"{SCHEMA_VERSION}: upgrade mpdiag to read it")
+    formats = tuple(meta.pop("formats"))
+    meta.pop("schema_version")
+    sites = {i: Site(n, Kind(k)) for i, n, k in db.execute("SELECT id, name, kind FROM sites")}
+    records: dict[int, dict[Site, TensorStats]] = {}
+    scales = {s: float(v) for s, v in db.execute("SELECT step, loss_scale FROM steps") if v is not None}
+    for step, in db.execute("SELECT step FROM steps ORDER BY step"):
+        records[step] = {}
+    for row in db.execute("SELECT * FROM stats ORDER BY step, rowid"):
+        step, site, numel, zeros, nans, posinf, neginf, amax, amin, calls, dtypes, first, hist, casts = row
+        full = np.zeros(len(HIST_EXPONENTS), dtype=np.int64)
+        span = _unpack(hist)
+        full[first:first + len(span)] = span
+        records.setdefault(step, {})[sites[site]] = TensorStats(
+            formats, numel=numel, zeros=zeros, nans=nans, posinf=posinf, neginf=neginf, amax=amax,
+            amin_nonzero=math.inf if amin is None else amin, hist=full,
+            casts=_unpack(casts).reshape(len(formats), 3), dtypes=frozenset(filter(None, dtypes.split(","))),
+            calls=calls)
+    events: dict[int, list[NonFiniteEvent]] = {}
+    for step, seq, name, kind, phase, n, p, m, produced in db.execute("SELECT * FROM events ORDER BY rowid"):
+        events.setdefault(step, []).append(NonFiniteEvent(step, name, kind, phase, n, p, m, seq, bool(produced)))
+    anomalies = tuple(AnomalyRecord(message, tuple(json.loads(tb)), module, node, step)
+                      for step, message, tb, module, node in
+                      db.execute("SELECT step, message, traceback, module, node FROM anomalies ORDER BY id"))
+    return Run(formats=formats, records=records, meta=meta, loss_scales=scales,
+               events={s: tuple(e) for s, e in events.items()}, anomalies=anomalies)
