@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 from mpdiag import formats as _formats
@@ -38,6 +39,42 @@ def _cmd_formats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(step: int, total: int, loss: float) -> None:
+    width = 30
+    done = width * step // total
+    end = "\n" if step == total else ""
+    print(f"\r[{'#' * done}{'.' * (width - done)}] step {step}/{total}  loss {loss:.3f}", end=end,
+          file=sys.stderr, flush=True)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mpdiag.demo import run_demo
+    from mpdiag.runfile import load
+    from mpdiag.terminal import summary
+
+    out = Path(args.out)
+    path = run_demo(out, steps=args.steps, dtype=args.dtype, device=args.device, unstable=args.unstable,
+                    progress=_progress)
+    print(summary(load(path)))
+    print(f"\nrun file: {path}")
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from mpdiag.runfile import load
+    from mpdiag.terminal import summary
+
+    print(summary(load(args.run), n=args.top))
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpdiag", description="Numerical-stability diagnostics for PyTorch "
                                      "mixed-precision training.")
@@ -46,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("formats", help="table of the numeric formats and their constants",
                        description="Print every format mpdiag knows with its constants, as the installed torch has them.")
     p.set_defaults(func=_cmd_formats)
+    p = sub.add_parser("demo", help="train the built-in transformer with diagnose attached and summarise it",
+                       description="Train the built-in small transformer on synthetic data with mpdiag "
+                                   "attached, write the run file into --out, and print the summary.")
+    p.add_argument("--steps", type=_positive, default=40, help="training steps (default 40)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype (default fp32)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--unstable", action="store_true",
+                   help="activations past fp16's max and gradients below its subnormals, to have something to see")
+    p.add_argument("--out", default="mpdiag-demo", help="output directory (default mpdiag-demo/)")
+    p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("summary", help="the riskiest sites per format of a run file",
+                       description="Print, per tracked format, the riskiest sites of a run file: headroom to "
+                                   "max in bits, underflow %%, overflow and NaN/inf counts.")
+    p.add_argument("run", help="a run file written by diagnose(run_file=...) or mpdiag demo")
+    p.add_argument("--top", type=_positive, default=6, help="sites per format (default 6)")
+    p.set_defaults(func=_cmd_summary)
     return parser
 
 
@@ -54,10 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except MpdiagError as err:
+    except (MpdiagError, OSError) as err:
         if args.debug:
             raise
-        print(f"mpdiag: error: {err}", file=sys.stderr)
+        print(f"mpdiag: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
 
 

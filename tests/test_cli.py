@@ -26,3 +26,42 @@ def test_help_and_bad_usage() -> None:
     assert mpdiag_cli("formats", "--help").returncode == 0
     bad = mpdiag_cli("no-such-command")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_demo_trains_writes_a_run_file_and_prints_the_summary(tmp_path) -> None:
+    result = mpdiag_cli("demo", "--steps", "3", "--out", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "demo" / "run.mpdiag"
+    assert f"run file: {path}" in result.stdout and "fp16" in result.stdout and "head" in result.stdout
+    assert "step 3/3" in result.stderr  # the progress bar
+    import mpdiag
+
+    run = mpdiag.load(path)
+    assert run.steps == [0, 1, 2] and run.meta["environment"]["autocast_dtype"] is None
+    assert max(len(line) for line in result.stdout.splitlines() if not line.startswith("run file:")) <= 80
+
+
+def test_unstable_demo_shows_overflow_and_underflow(tmp_path) -> None:
+    result = mpdiag_cli("demo", "--steps", "2", "--unstable", "--dtype", "bf16", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    import mpdiag
+
+    run = mpdiag.load(tmp_path / "run.mpdiag")
+    assert run.stats("tok", "activation").overflow("fp16") > 0
+    assert run.stats("head.weight", "param_grad").underflow("fp16") > 0
+    assert run.meta["environment"]["autocast_dtype"] == "bfloat16"
+    summary = mpdiag_cli("summary", str(tmp_path / "run.mpdiag"), "--top", "2")
+    assert summary.returncode == 0 and summary.stdout.count("\n") < result.stdout.count("\n")
+
+
+def test_errors_are_one_line_with_exit_code_1_and_a_traceback_only_with_debug(tmp_path) -> None:
+    bad = tmp_path / "bad.mpdiag"
+    bad.write_text("not a run file")
+    result = mpdiag_cli("summary", str(bad))
+    assert result.returncode == 1 and result.stderr.startswith("mpdiag: error:")
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    debug = mpdiag_cli("--debug", "summary", str(bad))
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    assert mpdiag_cli("summary").returncode == 2
+    assert mpdiag_cli("demo", "--steps", "0").returncode == 2
+    assert mpdiag_cli("demo", "--help").returncode == 0 and mpdiag_cli("summary", "--help").returncode == 0

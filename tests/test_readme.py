@@ -15,7 +15,7 @@ def _shell_blocks() -> list[str]:
 def test_readme_has_exactly_two_setup_commands() -> None:
     blocks = _shell_blocks()
     assert len(blocks) == 2 and all("\n" not in b for b in blocks)
-    assert blocks[0].endswith("mpdiag formats") and blocks[1].endswith("python -m pytest")
+    assert blocks[0].endswith("mpdiag demo") and blocks[1].endswith("python -m pytest")
 
 
 def test_ci_runs_the_readme_test_command_verbatim() -> None:

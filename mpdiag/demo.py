@@ -1,0 +1,59 @@
+"""The demo: train the built-in transformer on synthetic data with diagnose attached, into a run file.
+
+The default run shows a healthy model. ``unstable=True`` scales the embeddings up (activations past
+fp16's max) and the loss down (gradients below fp16's smallest subnormal), so there is something to see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import mpdiag
+from mpdiag.errors import MpdiagError
+from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def run_demo(out_dir: Path, steps: int = 40, dtype: str = "fp32", device: str = "cpu", unstable: bool = False,
+             progress: Callable[[int, int, float], None] | None = None) -> Path:
+    """Train ``steps`` steps; return the path of the run file written into ``out_dir``."""
+    if dtype not in DTYPES:
+        raise MpdiagError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MpdiagError("--device cuda was asked for, but this torch sees no CUDA GPU; use --device cpu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "run.mpdiag"
+    if path.exists():
+        path.unlink()
+    torch.manual_seed(0)
+    model = TinyTransformerLM().to(device)
+    if unstable:
+        with torch.no_grad():
+            model.tok.weight.mul_(3e5)  # residual stream past fp16's max (65504)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    autocast_dtype = DTYPES[dtype]
+    scaler = torch.amp.GradScaler(device) if dtype == "fp16" and not unstable else None
+    loss_factor = 1e-9 if unstable else 1.0  # gradients below fp16's subnormals without loss scaling
+    batches = synthetic_batches(device=device)
+    with mpdiag.diagnose(model, optimizer=opt, scaler=scaler, run_file=path):
+        for step in range(steps):
+            tokens, targets = next(batches)
+            opt.zero_grad()
+            context = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+            with context:
+                loss = lm_loss(model(tokens), targets) * loss_factor
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            if progress is not None:
+                progress(step + 1, steps, float(loss.detach()) / loss_factor)
+    return path

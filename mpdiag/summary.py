@@ -1,0 +1,60 @@
+"""The riskiest sites per format: plain rows for the terminal summary (and anything else that ranks).
+
+For each tracked format a site's risk is, in order: it held NaN/inf; values would overflow; and then
+the nearer of its two edges in bits: headroom (its largest value below the format's max) or footroom
+(its smallest non-zero value above the format's smallest normal; negative once values go subnormal).
+
+Example:
+    >>> import torch, mpdiag
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    >>> with mpdiag.diagnose(model) as diag:
+    ...     (model(torch.randn(2, 4) * 1e5).sum()).backward()
+    >>> riskiest(diag.run, "fp16", n=1)[0].overflow > 0
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from mpdiag import formats as _formats
+from mpdiag.formats import Format
+from mpdiag.run import Run
+
+__all__ = ["SiteRisk", "riskiest", "headroom_bits"]
+
+
+@dataclass(frozen=True)
+class SiteRisk:
+    """One site against one format, over the chosen steps."""
+
+    name: str
+    kind: str
+    amax: float
+    headroom_bits: float  # log2(max / amax): negative past max, inf for an all-zero site
+    footroom_bits: float  # log2(amin_nonzero / min_normal): negative for subnormal values, inf if none
+    underflow: float  # fraction of non-zero finite values flushed to zero
+    overflow: int  # values at or past the overflow threshold
+    nonfinite: int  # NaN and inf values already there
+
+    def key(self) -> tuple[bool, bool, float, float]:
+        return (self.nonfinite == 0, self.overflow == 0, min(self.headroom_bits, self.footroom_bits), -self.underflow)
+
+
+def headroom_bits(amax: float, fmt: Format) -> float:
+    """Bits between ``amax`` and the format's largest value (negative when amax is past it)."""
+    return math.inf if amax == 0 else math.log2(fmt.max / amax)
+
+
+def riskiest(run: Run, fmt: str | Format, n: int = 8, step: int | None = None) -> list[SiteRisk]:
+    """The ``n`` riskiest sites for ``fmt`` (merged over steps, or at ``step``)."""
+    fmt = _formats.get(fmt)
+    rows = []
+    for site in run.sites if step is None else list(run.records.get(step, {})):
+        s = run.stats(site.name, site.kind, step)
+        finite_nonzero = max(s.finite_nonzero, 1)
+        footroom = math.log2(s.amin_nonzero / fmt.min_normal) if math.isfinite(s.amin_nonzero) else math.inf
+        rows.append(SiteRisk(site.name, site.kind.value, s.amax, headroom_bits(s.amax, fmt), footroom,
+                             s.underflow(fmt) / finite_nonzero, s.overflow(fmt), s.nonfinite))
+    return sorted(rows, key=SiteRisk.key)[:n]

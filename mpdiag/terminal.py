@@ -1,0 +1,44 @@
+"""Plain-text renderings for an 80-column terminal (the CLI prints them; nothing here prints)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from mpdiag.run import Run
+from mpdiag.summary import SiteRisk, riskiest
+
+_NAME_WIDTH = 26
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """Columns sized to their content; the first ``left`` columns left-aligned, the rest right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) if i < left else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [header, *rows]]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _site(risk: SiteRisk) -> str:
+    name = f"{risk.name or '<root>'} {risk.kind.replace('activation', 'act').replace('param', 'prm')}"
+    return name if len(name) <= _NAME_WIDTH else "..." + name[-(_NAME_WIDTH - 3):]
+
+
+def _bits(value: float) -> str:
+    return "-" if math.isinf(value) else f"{value:+.1f}"
+
+
+def summary(run: Run, n: int = 6) -> str:
+    """The riskiest sites per tracked format: headroom to max in bits, underflow %, overflow, non-finite."""
+    parts = [f"{len(run.steps)} recorded step(s), {len(run.sites)} sites; the {n} riskiest per format.",
+             "head: bits from the largest value to the format's max; foot: bits from the",
+             "smallest non-zero value to its smallest normal (negative: past max / subnormal)."]
+    for fmt in run.formats:
+        rows = [(_site(r), f"{r.amax:.3g}", _bits(r.headroom_bits), _bits(r.footroom_bits), f"{100 * r.underflow:.2f}",
+                 str(r.overflow), str(r.nonfinite)) for r in riskiest(run, fmt, n)]
+        parts.append(f"\n{fmt}\n" + table(("site", "amax", "head", "foot", "under%", "over", "nan/inf"), rows))
+    first = run.first_nonfinite()
+    if first is not None:
+        parts.append(f"\nfirst non-finite: {first}")
+    return "\n".join(parts)
