@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import mpdiag
+from mpdiag.environment import check_autocast
 from mpdiag.errors import MpdiagError
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
@@ -26,6 +27,8 @@ def run_demo(out_dir: Path, steps: int = 40, dtype: str = "fp32", device: str = 
         raise MpdiagError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise MpdiagError("--device cuda was asked for, but this torch sees no CUDA GPU; use --device cpu")
+    if DTYPES[dtype] is not None:
+        check_autocast(device, DTYPES[dtype])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "run.mpdiag"
     if path.exists():
@@ -37,7 +40,7 @@ def run_demo(out_dir: Path, steps: int = 40, dtype: str = "fp32", device: str = 
             model.tok.weight.mul_(3e5)  # residual stream past fp16's max (65504)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     autocast_dtype = DTYPES[dtype]
-    scaler = torch.amp.GradScaler(device) if dtype == "fp16" and not unstable else None
+    scaler = _grad_scaler(device) if dtype == "fp16" and not unstable else None
     loss_factor = 1e-9 if unstable else 1.0  # gradients below fp16's subnormals without loss scaling
     batches = synthetic_batches(device=device)
     with mpdiag.diagnose(model, optimizer=opt, scaler=scaler, run_file=path):
@@ -57,3 +60,11 @@ def run_demo(out_dir: Path, steps: int = 40, dtype: str = "fp32", device: str = 
             if progress is not None:
                 progress(step + 1, steps, float(loss.detach()) / loss_factor)
     return path
+
+
+def _grad_scaler(device: str) -> torch.amp.GradScaler:
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler(device)
+    if device == "cuda":
+        return torch.cuda.amp.GradScaler()
+    raise MpdiagError("a CPU GradScaler needs torch >= 2.3; use --dtype bf16 (which needs no loss scaling)")

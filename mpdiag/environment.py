@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
+
+from mpdiag.errors import MpdiagError
 
 
 def describe(model: nn.Module, formats: tuple[str, ...], scaler: Any = None) -> dict[str, Any]:
@@ -62,3 +65,19 @@ def _bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     return True  # CPUs compute bf16 (emulated where there is no native support)
+
+
+def check_autocast(device_type: str, dtype: torch.dtype) -> None:
+    """Refuse a combination autocast silently ignores (old torch: CPU autocast was bf16 only)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise MpdiagError(f"dtype must be torch.float16 or torch.bfloat16 (an autocast dtype), got {dtype}")
+    try:
+        with warnings.catch_warnings():  # old torch warns, then disables autocast: reported below
+            warnings.simplefilter("ignore")
+            with torch.autocast(device_type, dtype=dtype):
+                probe = torch.ones(2, 2, device=device_type) @ torch.ones(2, 2, device=device_type)
+    except (RuntimeError, AssertionError) as err:
+        raise MpdiagError(f"autocast on {device_type!r} is not available here: {err}") from err
+    if probe.dtype != dtype:
+        raise MpdiagError(f"autocast on {device_type!r} does not run matmuls in {dtype} with torch "
+                          f"{torch.__version__}; replay on another device or with another dtype")

@@ -15,7 +15,6 @@ stream continues as if nothing happened). A Diagnosis attached to the model reco
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +24,7 @@ from torch import nn
 
 from mpdiag import formats as _formats
 from mpdiag._rerun import preserved
+from mpdiag.environment import check_autocast
 from mpdiag.errors import MpdiagError
 from mpdiag.hooks import floating_tensors
 from mpdiag.run import Kind, Site
@@ -93,7 +93,7 @@ def replay_loss_scale(model: nn.Module, loss_fn: LossFn, batch: Any, scales: Seq
         raise MpdiagError(f"expected positive loss scales, got {list(scales)!r}")
     fmt = _formats.get(dtype)
     device_type = device_type or _device_type(model)
-    _check_autocast(device_type, dtype)
+    check_autocast(device_type, dtype)
     with preserved(model) as rerun:
         reference = rerun(lambda: _gradients(model, loss_fn, batch, 1.0, None))
         counts = {float(scale): _compare(reference, rerun(lambda s=scale: _gradients(model, loss_fn, batch, s,
@@ -155,19 +155,3 @@ def _compare(reference: dict[Site, torch.Tensor], replay: dict[Site, torch.Tenso
 def _device_type(model: nn.Module) -> str:
     param = next(model.parameters(), None)
     return param.device.type if param is not None else "cpu"
-
-
-def _check_autocast(device_type: str, dtype: torch.dtype) -> None:
-    """Refuse a combination autocast silently ignores (old torch: CPU autocast was bf16 only)."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        raise MpdiagError(f"dtype must be torch.float16 or torch.bfloat16 (an autocast dtype), got {dtype}")
-    try:
-        with warnings.catch_warnings():  # old torch warns, then disables autocast: reported below
-            warnings.simplefilter("ignore")
-            with torch.autocast(device_type, dtype=dtype):
-                probe = torch.ones(2, 2, device=device_type) @ torch.ones(2, 2, device=device_type)
-    except (RuntimeError, AssertionError) as err:
-        raise MpdiagError(f"autocast on {device_type!r} is not available here: {err}") from err
-    if probe.dtype != dtype:
-        raise MpdiagError(f"autocast on {device_type!r} does not run matmuls in {dtype} with torch "
-                          f"{torch.__version__}; replay on another device or with another dtype")
