@@ -142,10 +142,14 @@ class Diagnosis:
                               f"module names look like {[n for n, _ in list(model.named_modules())[:4]]}")
         self._environment = describe(model, self.formats, scaler)
         self._device_type = self._environment["device"].split(":")[0]
-        self._writer = RunWriter(run_file, self.formats, self._meta()) if run_file is not None else None
-        self._anomalies_written = 0
-        self._claim(model)
+        self._claim(model)  # first: a refused second diagnosis must not create a run file
         self._model_ref = weakref.ref(model)
+        try:
+            self._writer = RunWriter(run_file, self.formats, self._meta()) if run_file is not None else None
+        except BaseException:
+            self._release(model)
+            raise
+        self._anomalies_written = 0
         self._recorder = Recorder(self.formats, _owned_parameters(modules))
         self._records: dict[int, dict[Site, TensorStats]] = {}
         self._loss_scales: dict[int, float] = {}
@@ -192,11 +196,14 @@ class Diagnosis:
 
     def close(self) -> None:
         """Record a step in progress, then remove every hook. Safe to call more than once."""
+        self._close(report=True)
+
+    def _close(self, report: bool) -> None:
         if self._closed:
             return
         try:
             if self._recorder.active:
-                self._close_step()
+                self._close_step(report=report)
         finally:
             self._closed = True
             self._anomaly.uninstall()
@@ -208,16 +215,15 @@ class Diagnosis:
             self._handles.clear()
             model = self._model_ref()
             if model is not None:
-                for module in model.modules():
-                    if _ATTACHED.get(module, (None,))[0] is self:
-                        del _ATTACHED[module]
+                self._release(model)
 
     def __enter__(self) -> Diagnosis:
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         self._anomaly.saw_exception(exc)  # read, never swallowed: the exception goes on to the caller
-        self.close()
+        # The step in progress is still recorded; its NaN is not raised over the body's own exception.
+        self._close(report=exc is None)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"step {self._step}"
@@ -234,6 +240,11 @@ class Diagnosis:
                                   f"with-block) before attaching another")
         for name, module in model.named_modules():
             _ATTACHED[module] = (self, name)
+
+    def _release(self, model: nn.Module) -> None:
+        for module in model.modules():
+            if _ATTACHED.get(module, (None,))[0] is self:
+                del _ATTACHED[module]
 
     def _install(self, model: nn.Module, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
         rec = self._recorder
@@ -255,7 +266,7 @@ class Diagnosis:
         if self._recorder.saw_backward and all(p.grad is None for p in model.parameters()):
             self._close_step()
 
-    def _close_step(self) -> None:
+    def _close_step(self, report: bool = True) -> None:
         rec = self._recorder
         step, events = self._step, []
         if rec.recording:
@@ -277,7 +288,7 @@ class Diagnosis:
         rec.reset()
         self._step += 1
         rec.recording = self._step % self.every == 0
-        if events:
+        if events and report:
             self._report_nonfinite(step, events)
 
     def _write_anomalies(self) -> None:

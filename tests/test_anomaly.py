@@ -48,6 +48,17 @@ def test_anomaly_error_is_unchanged_and_recorded_even_with_warnings_ignored() ->
     assert (first.name, first.phase, first.produced) == ("1", "forward", True)
 
 
+def test_the_anomaly_error_is_not_replaced_by_on_nonfinite_raise() -> None:
+    model = sqrt_model()
+    with pytest.raises(RuntimeError, match="returned nan values") as seen:
+        with mpdiag.diagnose(model, on_nonfinite="raise") as diag, torch.autograd.detect_anomaly():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model(torch.randn(8, 4)).sum().backward()
+    assert not isinstance(seen.value, mpdiag.NonFiniteError)
+    assert diag.run.first_nonfinite().name == "1"  # recorded all the same
+
+
 def test_the_warning_is_still_shown_when_the_user_shows_warnings() -> None:
     model = sqrt_model()
     with warnings.catch_warnings(record=True) as shown:

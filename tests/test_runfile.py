@@ -139,3 +139,7 @@ def test_paths_that_cannot_be_written(tmp_path: Path) -> None:
     with pytest.raises(RunFileError):
         mpdiag.diagnose(model, run_file=tmp_path)  # a directory
     mpdiag.diagnose(model).close()  # a failed attach leaves the model free
+    with mpdiag.diagnose(model):
+        with pytest.raises(mpdiag.MpdiagError, match="already being diagnosed"):
+            mpdiag.diagnose(model, run_file=tmp_path / "second.mpdiag")
+    assert not (tmp_path / "second.mpdiag").exists()
