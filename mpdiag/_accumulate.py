@@ -71,7 +71,9 @@ class _Part:
         # Normal tensors even when created inside inference_mode, so in-place updates outside it work.
         with torch.inference_mode(False):
             self.counts = torch.zeros(layout.n_buckets, dtype=torch.int64, device=device)
-            self.ext = torch.tensor([0.0, -math.inf], dtype=_ext_dtype(device), device=device)
+            # filled on the device: torch.tensor([...], device=...) would copy from the host each time
+            self.ext = torch.full((2,), -math.inf, dtype=_ext_dtype(device), device=device)
+            self.ext[0] = 0.0
 
     def add(self, other: _Part) -> None:
         self.counts += other.counts

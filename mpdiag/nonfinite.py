@@ -99,8 +99,8 @@ class EventLog:
             values = tuple(int(counts[b]) for b in nonfinite_buckets)
             if any(values):
                 self._host.append((seq, name, kind, values))  # type: ignore[arg-type]
-        else:
-            self._device.append((seq, name, kind, counts[list(nonfinite_buckets)]))
+        else:  # slices: indexing with a list would copy the index to the device first
+            self._device.append((seq, name, kind, torch.cat([counts[b:b + 1] for b in nonfinite_buckets])))
 
     def device_tensors(self) -> list[torch.Tensor]:
         return [t for *_, t in self._device]
