@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -216,17 +217,10 @@ def read_with_extras(accumulators: Mapping[Hashable, SiteAccumulator],
 
 def _finish(acc: SiteAccumulator, parts: list[dict[str, Any]]) -> TensorStats:
     """One TensorStats from the decoded parts of one site (usually one: a single dtype and device)."""
-    fields: dict[str, Any] = parts[0] if len(parts) == 1 else _merge_fields(parts) if parts else {}
-    return TensorStats(acc.format_names, dtypes=frozenset(acc.dtypes), calls=acc.calls, **fields)
-
-
-def _merge_fields(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    merged = dict(parts[0])
-    for part in parts[1:]:
-        for name, value in part.items():
-            merged[name] = (max(merged[name], value) if name == "amax" else
-                            min(merged[name], value) if name == "amin_nonzero" else merged[name] + value)
-    return merged
+    if len(parts) == 1:  # the common case builds one TensorStats, not one per part plus a merge
+        return TensorStats(acc.format_names, dtypes=frozenset(acc.dtypes), calls=acc.calls, **parts[0])
+    merged = TensorStats.merge_all([TensorStats(acc.format_names, **p) for p in parts], acc.format_names)
+    return replace(merged, dtypes=frozenset(acc.dtypes), calls=acc.calls)
 
 
 def _as_int64(ext: torch.Tensor) -> torch.Tensor:

@@ -21,17 +21,15 @@ import struct
 import numpy as np
 import torch
 
+from mpdiag.casting import INT_VIEW
+
 try:  # optional: the torch path is exact too, only slower on CPU
     import numba
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
-_SIGNED_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-                torch.bfloat16: torch.int16}
 _TABLE_BITS = 15
 _PARALLEL_FROM = 65536  # below this many elements, threads cost more than they save
-
-
 _ENABLED = numba is not None and os.environ.get("MPDIAG_NUMBA", "1") != "0"  # read once, at import
 
 
@@ -51,7 +49,7 @@ class KernelTables:
     def __init__(self, source: torch.dtype, magnitudes: list[float]) -> None:
         width = torch.finfo(source).bits
         self.source = source
-        self.signed_view = _SIGNED_VIEW[source]
+        self.signed_view = INT_VIEW[source]
         self.magnitude_mask = (1 << (width - 1)) - 1
         self.shift = width - 1 - _TABLE_BITS
         bits = torch.tensor(magnitudes, dtype=torch.float64).to(source).view(self.signed_view)

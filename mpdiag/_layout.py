@@ -19,11 +19,8 @@ import numpy as np
 import torch
 
 from mpdiag import formats as _formats
-from mpdiag.casting import Category, source_dtype, thresholds
+from mpdiag.casting import INT_VIEW, Category, source_dtype, thresholds
 from mpdiag.stats import HIST_EXPONENTS
-
-_INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-             torch.bfloat16: torch.int16}
 
 # Bucket kinds (host-side decode only).
 ZERO, FINITE, POSINF, NEGINF, NAN = range(5)
@@ -31,7 +28,7 @@ ZERO, FINITE, POSINF, NEGINF, NAN = range(5)
 
 def _neighbour(value: float, dtype: torch.dtype, step: int) -> float:
     """The positive value ``step`` ulps away from the positive ``value`` in ``dtype``."""
-    bits = torch.tensor([value], dtype=dtype).view(_INT_VIEW[dtype]) + step
+    bits = torch.tensor([value], dtype=dtype).view(INT_VIEW[dtype]) + step
     return float(bits.view(dtype).to(torch.float64))
 
 

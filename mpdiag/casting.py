@@ -38,7 +38,8 @@ __all__ = ["Category", "CastThresholds", "thresholds", "classify", "round_to", "
 
 #: Input dtypes whose casts are probed directly; other floating dtypes (fp8) widen to fp32 exactly first.
 SOURCE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-_INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+#: The integer dtype of the same width as each source dtype: floats' bit patterns, for probing and kernels.
+INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
              torch.bfloat16: torch.int16}
 
 
@@ -132,7 +133,7 @@ def _smallest_with(source: torch.dtype, predicate: Callable[[torch.Tensor], bool
 
     Positive floats sort like their bit patterns, so this is a binary search over integers.
     """
-    int_dtype = _INT_VIEW[source]
+    int_dtype = INT_VIEW[source]
 
     def value(bits: int) -> torch.Tensor:
         return torch.tensor([bits], dtype=int_dtype).view(source)
