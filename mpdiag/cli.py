@@ -49,14 +49,30 @@ def _progress(step: int, total: int, loss: float) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mpdiag.demo import run_demo
+    from mpdiag.render import report
     from mpdiag.runfile import load
     from mpdiag.terminal import summary
 
     out = Path(args.out)
     path = run_demo(out, steps=args.steps, dtype=args.dtype, device=args.device, unstable=args.unstable,
                     progress=_progress)
-    print(summary(load(path)))
-    print(f"\nrun file: {path}")
+    run = load(path)
+    print(summary(run))
+    written = report(run, out, title="mpdiag demo: the built-in transformer")
+    print(f"\nrun file: {path}\nreport:   {written.html} (figures beside it, {written.seconds:.1f} s)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mpdiag.render import report
+    from mpdiag.runfile import load
+
+    run = load(args.run)
+    written = report(run, Path(args.out), top=args.top, scale_format=args.scale_format,
+                     title=args.title or f"mpdiag report: {Path(args.run).name}")
+    for verdict in written.verdicts:
+        print(f"{verdict.level.upper():5} {verdict.sentence}")
+    print(f"\nreport: {written.html} ({len(written.figures)} figures beside it, {written.seconds:.1f} s)")
     return 0
 
 
@@ -83,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("formats", help="table of the numeric formats and their constants",
                        description="Print every format mpdiag knows with its constants, as the installed torch has them.")
     p.set_defaults(func=_cmd_formats)
-    p = sub.add_parser("demo", help="train the built-in transformer with diagnose attached and summarise it",
+    p = sub.add_parser("demo", help="train the built-in transformer with diagnose attached; summary and HTML report",
                        description="Train the built-in small transformer on synthetic data with mpdiag "
-                                   "attached, write the run file into --out, and print the summary.")
+                                   "attached, write the run file and the HTML report into --out, and print the summary.")
     p.add_argument("--steps", type=_positive, default=40, help="training steps (default 40)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype (default fp32)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -99,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run file written by diagnose(run_file=...) or mpdiag demo")
     p.add_argument("--top", type=_positive, default=6, help="sites per format (default 6)")
     p.set_defaults(func=_cmd_summary)
+    p = sub.add_parser("report", help="write the HTML report (and PNG figures) of a run file",
+                       description="Write report.html, self-contained, with every figure also as a PNG file "
+                                   "beside it, into the output directory; print the verdict per format.")
+    p.add_argument("run", help="a run file written by diagnose(run_file=...) or mpdiag demo")
+    p.add_argument("-o", "--out", required=True, help="output directory (created if missing)")
+    p.add_argument("--top", type=_positive, default=40, help="sites shown in the figures (default 40; the "
+                   "table lists all)")
+    p.add_argument("--scale-format", default=None, help="format to replay loss scaling for (default fp16 "
+                   "when tracked)")
+    p.add_argument("--title", default=None, help="page title")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -38,6 +38,7 @@ from mpdiag.errors import AttachError, MpdiagError, MpdiagWarning
 from mpdiag.formats import Format
 from mpdiag.hooks import Recorder
 from mpdiag.nonfinite import NonFiniteError, NonFiniteEvent
+from mpdiag.render import Report, report
 from mpdiag.run import Kind, Run, Site
 from mpdiag.runfile import RunWriter
 from mpdiag.stats import DEFAULT_FORMATS, TensorStats, format_names
@@ -193,6 +194,10 @@ class Diagnosis:
         if self._closed:
             raise MpdiagError("this Diagnosis is closed; attach a new one with mpdiag.diagnose(model)")
         self._close_step()
+
+    def report(self, out_dir: str | os.PathLike[str], **options: Any) -> Report:
+        """Write the HTML report of everything recorded so far into ``out_dir``; see :func:`mpdiag.report`."""
+        return report(self.run, out_dir, **options)
 
     def close(self) -> None:
         """Record a step in progress, then remove every hook. Safe to call more than once."""

@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +36,8 @@ from mpdiag.formats import Format
 from mpdiag.run import Kind, Run, Site
 from mpdiag.stats import HIST_EXPONENTS, TensorStats
 
-__all__ = ["advise", "LossScaleAdvice", "ScaleOutcome", "gradient_sites", "true_gradient_steps"]
+__all__ = ["advise", "LossScaleAdvice", "ScaleOutcome", "gradient_sites", "true_gradient_steps", "flush_exponent",
+           "exponent_of", "underflow_per_step"]
 
 GRADIENT_KINDS = (Kind.ACTIVATION_GRAD, Kind.PARAM_GRAD)
 
@@ -62,17 +63,31 @@ class ScaleOutcome:
 
 
 @dataclass(frozen=True)
-class _SiteCurve:
-    """One gradient site over the chosen steps: enough to answer any scale exactly."""
+class _Curves:
+    """Gradient sites over the chosen steps, as arrays: enough to answer any scale exactly, for all
+    sites at once (a large model has a thousand gradient sites and the replay tries hundreds of scales)."""
 
-    site: Site
-    nonzero: int  # non-zero finite gradients
-    amax: float  # largest true |gradient| (inf when a step had non-finite gradients)
-    below: np.ndarray  # below[i]: values in histogram bins before HIST_EXPONENTS[i] (cumulative)
+    sites: tuple[Site, ...]
+    nonzero: np.ndarray  # (sites,) non-zero finite gradients
+    amax: np.ndarray  # (sites,) largest true |gradient| (inf when a step had non-finite gradients)
+    below: np.ndarray  # (sites, bins + 1): below[:, i] = values in histogram bins before HIST_EXPONENTS[i]
 
-    def count_below(self, exponent: int) -> int:
-        """Values with |x| < 2^exponent: whole bins, so exact."""
-        return int(self.below[min(max(exponent - int(HIST_EXPONENTS[0]), 0), len(HIST_EXPONENTS))])
+    @classmethod
+    def of(cls, per_site: Mapping[Site, Sequence[TensorStats]]) -> _Curves:
+        hists = np.array([np.sum([s.hist for s in stats], axis=0) if stats else np.zeros(len(HIST_EXPONENTS))
+                          for stats in per_site.values()], dtype=np.int64).reshape(len(per_site), len(HIST_EXPONENTS))
+        amax = [math.inf if any(s.nonfinite for s in stats) else max((s.amax for s in stats), default=0.0)
+                for stats in per_site.values()]
+        below = np.concatenate([np.zeros((len(per_site), 1), dtype=np.int64), np.cumsum(hists, axis=1)], axis=1)
+        return cls(tuple(per_site), hists.sum(axis=1), np.array(amax, dtype=np.float64), below)
+
+    def count_below(self, exponent: int) -> np.ndarray:
+        """Values with |x| < 2^exponent, per site: whole bins, so exact."""
+        return self.below[:, min(max(exponent - int(HIST_EXPONENTS[0]), 0), len(HIST_EXPONENTS))]
+
+    def only(self, index: int) -> _Curves:
+        return _Curves((self.sites[index],), self.nonzero[index:index + 1], self.amax[index:index + 1],
+                       self.below[index:index + 1])
 
 
 @dataclass(frozen=True)
@@ -102,26 +117,36 @@ class LossScaleAdvice:
     overflow_limiter: str | None
     underflow_limiter: str | None
     nonfinite_steps: tuple[int, ...]
-    _curves: tuple[_SiteCurve, ...] = field(repr=False, default=())
+    _curves: _Curves = field(repr=False, default=None)  # type: ignore[assignment]
 
     @property
     def sites(self) -> list[Site]:
-        return [c.site for c in self._curves]
+        return list(self._curves.sites)
 
     def at(self, scale: float, site: Site | tuple[str, str] | None = None) -> ScaleOutcome:
         """The outcome of loss scale ``scale`` (a power of two) for one site, or overall when None."""
-        curves = self._curves if site is None else (self._curve(site),)
-        return _outcome(curves, _exponent_of(scale), self.fmt)
+        curves = self._curves if site is None else self._curve(site)
+        return _outcome(curves, exponent_of(scale), self.fmt)
 
     def curve(self, site: Site | tuple[str, str] | None = None) -> list[ScaleOutcome]:
         """The outcome at every replayed scale, ascending (for plotting underflow against log2(scale))."""
         return [self.at(2.0 ** int(k), site) for k in self.exponents]
 
-    def _curve(self, site: Site | tuple[str, str]) -> _SiteCurve:
+    def most_demanding(self, n: int | None = None) -> list[Site]:
+        """Gradient sites ordered by the loss scale each needs to keep its own underflow at or below
+        ``max_underflow``, the most demanding first (sites without non-zero gradients left out)."""
+        c = self._curves
+        allowed = np.floor(self.max_underflow * c.nonzero)
+        # below[:, i] grows with i: the last column still within the allowance says how small the
+        # site's values get, so the fewer such columns, the larger the scale the site needs.
+        within = (c.below <= allowed[:, None]).sum(axis=1)
+        order = [i for i in np.argsort(within, kind="stable") if c.nonzero[i]]
+        return [c.sites[i] for i in order[:n]]
+
+    def _curve(self, site: Site | tuple[str, str]) -> _Curves:
         wanted = Site(site[0], Kind.parse(site[1]))
-        for c in self._curves:
-            if c.site == wanted:
-                return c
+        if wanted in self._curves.sites:
+            return self._curves.only(self._curves.sites.index(wanted))
         raise MpdiagError(f"{wanted.name!r} ({wanted.kind}) is not a gradient site of this advice; "
                           f"gradient sites are activation_grad and param_grad sites, e.g. {self.sites[:3]}")
 
@@ -132,19 +157,19 @@ class LossScaleAdvice:
 
     def __str__(self) -> str:
         lines = [f"Loss-scale advice for {self.fmt.name} over {len(self.steps)} recorded step(s), "
-                 f"{len(self._curves)} gradient sites:"]
+                 f"{len(self._curves.sites)} gradient sites:"]
         if self.recommended is None:
             lines.append("  no loss scale keeps every step below overflow")
         else:
             at = self.at(self.recommended)
-            lines.append(f"  recommended scale 2^{_exponent_of(self.recommended)} ({self.margin_bits} bit(s) below "
+            lines.append(f"  recommended scale 2^{exponent_of(self.recommended)} ({self.margin_bits} bit(s) below "
                          f"overflow): {at.underflow:.2%} of gradients underflow, {at.subnormal:.2%} subnormal")
         if self.window is None:
             lines.append(f"  no scale keeps underflow at or below {self.max_underflow:.2%} without overflowing: "
                          f"the gradients span more than {self.fmt.name} represents "
                          f"(overflow first in {self.overflow_limiter}, underflow worst in {self.underflow_limiter})")
         else:
-            low, high = (_exponent_of(v) for v in self.window)
+            low, high = (exponent_of(v) for v in self.window)
             lines.append(f"  window 2^{low} .. 2^{high}: no overflow and at most {self.max_underflow:.2%} underflow")
         without = self.at(1.0)
         lines.append(f"  without scaling: {without.underflow:.2%} underflow"
@@ -193,17 +218,32 @@ def advise(run: Run, fmt: str | torch.dtype | Format = "fp16", *, steps: Sequenc
                 for step in chosen}
     nonfinite_steps = tuple(s for s, stats in per_step.items() if any(v.nonfinite for v in stats.values()))
     exponents = _exponent_range(per_step.values(), fmt)
-    curves = tuple(_site_curve(site, [v[site] for v in per_step.values() if site in v]) for site in sites)
-    finite_curves = [_site_curve(site, [v[site] for s, v in per_step.items() if site in v and s not in nonfinite_steps])
-                     for site in sites]
+    curves = _Curves.of({site: [v[site] for v in per_step.values() if site in v] for site in sites})
+    finite_curves = _Curves.of({site: [v[site] for s, v in per_step.items() if site in v and s not in nonfinite_steps]
+                                for site in sites})
     recommended = _recommend(finite_curves, exponents, margin_bits, fmt)
     window, underflow_limiter = _window(finite_curves, exponents, fmt, max_underflow)
-    ranked = sorted((c for c in curves if c.nonzero), key=lambda c: -c.amax)
+    with_values = np.flatnonzero(curves.nonzero)
+    largest = with_values[np.argmax(curves.amax[with_values])] if with_values.size else None
     return LossScaleAdvice(
         fmt=fmt, steps=tuple(chosen), margin_bits=margin_bits, max_underflow=max_underflow, exponents=exponents,
         recommended=recommended, window=window,
-        overflow_limiter=ranked[0].site.name if ranked else None, underflow_limiter=underflow_limiter,
-        nonfinite_steps=nonfinite_steps, _curves=curves)
+        overflow_limiter=curves.sites[largest].name if largest is not None else None,
+        underflow_limiter=underflow_limiter, nonfinite_steps=nonfinite_steps, _curves=curves)
+
+
+def underflow_per_step(run: Run, fmt: str | torch.dtype | Format, scales: Mapping[int, float]) -> dict[int, float]:
+    """For each step in ``scales``, the share of its non-zero finite true gradients that ``fmt`` would flush
+    to zero at that step's loss scale (a power of two), e.g. the scales a simulated GradScaler chose."""
+    fmt = _formats.get(fmt)
+    sites = gradient_sites(run)
+    out = {}
+    for step, scale in scales.items():
+        hists = [_true_stats(run, site, step).hist for site in sites if site in run.records[step]]
+        hist = np.sum(hists, axis=0) if hists else np.zeros(len(HIST_EXPONENTS), dtype=np.int64)
+        flushed = hist[HIST_EXPONENTS < flush_exponent(fmt) - exponent_of(scale)].sum()
+        out[step] = float(flushed) / float(hist.sum()) if hist.sum() else 0.0
+    return out
 
 
 def _true_stats(run: Run, site: Site, step: int) -> TensorStats:
@@ -212,7 +252,7 @@ def _true_stats(run: Run, site: Site, step: int) -> TensorStats:
     scale = run.loss_scale(step)
     if scale == 1.0:
         return stats
-    shift = _exponent_of(scale, what="a recorded loss scale")
+    shift = exponent_of(scale, what="a recorded loss scale")
     # Bin i moves to bin i - shift; bins pushed past either end of fp32's range collect in the end bins.
     hist = np.zeros_like(stats.hist)
     np.add.at(hist, np.clip(np.arange(len(hist)) - shift, 0, len(hist) - 1), stats.hist)
@@ -222,14 +262,14 @@ def _true_stats(run: Run, site: Site, step: int) -> TensorStats:
                        dtypes=stats.dtypes, calls=stats.calls)
 
 
-def _exponent_of(scale: float, what: str = "a loss scale") -> int:
+def exponent_of(scale: float, what: str = "a loss scale") -> int:
     mantissa, exponent = math.frexp(scale)
     if scale <= 0 or mantissa != 0.5 or not math.isfinite(scale):
         raise MpdiagError(f"expected {what} that is a power of two (2.0**k), got {scale!r}")
     return exponent - 1
 
 
-def _tie_exponent(fmt: Format) -> int:
+def flush_exponent(fmt: Format) -> int:
     """log2 of the largest magnitude that rounds to zero: half the smallest subnormal (a tie to even 0)."""
     return math.frexp(fmt.min_subnormal)[1] - 2
 
@@ -245,45 +285,48 @@ def _exponent_range(steps: Iterable[dict[Site, TensorStats]], fmt: Format) -> np
         return np.arange(-1, 2)
     largest = max(v.amax for v in stats)
     smallest = min(v.amin_nonzero for v in stats)
-    low = math.floor(math.log2(2.0 ** _tie_exponent(fmt) / largest)) - 1
+    low = math.floor(math.log2(2.0 ** flush_exponent(fmt) / largest)) - 1
     high = math.ceil(math.log2(fmt.overflow_threshold / smallest)) + 1
     return np.arange(low, high + 1)
 
 
-def _site_curve(site: Site, stats: list[TensorStats]) -> _SiteCurve:
-    hist = np.sum([s.hist for s in stats], axis=0) if stats else np.zeros(len(HIST_EXPONENTS), dtype=np.int64)
-    nonfinite = any(s.nonfinite for s in stats)
-    amax = math.inf if nonfinite else max((s.amax for s in stats), default=0.0)
-    return _SiteCurve(site, int(hist.sum()), amax, np.concatenate([[0], np.cumsum(hist)]))
-
-
-def _outcome(curves: Sequence[_SiteCurve], k: int, fmt: Format) -> ScaleOutcome:
-    """x * 2^k underflows iff |x| < 2^(tie - k) (ties themselves aside) and is subnormal below 2^(normal - k)."""
+def _outcome(curves: _Curves, k: int, fmt: Format) -> ScaleOutcome:
+    """x * 2^k underflows iff |x| < 2^(flush - k) (ties themselves aside) and is subnormal below 2^(normal - k)."""
     scale = 2.0 ** k
-    under = [c.count_below(_tie_exponent(fmt) - k) for c in curves]
-    sub = [c.count_below(_normal_exponent(fmt) - k) - u for c, u in zip(curves, under)]
-    nonzero = sum(c.nonzero for c in curves)
-    overflowing = sorted((c for c in curves if c.amax * scale >= fmt.overflow_threshold), key=lambda c: -c.amax)
-    fractions = [(u / c.nonzero, c.site.name) for u, c in zip(under, curves) if u]
+    under = curves.count_below(flush_exponent(fmt) - k)
+    sub = curves.count_below(_normal_exponent(fmt) - k) - under
+    nonzero = int(curves.nonzero.sum())
+    overflowing = np.flatnonzero(curves.amax * scale >= fmt.overflow_threshold)
+    overflowing = overflowing[np.argsort(-curves.amax[overflowing], kind="stable")]  # largest gradient first
     return ScaleOutcome(
-        scale=scale, overflow=bool(overflowing), underflow=sum(under) / nonzero if nonzero else 0.0,
-        subnormal=sum(sub) / nonzero if nonzero else 0.0,
-        overflow_sites=tuple(c.site.name for c in overflowing),
-        worst_underflow_site=max(fractions)[1] if fractions else None)
+        scale=scale, overflow=bool(overflowing.size), underflow=int(under.sum()) / nonzero if nonzero else 0.0,
+        subnormal=int(sub.sum()) / nonzero if nonzero else 0.0,
+        overflow_sites=tuple(curves.sites[i].name for i in overflowing),
+        worst_underflow_site=_worst_underflow(curves, under))
 
 
-def _recommend(curves: Sequence[_SiteCurve], exponents: np.ndarray, margin_bits: int, fmt: Format) -> float | None:
-    """The largest 2^k with amax * 2^(k + margin) below the overflow threshold for every finite site."""
-    largest = max((c.amax for c in curves if math.isfinite(c.amax) and c.nonzero), default=None)
-    if largest is None:
+def _worst_underflow(curves: _Curves, under: np.ndarray) -> str | None:
+    """The site losing the largest fraction (ties: the greatest name, so the answer never depends on order)."""
+    losing = np.flatnonzero(under)
+    if not losing.size:
         return None
+    fractions = under[losing] / curves.nonzero[losing]
+    return max(curves.sites[i].name for i in losing[fractions == fractions.max()])
+
+
+def _recommend(curves: _Curves, exponents: np.ndarray, margin_bits: int, fmt: Format) -> float | None:
+    """The largest 2^k with amax * 2^(k + margin) below the overflow threshold for every finite site."""
+    finite = curves.amax[np.isfinite(curves.amax) & (curves.nonzero > 0)]
+    if not finite.size:
+        return None
+    largest = float(finite.max())
     for k in exponents[::-1]:
         if largest * 2.0 ** (int(k) + margin_bits) < fmt.overflow_threshold:
             return 2.0 ** int(k)
     return None
 
 
-def _window(curves: Sequence[_SiteCurve], exponents: np.ndarray, fmt: Format,
+def _window(curves: _Curves, exponents: np.ndarray, fmt: Format,
             max_underflow: float) -> tuple[tuple[float, float] | None, str | None]:
     """Scales with no overflow and little underflow; and the site limiting the low end."""
     outcomes = [_outcome(curves, int(k), fmt) for k in exponents]

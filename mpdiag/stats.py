@@ -179,10 +179,21 @@ class TensorStats:
             if formats is None:
                 raise MpdiagError("merge_all needs at least one TensorStats or the formats of an empty one")
             return TensorStats.empty(formats)
-        out = items[0]
-        for s in items[1:]:
-            out = out.merge(s)
-        return out
+        if len(items) <= 2:
+            return items[0] if len(items) == 1 else items[0].merge(items[1])
+        # Many items (a site over hundreds of steps): one vectorised sum instead of a chain of merges.
+        first = items[0]
+        if any(s.formats != first.formats for s in items):
+            other = next(s.formats for s in items if s.formats != first.formats)
+            raise MpdiagError(f"cannot merge stats of formats {first.formats} with stats of formats {other}")
+        return TensorStats(
+            formats=first.formats,
+            numel=sum(s.numel for s in items), zeros=sum(s.zeros for s in items),
+            nans=sum(s.nans for s in items), posinf=sum(s.posinf for s in items),
+            neginf=sum(s.neginf for s in items),
+            amax=max(s.amax for s in items), amin_nonzero=min(s.amin_nonzero for s in items),
+            hist=np.sum([s.hist for s in items], axis=0), casts=np.sum([s.casts for s in items], axis=0),
+            dtypes=frozenset().union(*(s.dtypes for s in items)), calls=sum(s.calls for s in items))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TensorStats):

@@ -28,17 +28,20 @@ def test_help_and_bad_usage() -> None:
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
-def test_demo_trains_writes_a_run_file_and_prints_the_summary(tmp_path) -> None:
+def test_demo_trains_writes_a_run_file_and_the_report_and_prints_the_summary(tmp_path) -> None:
     result = mpdiag_cli("demo", "--steps", "3", "--out", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
     path = tmp_path / "demo" / "run.mpdiag"
     assert f"run file: {path}" in result.stdout and "fp16" in result.stdout and "head" in result.stdout
+    assert f"report:   {tmp_path / 'demo' / 'report.html'}" in result.stdout
+    assert (tmp_path / "demo" / "ranges.png").stat().st_size > 10_000
     assert "step 3/3" in result.stderr  # the progress bar
     import mpdiag
 
     run = mpdiag.load(path)
     assert run.steps == [0, 1, 2] and run.meta["environment"]["autocast_dtype"] is None
-    assert max(len(line) for line in result.stdout.splitlines() if not line.startswith("run file:")) <= 80
+    assert max(len(line) for line in result.stdout.splitlines()
+               if not line.startswith(("run file:", "report:"))) <= 80
 
 
 def test_unstable_demo_shows_overflow_and_underflow(tmp_path) -> None:
@@ -65,3 +68,25 @@ def test_errors_are_one_line_with_exit_code_1_and_a_traceback_only_with_debug(tm
     assert mpdiag_cli("summary").returncode == 2
     assert mpdiag_cli("demo", "--steps", "0").returncode == 2
     assert mpdiag_cli("demo", "--help").returncode == 0 and mpdiag_cli("summary", "--help").returncode == 0
+
+
+def test_report_writes_the_page_and_figures_of_a_run_file_and_prints_the_verdicts(tmp_path) -> None:
+    import mpdiag
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    with mpdiag.diagnose(model, run_file=tmp_path / "run.mpdiag"):
+        (model(torch.randn(2, 4) * 1e6).sum()).backward()
+    result = mpdiag_cli("report", str(tmp_path / "run.mpdiag"), "-o", str(tmp_path / "out"), "--top", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("FAIL  fp16: ") and "overflow" in lines[0]
+    assert any(line.startswith("OK    bf16: ") for line in lines)
+    html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "<title>mpdiag report: run.mpdiag</title>" in html
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == sorted(
+        ["ranges.png", "exponents_activations.png", "exponents_parameters.png", "over_time.png", "loss_scale.png",
+         "grad_scaler.png"])
+    missing = mpdiag_cli("report", str(tmp_path / "nope.mpdiag"), "-o", str(tmp_path / "x"))
+    assert missing.returncode == 1 and missing.stderr.startswith("mpdiag: error:")
+    assert mpdiag_cli("report", str(tmp_path / "run.mpdiag")).returncode == 2  # -o is required

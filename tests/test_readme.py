@@ -24,9 +24,10 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert test_command in ci
 
 
-def test_python_examples_run_in_order() -> None:
+def test_python_examples_run_in_order(tmp_path: Path, monkeypatch) -> None:
     from test_replay import _cpu_fp16_autocast
 
+    monkeypatch.chdir(tmp_path)  # the quick start writes its report into the working directory
     blocks = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
     assert len(blocks) == 3
     namespace: dict[str, object] = {}
@@ -36,3 +37,4 @@ def test_python_examples_run_in_order() -> None:
         exec(compile(code.replace("print(", "(lambda *a: a)("), "README.md", "exec"), namespace)
     assert namespace["rows"] and namespace["adv"].recommended and namespace["res"].at(2.0**16)
     assert namespace["origin"] is None
+    assert (tmp_path / "mpdiag-report" / "report.html").exists() and namespace["report"].verdicts

@@ -148,6 +148,44 @@ def test_per_site_outcomes_and_curves() -> None:
     assert underflow[0] == 1.0 and curve[-1].overflow  # the range covers both ends
 
 
+def record_sites(per_site: dict[str, torch.Tensor], scale: float = 1.0) -> mpdiag.Run:
+    """One step, one parameter per entry with exactly that gradient (times a GradScaler's ``scale``)."""
+    holder = nn.Module()
+    for name, g in per_site.items():
+        holder.register_parameter(name, nn.Parameter(torch.zeros_like(g)))
+    with mpdiag.diagnose(holder) as diag:
+        for name, g in per_site.items():
+            getattr(holder, name).grad = g * scale
+        diag.step()
+    if scale != 1.0:
+        return mpdiag.Run(diag.run.formats, diag.run.records, loss_scales={0: scale})
+    return diag.run
+
+
+def test_most_demanding_sites_need_the_largest_scale() -> None:
+    torch.manual_seed(0)
+    run = record_sites({"small": torch.randn(100) * 1e-9, "large": torch.randn(100), "mid": torch.randn(100) * 1e-5,
+                        "zero": torch.zeros(10)})
+    adv = advise(run, "fp16")
+    assert [s.name for s in adv.most_demanding()] == ["small", "mid", "large"]  # no gradients: left out
+    assert [s.name for s in adv.most_demanding(1)] == ["small"]
+    # The order is the one the replay gives: the smallest scale at which each site's underflow is tolerable.
+    needed = {s.name: next(k for k in adv.exponents if adv.at(2.0 ** int(k), s).underflow <= adv.max_underflow)
+              for s in adv.sites if s.name != "zero"}
+    assert sorted(needed, key=lambda n: -needed[n]) == ["small", "mid", "large"]
+
+
+@given(st.lists(st.floats(-40, 10), min_size=1, max_size=48), st.integers(-10, 30), st.integers(0, 12))
+def test_underflow_per_step_agrees_with_casting_at_each_scale(log2_magnitudes: list[float], k: int, shift: int) -> None:
+    from mpdiag.scaling import underflow_per_step
+
+    grads = torch.tensor([2.0**e for e in log2_magnitudes], dtype=torch.float32)
+    run = record_sites({"w": grads}, scale=2.0**shift)  # recorded under a GradScaler: true gradients are /2^shift
+    share = underflow_per_step(run, "fp16", {0: 2.0**k})[0]
+    _, under, ties, nonzero = real_outcome([grads], k)
+    assert round(share * nonzero) == under - ties
+
+
 @pytest.mark.parametrize("call", [
     lambda adv: adv.at(3.0), lambda adv: adv.at(0.0), lambda adv: adv.at(1.0, ("nope", "param_grad")),
     lambda adv: adv.at(1.0, ("w", "activation")),

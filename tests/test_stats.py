@@ -119,9 +119,20 @@ def test_merge_is_associative_and_commutative(a: TensorStats, b: TensorStats, c:
     assert a.merge(TensorStats.empty(("fp16", "e4m3"))) == a
 
 
+@given(st.lists(stats_strategy, min_size=1, max_size=6))
+def test_merge_all_equals_pairwise_merges(items: list[TensorStats]) -> None:
+    pairwise = items[0]
+    for s in items[1:]:
+        pairwise = pairwise.merge(s)
+    assert TensorStats.merge_all(items) == pairwise
+
+
 def test_merge_refuses_different_formats() -> None:
     with pytest.raises(MpdiagError, match="cannot merge"):
         TensorStats.empty(("fp16",)).merge(TensorStats.empty(("bf16",)))
+    mixed = [TensorStats.empty(("fp16",))] * 2 + [TensorStats.empty(("bf16",))]
+    with pytest.raises(MpdiagError, match="cannot merge"):
+        TensorStats.merge_all(mixed)
 
 
 def test_counts_add_up() -> None:

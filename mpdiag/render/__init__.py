@@ -1,0 +1,91 @@
+"""The stability report: one self-contained HTML file and its figures as PNG files beside it.
+
+Rendering is the last stage: it reads a Run (and the analysis computed from it here), never a model or
+hooks, so a report can be written during training, after it, or from a run file on another machine.
+
+Example:
+    >>> import tempfile, torch, mpdiag
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    >>> with mpdiag.diagnose(model) as diag:
+    ...     model(torch.randn(4, 8)).sum().backward()
+    >>> out = mpdiag.report(diag.run, tempfile.mkdtemp())
+    >>> out.html.name, sorted(p.name for p in out.figures.values())[:2]
+    ('report.html', ['exponents_activations.png', 'exponents_parameters.png'])
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mpdiag.errors import MpdiagError
+from mpdiag.run import Run
+from mpdiag.verdict import Verdict
+
+if TYPE_CHECKING:  # trace imports diagnose, which imports this module
+    from mpdiag.trace import NonFiniteOrigin
+
+__all__ = ["report", "Report"]
+
+
+@dataclass(frozen=True)
+class Report:
+    """What :func:`report` wrote.
+
+    Attributes:
+        html: the report page (self-contained: figures are embedded).
+        figures: figure name -> PNG file beside the page.
+        verdicts: the verdict per format the page leads with.
+        seconds: how long rendering took.
+    """
+
+    html: Path
+    figures: dict[str, Path] = field(default_factory=dict)
+    verdicts: tuple[Verdict, ...] = ()
+    seconds: float = 0.0
+
+
+def report(run: Run, out_dir: str | os.PathLike[str], *, top: int = 40, scale_format: str | None = None,
+           origin: NonFiniteOrigin | None = None, title: str | None = None) -> Report:
+    """Write ``report.html`` and one PNG per figure into ``out_dir`` (created if missing).
+
+    Args:
+        run: a recorded run (``diag.run`` or ``mpdiag.load(path)``).
+        out_dir: the directory to write into; existing report files there are replaced.
+        top: how many sites the figures show at most (the riskiest in the first tracked format; the
+            table lists every site).
+        scale_format: the format loss scaling is replayed for (default fp16 when tracked, else the first).
+        origin: a :func:`mpdiag.trace_nonfinite` result to show in the NaN/inf section.
+        title: the page title (default "mpdiag stability report").
+    """
+    from mpdiag.render._build import build  # matplotlib is imported only when a report is written
+
+    started = time.perf_counter()
+    if not isinstance(run, Run):
+        raise MpdiagError(f"report() expects an mpdiag Run (diag.run or mpdiag.load(path)), got {type(run).__name__}")
+    if not run.steps:
+        raise MpdiagError("the run has no recorded steps; train at least one step with diagnose() attached")
+    if top < 1:
+        raise MpdiagError(f"top must be a positive number of sites, got {top}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    page, figures, verdicts = build(run, out, top=top, scale_format=_scale_format(run, scale_format),
+                                    origin=origin, title=title or "mpdiag stability report")
+    html = out / "report.html"
+    html.write_text(page, encoding="utf-8")
+    return Report(html=html, figures=figures, verdicts=tuple(verdicts), seconds=time.perf_counter() - started)
+
+
+def _scale_format(run: Run, requested: str | None) -> str:
+    from mpdiag import formats as _formats
+
+    if requested is None:
+        return "fp16" if "fp16" in run.formats else run.formats[0]
+    name = _formats.get(requested).name
+    if name not in run.formats:
+        raise MpdiagError(f"scale_format {name!r} was not tracked in this run; tracked formats are "
+                          f"{', '.join(run.formats)}")
+    return name

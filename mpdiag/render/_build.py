@@ -1,0 +1,190 @@
+"""Assembling the report: analysis results in, figures written, the page's context out."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import math
+import struct
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+import mpdiag
+from mpdiag.grad_scaler import simulate_grad_scaler
+from mpdiag.render import figures as fig
+from mpdiag.render.page import EmbeddedFigure, render_page
+from mpdiag.render.table import columns, site_rows
+from mpdiag.run import Kind, Run, Site, step_ranges
+from mpdiag.scaling import LossScaleAdvice, advise, gradient_sites, underflow_per_step
+from mpdiag.summary import riskiest
+from mpdiag.trace import NonFiniteOrigin
+from mpdiag.verdict import Verdict, nonfinite_verdict, verdicts
+
+#: Sites drawn in the over-time figure and thin curves in the loss-scale figure.
+_LINES = 8
+#: NaN/inf observations listed on the page (all of them are in the run).
+_EVENTS_SHOWN = 200
+_DPI = 100
+
+
+def build(run: Run, out: Path, *, top: int, scale_format: str, origin: NonFiniteOrigin | None,
+          title: str) -> tuple[str, dict[str, Path], list[Verdict]]:
+    """Compute the analysis, write the PNG files into ``out`` and return (page, figure files, verdicts)."""
+    advice = {name: advise(run, name) for name in run.formats} if gradient_sites(run) else {}
+    verdict_list = verdicts(run, advice)
+    ranked = ranked_sites(run, run.formats[0])
+    saved: dict[str, EmbeddedFigure] = {}
+
+    def save(name: str, figure: Figure, caption: str, note: str = "") -> EmbeddedFigure:
+        saved[name] = _save(out, name, figure, caption, note)
+        return saved[name]
+
+    sites, note = chosen(run, ranked, top)
+    save("ranges", fig.range_chart(run, sites, run.formats, note),
+         "Each site from its smallest to its largest non-zero value (thin) and its central 98% (thick), "
+         "against the normal (green) and subnormal (yellow) range of each format.", note)
+    heatmaps = [save(name, figure, caption, note) for name, figure, caption, note in _heatmaps(run, ranked, top)]
+    lines, _ = chosen(run, ranked, _LINES)
+    save("over_time", fig.over_time(run, lines, run.formats, scale_format),
+         f"Largest value per step of the {len(lines)} riskiest sites, and per-step counts of NaN/inf values "
+         f"and of values past {scale_format}'s overflow threshold.")
+    scaling = _scaling_section(run, advice.get(scale_format), save)
+    context = dict(
+        title=title, overview=_overview(run), verdicts=verdict_list, nonfinite_text=nonfinite_verdict(run),
+        environment=environment_rows(run.meta), figures=saved, heatmaps=heatmaps, scaling=scaling,
+        nonfinite=_nonfinite_section(run, origin), **_table_context(run),
+        version=mpdiag.__version__, generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
+    return render_page(**context), {name: out / f.file for name, f in saved.items()}, verdict_list
+
+
+def ranked_sites(run: Run, fmt: str) -> list[Site]:
+    """Every site, riskiest first for ``fmt`` (NaN/inf, then overflow, then the least room in bits)."""
+    return [Site(r.name, Kind.parse(r.kind)) for r in riskiest(run, fmt, n=len(run.sites))]
+
+
+def chosen(run: Run, ranked: Sequence[Site], n: int, kinds: Sequence[Kind] | None = None) -> tuple[list[Site], str]:
+    """The ``n`` riskiest sites (of ``kinds``) in the run's own order, and a note when some were left out."""
+    pool = [s for s in ranked if kinds is None or s.kind in kinds]
+    keep = set(pool[:n])
+    note = f"the {n} riskiest of {len(pool)} sites; the table lists all" if len(pool) > n else ""
+    return [s for s in run.sites if s in keep], note
+
+
+def environment_rows(meta: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The run's environment as (key, text) rows, nested settings flattened to 'grad_scaler.init_scale'."""
+    rows: list[tuple[str, str]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            rows.append((prefix, _text(value)))
+
+    walk("", meta.get("environment") or {})
+    if "every" in meta:
+        rows.append(("recorded every", f"{meta['every']} step(s)"))
+    return rows
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    if isinstance(value, float) and value > 0 and math.isfinite(value) and math.log2(value).is_integer():
+        return f"{value:g} (2^{int(math.log2(value))})"
+    return str(value)
+
+
+def _overview(run: Run) -> str:
+    return (f"{len(run.steps)} recorded step(s) ({step_ranges(run.steps)}), {len(run.sites)} sites, "
+            f"formats {', '.join(run.formats)}")
+
+
+def _save(out: Path, name: str, figure: Figure, caption: str, note: str) -> EmbeddedFigure:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=_DPI)
+    png = buffer.getvalue()
+    (out / f"{name}.png").write_bytes(png)
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk: the image's real size
+    return EmbeddedFigure(name=name, file=f"{name}.png", caption=caption, note=note, png=png,
+                          width=width, height=height)
+
+
+def _heatmaps(run: Run, ranked: Sequence[Site], top: int) -> list[tuple[str, Figure, str, str]]:
+    """Activations beside their gradients, and parameters beside theirs; a figure only where sites exist."""
+    out = []
+    for name, pairs in (("exponents_activations", ((Kind.ACTIVATION, "activations"),
+                                                   (Kind.ACTIVATION_GRAD, "activation gradients"))),
+                        ("exponents_parameters", ((Kind.PARAM, "parameters"),
+                                                  (Kind.PARAM_GRAD, "parameter gradients")))):
+        panels, notes = {}, []
+        for kind, title in pairs:
+            sites, note = chosen(run, ranked, top, kinds=(kind,))
+            if sites:
+                panels[title] = sites
+                notes += [f"{title}: {note}"] if note else []
+        if panels:
+            caption = (f"Share of each site's non-zero values per power of two ({' and '.join(panels)}), "
+                       "with each format's max (solid), min normal (dashed) and min subnormal (dotted).")
+            out.append((name, fig.exponent_heatmap(run, panels, run.formats, "; ".join(notes)), caption,
+                        "; ".join(notes)))
+    return out
+
+
+def _scaling_section(run: Run, advice: LossScaleAdvice | None,
+                     save: Callable[..., EmbeddedFigure]) -> dict[str, Any]:
+    if advice is None:
+        return {"reason": "No gradient was recorded (call backward() while diagnose() is attached), "
+                          "so there is no loss scaling to replay."}
+    demanding = advice.most_demanding(_LINES)
+    save("loss_scale", fig.loss_scale_curves(advice, demanding),
+         f"Share of gradients that {advice.fmt.name} flushes to zero at each loss scale 2^k: all gradients "
+         f"(black) and the {len(demanding)} sites that need the largest scale.")
+    settings = _recorded_scaler_settings(run)
+    with warnings.catch_warnings(record=True) as caught:  # an every>1 run warns: the page says so instead
+        warnings.simplefilter("always")
+        simulation = simulate_grad_scaler(run, advice.fmt, **settings)
+    lost = underflow_per_step(run, advice.fmt, dict(zip(simulation.steps, simulation.scales)))
+    save("grad_scaler", fig.grad_scaler_trajectory(simulation, run.loss_scales, lost),
+         "The loss scale a dynamic GradScaler would use at each recorded step"
+         + (" with the run's own GradScaler settings" if settings else " (torch's defaults)")
+         + ", skipped steps marked, dots: the scale the run recorded; below: the share of gradients "
+           "flushed to zero at the simulated scale.")
+    text = str(simulation) + "".join(f"\nNB: {w.message}" for w in caught)
+    return {"reason": None, "advice": str(advice), "simulation": text}
+
+
+def _recorded_scaler_settings(run: Run) -> dict[str, Any]:
+    recorded = (run.meta.get("environment") or {}).get("grad_scaler") or {}
+    keys = ("init_scale", "growth_factor", "backoff_factor", "growth_interval")
+    return {k: recorded[k] for k in keys if recorded.get(k) is not None}
+
+
+def _nonfinite_section(run: Run, origin: NonFiniteOrigin | None) -> dict[str, Any]:
+    events = run.nonfinite_events()
+    first_forward = run.first_nonfinite(phase="forward")
+    first_backward = run.first_nonfinite(phase="backward")
+    return {"events": events[:_EVENTS_SHOWN], "total": len(events), "more": len(events) > _EVENTS_SHOWN,
+            "first_forward": str(first_forward) if first_forward else None,
+            "first_backward": str(first_backward) if first_backward else None,
+            "anomalies": run.anomalies, "origin": str(origin) if origin is not None else None}
+
+
+def _table_context(run: Run) -> dict[str, Any]:
+    cols = columns(run.formats)
+    groups: list[tuple[str, int]] = []
+    for c in cols:
+        if groups and groups[-1][0] == c.group:
+            groups[-1] = (c.group, groups[-1][1] + 1)
+        else:
+            groups.append((c.group, 1))
+    first_of_group = {i for i, c in enumerate(cols) if c.group and (i == 0 or cols[i - 1].group != c.group)}
+    rows = [{"cells": cells, "risky": any(c.risk for c in cells)} for cells in site_rows(run)]
+    return {"columns": cols, "groups": groups, "first_of_group": first_of_group, "rows": rows,
+            "kinds": [k.value for k in Kind if any(s.kind == k for s in run.sites)]}

@@ -1,0 +1,98 @@
+"""The report's site table as plain rows: one per site, every cell with its text, sort key and risk class.
+
+Kept apart from the HTML so a test can check the numbers without parsing markup, and so the sort keys
+(numbers, with inf where a site has no value) are decided in Python rather than re-parsed in the browser.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mpdiag import formats as _formats
+from mpdiag.run import Run, Site
+from mpdiag.stats import TensorStats
+from mpdiag.summary import headroom_bits
+from mpdiag.verdict import percent
+
+__all__ = ["Cell", "Column", "site_rows", "columns"]
+
+#: Headroom below this many bits is highlighted as marginal.
+MARGINAL_BITS = 2.0
+#: Underflow shares above this are highlighted.
+VISIBLE_UNDERFLOW = 1e-3
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    group: str  # "" for site columns, else the format name
+    numeric: bool
+    tip: str
+
+
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    key: float | str  # what the column sorts by
+    risk: str = ""  # "", "warn" or "bad"
+
+
+def columns(formats: Sequence[str]) -> list[Column]:
+    cols = [Column("site", "", False, "module or parameter name"),
+            Column("kind", "", False, "what was observed"),
+            Column("dtype", "", False, "dtypes the observed tensors had"),
+            Column("amax", "", True, "largest finite |value|"),
+            Column("amin≠0", "", True, "smallest non-zero finite |value|"),
+            Column("NaN/inf", "", True, "non-finite values seen")]
+    for name in formats:
+        cols += [Column("head", name, True, f"bits from amax to {name}'s max (negative: past it)"),
+                 Column("foot", name, True, f"bits from amin≠0 to {name}'s smallest normal (negative: subnormal)"),
+                 Column("under%", name, True, f"share of non-zero values {name} flushes to zero"),
+                 Column("subn%", name, True, f"share of non-zero values left subnormal in {name}"),
+                 Column("over%", name, True, f"share of finite values at or past {name}'s overflow threshold")]
+    return cols
+
+
+def site_rows(run: Run, sites: Sequence[Site] | None = None) -> list[list[Cell]]:
+    """One row of cells per site (merged over steps), in the order of :func:`columns`."""
+    return [_row(site, run.stats(site.name, site.kind), run.formats) for site in (sites or run.sites)]
+
+
+def _row(site: Site, s: TensorStats, formats: Sequence[str]) -> list[Cell]:
+    cells = [Cell(site.name or "<root>", site.name), Cell(site.kind.value, site.kind.value),
+             Cell(", ".join(sorted(s.dtypes)) or "-", ",".join(sorted(s.dtypes))),
+             _number(s.amax if s.finite_nonzero else math.nan),
+             _number(s.amin_nonzero if s.finite_nonzero else math.nan),
+             Cell(str(s.nonfinite), s.nonfinite, "bad" if s.nonfinite else "")]
+    nonzero, finite = s.finite_nonzero, s.finite
+    for name in formats:
+        fmt = _formats.get(name)
+        head = headroom_bits(s.amax, fmt) if nonzero else math.inf
+        foot = math.log2(s.amin_nonzero / fmt.min_normal) if nonzero else math.inf
+        under = s.underflow(fmt) / nonzero if nonzero else 0.0
+        sub = s.subnormal(fmt) / nonzero if nonzero else 0.0
+        over = s.overflow(fmt) / finite if finite else 0.0
+        cells += [_bits(head, bad_below=0.0), _bits(foot, bad_below=-math.inf),
+                  _share(under, "warn" if under > VISIBLE_UNDERFLOW else ""),
+                  _share(sub, "warn" if sub > VISIBLE_UNDERFLOW else ""),
+                  _share(over, "bad" if over else "")]
+    return cells
+
+
+def _number(value: float) -> Cell:
+    if math.isnan(value):
+        return Cell("-", -1.0)
+    return Cell(f"{value:.4g}", value)
+
+
+def _bits(value: float, bad_below: float) -> Cell:
+    if math.isinf(value):
+        return Cell("-", value)
+    risk = "bad" if value < bad_below else "warn" if value < MARGINAL_BITS else ""
+    return Cell(f"{value:+.1f}", value, risk)
+
+
+def _share(value: float, risk: str) -> Cell:
+    return Cell(percent(value), value, risk)

@@ -1,0 +1,194 @@
+"""One verdict per tracked format: would this run survive in it, and if not, where and why.
+
+A verdict is analysis on plain data (a Run and its loss-scale advice), worded for a person: the report
+leads with it and the terminal summary can print it. Every number in the sentence is also a field, so
+a program (or a test) can read the facts without parsing text.
+
+What counts, per format:
+- overflow: sites whose finite values reach the format's overflow threshold, and the first such step;
+- gradients: the share of non-zero finite true gradients (recorded / loss scale) that would flush to
+  zero without loss scaling, and the scale the replay recommends when that share is too large;
+- activations: the share of non-zero finite activations that would flush to zero;
+- headroom: the site whose largest value comes closest to the format's max, in bits;
+- fp8 formats, which are used with a scale per tensor: the worst site's flushed share even when each
+  tensor is scaled by the power of two that puts its largest value just below the format's max.
+
+Example:
+    >>> import torch, mpdiag
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    >>> with mpdiag.diagnose(model, formats=("fp16", "bf16")) as diag:
+    ...     model(torch.full((2, 4), 1e6)).sum().backward()
+    >>> fp16, bf16 = verdicts(diag.run)
+    >>> fp16.level, fp16.first_overflow_step, bf16.level
+    ('fail', 0, 'ok')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpdiag import formats as _formats
+from mpdiag.errors import MpdiagError
+from mpdiag.formats import Format
+from mpdiag.run import Kind, Run, Site
+from mpdiag.scaling import LossScaleAdvice, advise, exponent_of, flush_exponent, gradient_sites
+from mpdiag.stats import HIST_EXPONENTS, TensorStats
+from mpdiag.summary import SiteRisk, riskiest
+
+__all__ = ["Verdict", "verdicts", "nonfinite_verdict", "scaled_underflow", "percent", "site_label"]
+
+#: A site whose largest value is fewer bits than this below a format's max is called out.
+HEADROOM_BITS = 8
+#: Underflow shares at or below this are not worth a warning (the loss-scale window tolerates as much).
+TOLERATED_UNDERFLOW = 1e-3
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The verdict on one format. ``level`` is "fail" (values would be lost to overflow, or no loss
+    scale avoids both overflow and underflow), "warn" (fixable or marginal) or "ok"."""
+
+    fmt: str
+    level: str
+    sentence: str
+    overflow_sites: tuple[str, ...]  # site labels, most overflowing values first
+    first_overflow_step: int | None
+    gradient_underflow: float | None  # share without loss scaling; None when no gradient was recorded
+    recommended_scale: float | None  # set when gradients need scaling and some scale helps
+    activation_underflow: float
+    closest: SiteRisk | None  # the site with the least headroom to max
+    scaled_underflow: tuple[str, float] | None  # fp8 formats: worst site with per-tensor scaling
+
+
+def site_label(name: str, kind: str | Kind) -> str:
+    """How a site is named to people: 'blocks.0.attn (activation_grad)'."""
+    return f"{name or '<root>'} ({Kind.parse(kind).value})"
+
+
+def percent(share: float) -> str:
+    """A share as a short percentage that never rounds a loss away: 0.00003 -> '<0.01%'."""
+    if share == 0:
+        return "0%"
+    if share < 1e-4:
+        return "<0.01%"
+    return f"{100 * share:.3g}%"
+
+
+def verdicts(run: Run, advice: Mapping[str, LossScaleAdvice] | None = None) -> list[Verdict]:
+    """A verdict for each of the run's formats. ``advice`` maps format names to :func:`advise` results
+    already computed (the report shares them with its figures); missing ones are computed here."""
+    if not run.steps:
+        raise MpdiagError("the run has no recorded steps; train at least one step with diagnose() attached")
+    has_gradients = bool(gradient_sites(run))
+    out = []
+    for name in run.formats:
+        fmt = _formats.get(name)
+        adv = None
+        if has_gradients:
+            adv = (advice or {}).get(fmt.name) or advise(run, fmt)
+        out.append(_verdict(run, fmt, adv))
+    return out
+
+
+def nonfinite_verdict(run: Run) -> str | None:
+    """Where NaN/inf first appeared and how far it spread, or None when the run never held any."""
+    events = run.nonfinite_events()
+    if not events:
+        return None
+    first = events[0]
+    steps = sorted({e.step for e in events})
+    sites = {(e.name, e.kind) for e in events}
+    text = (f"NaN/inf first appeared at step {first.step} in the {first.phase} pass, in "
+            f"{site_label(first.name, first.kind)}; {len(sites)} site(s) held non-finite values in "
+            f"{len(steps)} step(s)")
+    if run.anomalies:
+        text += f"; anomaly mode reported {len(run.anomalies)} error(s), first in {run.anomalies[0].node}"
+    return text + "."
+
+
+def _verdict(run: Run, fmt: Format, adv: LossScaleAdvice | None) -> Verdict:
+    merged = {site: run.stats(site.name, site.kind) for site in run.sites}
+    overflowing = sorted((s for s in merged if merged[s].overflow(fmt)), key=lambda s: -merged[s].overflow(fmt))
+    first_overflow = next((step for step in run.steps
+                           if any(st.overflow(fmt) for st in run.records[step].values())), None)
+    activation_underflow = _underflow_share([v for s, v in merged.items() if s.kind == Kind.ACTIVATION], fmt)
+    closest = next(iter(sorted(riskiest(run, fmt, n=len(merged)), key=lambda r: r.headroom_bits)), None)
+    scaled = _worst_with_tensor_scaling(merged, fmt) if _is_fp8(fmt) else None
+
+    parts, level = [], "ok"
+    if overflowing:
+        parts.append(f"{len(overflowing)} site(s) overflow, first at step {first_overflow}")
+        level = "fail"
+    gradient_underflow = recommended = None
+    if adv is not None:
+        gradient_underflow = adv.at(1.0).underflow
+        if gradient_underflow > TOLERATED_UNDERFLOW:
+            parts.append(f"{percent(gradient_underflow)} of gradients underflow without loss scaling")
+            if adv.window is not None and adv.recommended is not None:
+                recommended = adv.recommended
+                after = adv.at(recommended).underflow
+                parts.append(f"recommended scale 2^{exponent_of(recommended)} ({percent(after)} underflow then)")
+                level = _worse(level, "warn")
+            else:
+                parts.append(f"no loss scale avoids both overflow and underflow (overflow first in "
+                             f"{adv.overflow_limiter}, underflow worst in {adv.underflow_limiter})")
+                level = "fail"
+    if activation_underflow > TOLERATED_UNDERFLOW:
+        parts.append(f"{percent(activation_underflow)} of activations flush to zero")
+        level = _worse(level, "warn")
+    if scaled is not None and scaled[1] > TOLERATED_UNDERFLOW:
+        parts.append(f"even scaled per tensor, {scaled[0]} loses {percent(scaled[1])} to underflow")
+        level = _worse(level, "warn")
+    if closest is not None and not overflowing:
+        if closest.headroom_bits < HEADROOM_BITS:
+            parts.append(f"{site_label(closest.name, closest.kind)} comes within "
+                         f"{closest.headroom_bits:.1f} bits of max")
+            level = _worse(level, "warn")
+        else:
+            parts.append(f"no site within {HEADROOM_BITS} bits of max")
+    if not parts:
+        parts.append("nothing recorded")
+    return Verdict(fmt=fmt.name, level=level, sentence=f"{fmt.name}: " + "; ".join(parts) + ".",
+                   overflow_sites=tuple(site_label(s.name, s.kind) for s in overflowing),
+                   first_overflow_step=first_overflow, gradient_underflow=gradient_underflow,
+                   recommended_scale=recommended, activation_underflow=activation_underflow,
+                   closest=closest, scaled_underflow=scaled)
+
+
+def _worse(a: str, b: str) -> str:
+    order = ("ok", "warn", "fail")
+    return max(a, b, key=order.index)
+
+
+def _is_fp8(fmt: Format) -> bool:
+    return fmt.bits == 8
+
+
+def _underflow_share(stats: list[TensorStats], fmt: Format) -> float:
+    nonzero = sum(s.finite_nonzero for s in stats)
+    return sum(s.underflow(fmt) for s in stats) / nonzero if nonzero else 0.0
+
+
+def scaled_underflow(stats: TensorStats, fmt: Format) -> float:
+    """The share of a site's non-zero finite values that flush to zero in ``fmt`` even after scaling the
+    tensor by the largest power of two that keeps its largest value below the overflow threshold
+    (per-tensor amax scaling, as fp8 recipes do). Whole log2 bins, so exact but for exact ties."""
+    if not stats.finite_nonzero:
+        return 0.0
+    k = math.floor(math.log2(fmt.overflow_threshold / stats.amax))
+    if stats.amax * 2.0**k >= fmt.overflow_threshold:  # log2 rounding at an exact power of two
+        k -= 1
+    flushed = stats.hist[HIST_EXPONENTS < flush_exponent(fmt) - k].sum()
+    return float(np.int64(flushed)) / stats.finite_nonzero
+
+
+def _worst_with_tensor_scaling(merged: Mapping[Site, TensorStats], fmt: Format) -> tuple[str, float] | None:
+    shares = [(scaled_underflow(v, fmt), site) for site, v in merged.items() if v.finite_nonzero]
+    if not shares:
+        return None
+    share, site = max(shares, key=lambda pair: pair[0])
+    return site_label(site.name, site.kind), share

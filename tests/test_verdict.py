@@ -1,0 +1,92 @@
+"""Verdicts per format: the levels and facts they state, and per-tensor scaling against real fp8 casts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import mpdiag
+from mpdiag import formats
+from mpdiag.scaling import advise
+from mpdiag.stats import TensorStats
+from mpdiag.verdict import nonfinite_verdict, percent, scaled_underflow, verdicts
+
+
+def train(model: nn.Module, inputs: list[torch.Tensor], loss_factor: float = 1.0,
+          fmts: tuple[str, ...] = ("fp16", "bf16", "fp8_e4m3")) -> mpdiag.Run:
+    with mpdiag.diagnose(model, formats=fmts) as diag:
+        for x in inputs:
+            model.zero_grad()
+            (model(x).sum() * loss_factor).backward()
+            diag.step()
+    return diag.run
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def test_a_healthy_run_passes_in_16_bit_formats() -> None:
+    run = train(small_model(), [torch.randn(4, 8) for _ in range(2)])
+    by = {v.fmt: v for v in verdicts(run)}
+    assert by["fp16"].level == by["bf16"].level == "ok"
+    assert by["bf16"].sentence == "bf16: no site within 8 bits of max."
+    assert by["fp16"].first_overflow_step is None and by["fp16"].recommended_scale is None
+    assert nonfinite_verdict(run) is None
+
+
+def test_overflow_names_the_sites_and_the_first_step() -> None:
+    model = small_model()
+    run = train(model, [torch.randn(4, 8), torch.randn(4, 8) * 1e6])  # past fp16's max from step 1 only
+    fp16 = verdicts(run)[0]
+    assert fp16.level == "fail" and fp16.first_overflow_step == 1
+    assert fp16.overflow_sites[0] == "0 (activation)"
+    assert fp16.sentence.startswith(f"fp16: {len(fp16.overflow_sites)} site(s) overflow, first at step 1")
+
+
+def test_tiny_gradients_get_the_scale_the_replay_recommends() -> None:
+    run = train(small_model(), [torch.randn(4, 8)], loss_factor=1e-10)
+    fp16 = verdicts(run)[0]
+    adv = advise(run, "fp16")
+    assert fp16.level == "warn" and fp16.gradient_underflow == adv.at(1.0).underflow > 0.5
+    assert fp16.recommended_scale == adv.recommended
+    assert f"recommended scale 2^{int(math.log2(adv.recommended))}" in fp16.sentence
+    assert verdicts(run)[1].level == "ok"  # bf16 keeps them
+
+
+def test_nonfinite_values_are_located() -> None:
+    x = torch.randn(4, 8)
+    x[1, 2] = float("inf")
+    run = train(small_model(), [torch.randn(4, 8), x])
+    text = nonfinite_verdict(run)
+    assert text is not None and text.startswith("NaN/inf first appeared at step 1 in the forward pass, in 0 (activation)")
+
+
+def test_a_run_without_steps_is_refused() -> None:
+    with pytest.raises(mpdiag.MpdiagError, match="no recorded steps"):
+        verdicts(mpdiag.Run(formats=("fp16",)))
+
+
+@pytest.mark.parametrize("share, text", [(0.0, "0%"), (3e-5, "<0.01%"), (0.5, "50%"), (0.00123, "0.123%"),
+                                         (1.0, "100%")])
+def test_percent_never_rounds_a_loss_away(share: float, text: str) -> None:
+    assert percent(share) == text
+
+
+@given(st.lists(st.floats(-60, 30), min_size=1, max_size=48), st.sampled_from(["fp8_e4m3", "fp8_e5m2", "fp16"]))
+def test_scaled_underflow_agrees_with_scaling_and_casting(log2_magnitudes: list[float], name: str) -> None:
+    fmt = formats.get(name)
+    x = torch.tensor([2.0**e for e in log2_magnitudes], dtype=torch.float32)
+    stats = TensorStats.of(x, (name,))
+    # The scale per-tensor recipes use: the largest power of two keeping amax below the overflow threshold.
+    k = max(k for k in range(-200, 200) if stats.amax * 2.0**k < fmt.overflow_threshold)
+    scaled = x.double() * 2.0**k
+    flushed = (scaled.to(torch.float32).to(fmt.dtype).to(torch.float32) == 0) & (x != 0)
+    tie = fmt.min_subnormal / 2  # exactly half the smallest subnormal rounds to even: zero, a whole-bin edge case
+    assert round(scaled_underflow(stats, fmt) * stats.finite_nonzero) == int((flushed & (scaled != tie)).sum())
