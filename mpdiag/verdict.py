@@ -113,8 +113,10 @@ def nonfinite_verdict(run: Run) -> str | None:
 def _verdict(run: Run, fmt: Format, adv: LossScaleAdvice | None) -> Verdict:
     merged = {site: run.stats(site.name, site.kind) for site in run.sites}
     overflowing = sorted((s for s in merged if merged[s].overflow(fmt)), key=lambda s: -merged[s].overflow(fmt))
+    # Only sites that overflow in some step can overflow in a given one: look at those alone.
     first_overflow = next((step for step in run.steps
-                           if any(st.overflow(fmt) for st in run.records[step].values())), None)
+                           if any(run.records[step][s].overflow(fmt) for s in overflowing if s in run.records[step])),
+                          None)
     activation_underflow = _underflow_share([v for s, v in merged.items() if s.kind == Kind.ACTIVATION], fmt)
     closest = next(iter(sorted(riskiest(run, fmt, n=len(merged)), key=lambda r: r.headroom_bits)), None)
     scaled = _worst_with_tensor_scaling(merged, fmt) if _is_fp8(fmt) else None

@@ -123,17 +123,18 @@ def _heatmaps(run: Run, ranked: Sequence[Site], top: int) -> list[tuple[str, Fig
                                                    (Kind.ACTIVATION_GRAD, "activation gradients"))),
                         ("exponents_parameters", ((Kind.PARAM, "parameters"),
                                                   (Kind.PARAM_GRAD, "parameter gradients")))):
-        panels, notes = {}, []
-        for kind, title in pairs:
+        panels, notes, kinds = {}, [], []
+        for kind, what in pairs:
             sites, note = chosen(run, ranked, top, kinds=(kind,))
             if sites:
-                panels[title] = sites
-                notes += [f"{title}: {note}"] if note else []
+                total = sum(1 for s in run.sites if s.kind == kind)
+                panels[f"{what}: the {len(sites)} riskiest of {total}" if note else f"{what} ({total})"] = sites
+                notes += [f"{what}: {note}"] if note else []
+                kinds.append(what)
         if panels:
-            caption = (f"Share of each site's non-zero values per power of two ({' and '.join(panels)}), "
+            caption = (f"Share of each site's non-zero values per power of two ({' and '.join(kinds)}), "
                        "with each format's max (solid), min normal (dashed) and min subnormal (dotted).")
-            out.append((name, fig.exponent_heatmap(run, panels, run.formats, "; ".join(notes)), caption,
-                        "; ".join(notes)))
+            out.append((name, fig.exponent_heatmap(run, panels, run.formats), caption, "; ".join(notes)))
     return out
 
 

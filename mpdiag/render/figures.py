@@ -145,7 +145,7 @@ def _exponent_window(matrices: Sequence[np.ndarray], formats: Sequence[Format]) 
     return max(lo, 0), min(hi, len(HIST_EXPONENTS) - 1)
 
 
-def exponent_heatmap(run: Run, panels: Mapping[str, Sequence[Site]], formats: Sequence[str], note: str = "") -> Figure:
+def exponent_heatmap(run: Run, panels: Mapping[str, Sequence[Site]], formats: Sequence[str]) -> Figure:
     """Sites by power-of-two bins, colour = share of the site's values in the bin (log scale), one panel
     per group of sites (activations beside gradients), each format's max / min normal / min subnormal drawn."""
     fmts = [_formats.get(f) for f in formats]
@@ -168,7 +168,7 @@ def exponent_heatmap(run: Run, panels: Mapping[str, Sequence[Site]], formats: Se
                 if extent[0] <= math.log2(edge) <= extent[1]:
                     ax.axvline(math.log2(edge), color=colour, ls=style, lw=1.3)
         ax.set_yticks(range(len(sites)), [_label(s) for s in sites], fontsize=7)
-        ax.set_title(f"{title} ({len(sites)} sites)", fontsize=10)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("log2 |value| (bin [2^e, 2^(e+1)))")
         ax.set_facecolor("white")
     if image is not None:
@@ -177,7 +177,7 @@ def exponent_heatmap(run: Run, panels: Mapping[str, Sequence[Site]], formats: Se
     handles += [Line2D([], [], color="black", ls=ls, label=what) for ls, what in
                 (("-", "max"), ("--", "min normal"), (":", "min subnormal"))]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
-    fig.suptitle("Where values sit, power of two by power of two" + (f" ({note})" if note else ""), fontsize=11)
+    fig.suptitle("Where values sit, power of two by power of two", fontsize=11)
     return fig
 
 
@@ -201,8 +201,12 @@ def over_time(run: Run, sites: Sequence[Site], formats: Sequence[str], overflow_
     top.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     top.grid(alpha=0.3)
     fmt = _formats.get(overflow_format)
-    nonfinite = [sum(v.nonfinite for v in run.records[s].values()) for s in steps]
-    overflow = [sum(v.overflow(fmt) for v in run.records[s].values()) for s in steps]
+    # Per-step sums over the sites that have any at all (a large run has a thousand sites and few of those).
+    with_nonfinite = [s for s in run.sites if run.stats(*s).nonfinite]
+    with_overflow = [s for s in run.sites if run.stats(*s).overflow(fmt)]
+    nonfinite = [sum(run.records[step][s].nonfinite for s in with_nonfinite if s in run.records[step]) for step in steps]
+    overflow = [sum(run.records[step][s].overflow(fmt) for s in with_overflow if s in run.records[step])
+                for step in steps]
     width = 0.4 if len(steps) < 200 else 1.0
     bottom.bar(np.array(steps) - width / 2, nonfinite, width=width, color="black", label="NaN/inf values")
     bottom.bar(np.array(steps) + width / 2, overflow, width=width, color=_OVERFLOW,
