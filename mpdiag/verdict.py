@@ -35,7 +35,8 @@ from mpdiag import formats as _formats
 from mpdiag.errors import MpdiagError
 from mpdiag.formats import Format
 from mpdiag.run import Kind, Run, Site
-from mpdiag.scaling import LossScaleAdvice, advise, exponent_of, flush_exponent, gradient_sites
+from mpdiag.scaling import (LossScaleAdvice, advise, exponent_of, flush_exponent, gradient_sites,
+                            underflow_per_step)
 from mpdiag.stats import HIST_EXPONENTS, TensorStats
 from mpdiag.summary import SiteRisk, riskiest
 
@@ -59,6 +60,7 @@ class Verdict:
     first_overflow_step: int | None
     gradient_underflow: float | None  # share without loss scaling; None when no gradient was recorded
     recommended_scale: float | None  # set when gradients need scaling and some scale helps
+    recorded_scale_underflow: float | None  # share flushed at the run's own loss scales; None: none recorded
     activation_underflow: float
     closest: SiteRisk | None  # the site with the least headroom to max
     scaled_underflow: tuple[str, float] | None  # fp8 formats: worst site with per-tensor scaling
@@ -125,12 +127,15 @@ def _verdict(run: Run, fmt: Format, adv: LossScaleAdvice | None) -> Verdict:
     if overflowing:
         parts.append(f"{len(overflowing)} site(s) overflow, first at step {first_overflow}")
         level = "fail"
-    gradient_underflow = recommended = None
+    gradient_underflow = recommended = recorded = None
     if adv is not None:
         gradient_underflow = adv.at(1.0).underflow
+        recorded = _recorded_scale_underflow(run, fmt) if run.loss_scales else None
         if gradient_underflow > TOLERATED_UNDERFLOW:
             parts.append(f"{percent(gradient_underflow)} of gradients underflow without loss scaling")
-            if adv.window is not None and adv.recommended is not None:
+            if recorded is not None and recorded <= TOLERATED_UNDERFLOW:
+                parts.append(f"the run's own loss scale ({_scale_span(run)}) keeps that to {percent(recorded)}")
+            elif adv.window is not None and adv.recommended is not None:
                 recommended = adv.recommended
                 after = adv.at(recommended).underflow
                 parts.append(f"recommended scale 2^{exponent_of(recommended)} ({percent(after)} underflow then)")
@@ -157,8 +162,23 @@ def _verdict(run: Run, fmt: Format, adv: LossScaleAdvice | None) -> Verdict:
     return Verdict(fmt=fmt.name, level=level, sentence=f"{fmt.name}: " + "; ".join(parts) + ".",
                    overflow_sites=tuple(site_label(s.name, s.kind) for s in overflowing),
                    first_overflow_step=first_overflow, gradient_underflow=gradient_underflow,
-                   recommended_scale=recommended, activation_underflow=activation_underflow,
+                   recommended_scale=recommended, recorded_scale_underflow=recorded,
+                   activation_underflow=activation_underflow,
                    closest=closest, scaled_underflow=scaled)
+
+
+def _scale_span(run: Run) -> str:
+    scales = sorted({exponent_of(v, "a recorded loss scale") for v in run.loss_scales.values()})
+    return f"2^{scales[0]}" if len(scales) == 1 else f"2^{scales[0]}..2^{scales[-1]}"
+
+
+def _recorded_scale_underflow(run: Run, fmt: Format) -> float:
+    """Share of the non-zero true gradients flushed at the scales the run's GradScaler used, over its steps."""
+    shares = underflow_per_step(run, fmt, run.loss_scales)
+    weights = {step: sum(run.records[step][s].finite_nonzero for s in gradient_sites(run) if s in run.records[step])
+               for step in shares}
+    total = sum(weights.values())
+    return sum(shares[s] * weights[s] for s in shares) / total if total else 0.0
 
 
 def _worse(a: str, b: str) -> str:

@@ -90,3 +90,15 @@ def test_scaled_underflow_agrees_with_scaling_and_casting(log2_magnitudes: list[
     flushed = (scaled.to(torch.float32).to(fmt.dtype).to(torch.float32) == 0) & (x != 0)
     tie = fmt.min_subnormal / 2  # exactly half the smallest subnormal rounds to even: zero, a whole-bin edge case
     assert round(scaled_underflow(stats, fmt) * stats.finite_nonzero) == int((flushed & (scaled != tie)).sum())
+
+
+def test_a_run_with_its_own_loss_scale_is_judged_at_that_scale() -> None:
+    from test_scaling import record_sites
+
+    torch.manual_seed(0)
+    run = record_sites({"w": torch.randn(1000) * 1e-9}, scale=2.0**16)  # as a GradScaler records them
+    fp16 = verdicts(run)[0]
+    assert fp16.gradient_underflow > 0.5  # true gradients: most flush to zero unscaled
+    # The recorded (scaled) values are what fp16 got: their own flush count is the share at the run's scale.
+    assert fp16.recorded_scale_underflow == run.stats("w", "param_grad").underflow("fp16") / 1000
+    assert "the run's own loss scale (2^16) keeps that to" in fp16.sentence and fp16.recommended_scale is None
