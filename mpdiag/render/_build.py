@@ -48,10 +48,10 @@ def build(run: Run, out: Path, *, top: int, scale_format: str, origin: NonFinite
          "Each site from its smallest to its largest non-zero value (thin) and its central 98% (thick), "
          "against the normal (green) and subnormal (yellow) range of each format.", note)
     heatmaps = [save(name, figure, caption, note) for name, figure, caption, note in _heatmaps(run, ranked, top)]
-    lines, _ = chosen(run, ranked, _LINES)
+    lines, _ = chosen(run, closest_to_max(run, run.formats[0]), _LINES)
     save("over_time", fig.over_time(run, lines, run.formats, scale_format),
-         f"Largest value per step of the {len(lines)} riskiest sites, and per-step counts of NaN/inf values "
-         f"and of values past {scale_format}'s overflow threshold.")
+         f"Largest value per step of the {len(lines)} sites closest to {run.formats[0]}'s max (NaN/inf first), "
+         f"and per-step counts of NaN/inf values and of values past {scale_format}'s overflow threshold.")
     scaling = _scaling_section(run, advice.get(scale_format), save)
     context = dict(
         title=title, overview=_overview(run), verdicts=verdict_list, nonfinite_text=nonfinite_verdict(run),
@@ -64,6 +64,13 @@ def build(run: Run, out: Path, *, top: int, scale_format: str, origin: NonFinite
 def ranked_sites(run: Run, fmt: str) -> list[Site]:
     """Every site, riskiest first for ``fmt`` (NaN/inf, then overflow, then the least room in bits)."""
     return [Site(r.name, Kind.parse(r.kind)) for r in riskiest(run, fmt, n=len(run.sites))]
+
+
+def closest_to_max(run: Run, fmt: str) -> list[Site]:
+    """Every site ordered by how near its largest value comes to ``fmt``'s max (NaN/inf, overflow first)."""
+    rows = sorted(riskiest(run, fmt, n=len(run.sites)),
+                  key=lambda r: (r.nonfinite == 0, r.overflow == 0, r.headroom_bits))
+    return [Site(r.name, Kind.parse(r.kind)) for r in rows]
 
 
 def chosen(run: Run, ranked: Sequence[Site], n: int, kinds: Sequence[Kind] | None = None) -> tuple[list[Site], str]:

@@ -211,13 +211,23 @@ def over_time(run: Run, sites: Sequence[Site], formats: Sequence[str], overflow_
     bottom.bar(np.array(steps) - width / 2, nonfinite, width=width, color="black", label="NaN/inf values")
     bottom.bar(np.array(steps) + width / 2, overflow, width=width, color=_OVERFLOW,
                label=f"values past {fmt.name}'s overflow threshold")
-    bottom.set_yscale("symlog", linthresh=1)
+    if any(nonfinite) or any(overflow):
+        bottom.set_yscale("symlog", linthresh=1)
+    else:
+        _nothing(bottom, f"no NaN/inf and nothing past {fmt.name}'s overflow threshold in any step")
     bottom.set_xlabel("step")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.set_ylabel("count")
     bottom.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.suptitle("Over time: the riskiest sites step by step", fontsize=11)
+    fig.suptitle("Over time: the sites closest to overflow, step by step", fontsize=11)
     return fig
+
+
+def _nothing(ax, text: str) -> None:  # noqa: ANN001
+    """An all-zero panel says so in words instead of showing an axis of rounding noise."""
+    ax.set_ylim(0, 1)
+    ax.set_yticks([0])
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#5b6470", fontsize=9)
 
 
 def loss_scale_curves(advice: LossScaleAdvice, sites: Sequence[Site]) -> Figure:
@@ -269,6 +279,8 @@ def grad_scaler_trajectory(simulation: GradScalerSimulation, recorded: Mapping[i
     lost.bar(steps_lost, [100 * underflow[s] for s in steps_lost], width=0.8 if len(steps_lost) < 200 else 1.0,
              color=_FLUSHED)
     lost.set_ylabel("flushed (%)")
+    if not any(underflow.values()):
+        _nothing(lost, "no gradient flushed to zero at the simulated scale")
     lost.set_xlabel("step")
     lost.xaxis.set_major_locator(MaxNLocator(integer=True))
     lost.grid(alpha=0.3)
