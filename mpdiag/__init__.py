@@ -1,6 +1,6 @@
 """mpdiag: numerical-stability diagnostics for PyTorch mixed-precision training.
 
-Attach :func:`diagnose` to a model, train, read per-layer statistics from ``diag.run`` and write the
+Attach ``diagnose`` to a model, train, read per-layer statistics from ``diag.run`` and write the
 HTML report with ``diag.report(out_dir)``.
 """
 

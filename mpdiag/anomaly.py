@@ -5,7 +5,7 @@ NaN makes torch emit the forward traceback of that node as a warning ("Error det
 LogBackward0. Traceback of forward call that caused the error: ...") and raise a RuntimeError. The
 warning is lost when warnings are filtered, and neither says which module the operator ran in.
 
-While a Diagnosis is attached, :class:`AnomalyWatch`:
+While a Diagnosis is attached, ``AnomalyWatch``:
 - sees that warning even when the user's filters ignore it, and shows it exactly when their filters
   would have (an ``always`` filter for this one message, and a ``showwarning`` that defers to theirs);
 - tags, while anomaly mode is on, the autograd nodes each module's forward creates with the module's

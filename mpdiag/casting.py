@@ -10,7 +10,7 @@ flushing denormals changes how fp32 subnormals cast to bf16. NB: overflow of a s
 is the round-to-nearest threshold applied to the input; an fp64 input a hair below it that torch's
 intermediate fp32 rounding lifts onto it saturates without being counted.
 
-Example:
+Examples:
     >>> import torch
     >>> from mpdiag import formats
     >>> from mpdiag.casting import Category, classify
@@ -152,7 +152,7 @@ def _smallest_with(source: torch.dtype, predicate: Callable[[torch.Tensor], bool
 
 
 def classify(x: torch.Tensor, fmt: str | torch.dtype | Format) -> torch.Tensor:
-    """Element-wise :class:`Category` codes (int8) of ``x`` as it would be after casting to ``fmt``.
+    """Element-wise ``Category`` codes (int8) of ``x`` as it would be after casting to ``fmt``.
 
     Non-finite inputs are NAN or INF, never OVERFLOW. Inputs of any floating dtype; fp64 inputs are
     judged by what torch's fp64 cast really does.

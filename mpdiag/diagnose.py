@@ -3,7 +3,7 @@
 The Diagnosis owns every hook handle and removes them all on exit, also when the training step raised.
 Closing a step is the only place the host reads device values: once per recorded step.
 
-Example:
+Examples:
     >>> import torch, mpdiag
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -83,7 +83,7 @@ def diagnose(
             ``mpdiag.load(path)`` reads it back, also while training goes on.
 
     Returns:
-        A :class:`Diagnosis`, usable as a context manager.
+        A ``Diagnosis``, usable as a context manager.
     """
     return Diagnosis(model, formats=formats, every=every, include=include, exclude=exclude, optimizer=optimizer,
                      scaler=scaler, on_nonfinite=on_nonfinite, run_file=run_file)
@@ -122,7 +122,7 @@ def _selected(name: str, include: tuple[str, ...] | None, exclude: tuple[str, ..
 
 
 class Diagnosis:
-    """Hooks on one model, the current step, and the statistics recorded so far. See :func:`diagnose`."""
+    """Hooks on one model, the current step, and the statistics recorded so far. See ``diagnose``."""
 
     def __init__(self, model: nn.Module, *, formats: Sequence[str | torch.dtype | Format] = DEFAULT_FORMATS,
                  every: int = 1, include: str | Iterable[str] | None = None,
@@ -196,7 +196,7 @@ class Diagnosis:
         self._close_step()
 
     def report(self, out_dir: str | os.PathLike[str], **options: Any) -> Report:
-        """Write the HTML report of everything recorded so far into ``out_dir``; see :func:`mpdiag.report`."""
+        """Write the HTML report of everything recorded so far into ``out_dir``; see ``mpdiag.report``."""
         return report(self.run, out_dir, **options)
 
     def close(self) -> None:

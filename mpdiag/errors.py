@@ -1,4 +1,4 @@
-"""mpdiag's exceptions: one root, :class:`MpdiagError`, so callers can catch everything mpdiag raises."""
+"""mpdiag's exceptions: one root, ``MpdiagError``, so callers can catch everything mpdiag raises."""
 
 from __future__ import annotations
 

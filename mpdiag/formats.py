@@ -4,7 +4,7 @@ Every constant is computed from ``torch.finfo`` of the format's dtype (TF32, whi
 fp32's finfo and its 10 mantissa bits). What an overflowing value becomes is found by casting one with
 the installed torch, because that changed between releases (fp8 e4m3fn gave NaN, torch 2.13 saturates).
 
-Example:
+Examples:
     >>> from mpdiag import formats
     >>> fp16 = formats.get("half")
     >>> fp16.name, fp16.max, fp16.min_normal, fp16.overflow_threshold

@@ -7,7 +7,7 @@ parameters the update rule is torch's (``torch._amp_update_scale_``, computed in
 ``hysteresis``, ``min_scale`` and ``max_scale`` cover DeepSpeed (hysteresis 2, min scale 1), Megatron
 (hysteresis 2) and Apex (max scale 2^24).
 
-Example:
+Examples:
     >>> import torch, mpdiag
     >>> model = torch.nn.Linear(4, 1, bias=False)
     >>> with mpdiag.diagnose(model) as diag:

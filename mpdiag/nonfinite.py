@@ -3,7 +3,7 @@
 Every observation inside a step gets a sequence number in the order hooks ran (forward hooks fire as
 modules finish, innermost first; gradient hooks in backward order). Its NaN/+inf/-inf counts are three
 buckets of its statistics, kept on the device; when the step closes they are read together with
-everything else and turned into :class:`NonFiniteEvent` records. The first event of a phase is where
+everything else and turned into ``NonFiniteEvent`` records. The first event of a phase is where
 mpdiag first saw a non-finite value in that phase (``produced``); later ones received it from upstream.
 
 NB: parameters are observed when the step closes but sort first in the forward phase (seq -1): a

@@ -47,7 +47,7 @@ class _Counts:
 class ReplayResult:
     """Measured outcome of each replayed loss scale, per gradient site and overall.
 
-    ``at(scale, site=None)`` returns the same :class:`~mpdiag.scaling.ScaleOutcome` as ``advise``.
+    ``at(scale, site=None)`` returns the same ``mpdiag.scaling.ScaleOutcome`` as ``advise``.
     """
 
     dtype: torch.dtype

@@ -3,7 +3,7 @@
 A Run maps each recorded step to the statistics of every site seen in it. It holds no tensors and no
 reference to the model, so it can be kept, compared, saved and analysed after training has moved on.
 
-Example:
+Examples:
     >>> import torch, mpdiag
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
     >>> with mpdiag.diagnose(model) as diag:

@@ -3,13 +3,13 @@
 ``diagnose(..., run_file="run.mpdiag")`` writes each recorded step in one transaction, committed when
 the step closes, in WAL mode: a reader can load the file while training writes it, and a process
 killed mid-run leaves a file holding every step committed before the kill. ``mpdiag.load(path)``
-returns the same :class:`~mpdiag.run.Run` that ``diag.run`` gives.
+returns the same ``mpdiag.run.Run`` that ``diag.run`` gives.
 
 Nothing in a run file is executed on load: rows hold numbers, text, JSON and raw little-endian integer
 arrays (no pickle). Histograms keep only the span of non-empty bins, with the narrowest integer type
 that holds their counts, compressed with zlib.
 
-Example:
+Examples:
     >>> import tempfile, os, torch, mpdiag
     >>> path = os.path.join(tempfile.mkdtemp(), "run.mpdiag")
     >>> model = torch.nn.Linear(4, 2)

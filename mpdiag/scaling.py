@@ -10,7 +10,7 @@ log2 bins lie below the format's zero tie), except for values lying exactly on t
 NB: the subnormal fraction counts the whole bin just below the min normal; values within half an ulp
 of it round up to normal and are counted as subnormal.
 
-Example:
+Examples:
     >>> import torch, mpdiag
     >>> _ = torch.manual_seed(0)
     >>> model = torch.nn.Linear(64, 64)
@@ -92,7 +92,7 @@ class _Curves:
 
 @dataclass(frozen=True)
 class LossScaleAdvice:
-    """The replay of every power-of-two loss scale on the recorded gradients. See :func:`advise`.
+    """The replay of every power-of-two loss scale on the recorded gradients. See ``advise``.
 
     Attributes:
         fmt: the format the gradients would be cast to.

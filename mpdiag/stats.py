@@ -7,7 +7,7 @@ each tracked format exact counts of the values a cast would flush to zero, make 
 
 Merging is exact, associative and commutative: sums of counts, max of amax, min of amin_nonzero.
 
-Example:
+Examples:
     >>> import torch
     >>> from mpdiag.stats import TensorStats
     >>> s = TensorStats.of(torch.tensor([0.0, 1e-8, 3.0, 7e4, float("inf")]), formats=("fp16", "bf16"))

@@ -4,7 +4,7 @@ For each tracked format a site's risk is, in order: it held NaN/inf; values woul
 the nearer of its two edges in bits: headroom (its largest value below the format's max) or footroom
 (its smallest non-zero value above the format's smallest normal; negative once values go subnormal).
 
-Example:
+Examples:
     >>> import torch, mpdiag
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     >>> with mpdiag.diagnose(model) as diag:

@@ -3,7 +3,7 @@
 The data is a random Markov chain over tokens, so the loss has somewhere to go (entropy of the chain)
 and training curves look like real ones, without downloading anything.
 
-Example:
+Examples:
     >>> import torch
     >>> from mpdiag.toy import TinyTransformerLM, synthetic_batches
     >>> model = TinyTransformerLM(vocab_size=64, d_model=32, n_heads=2, n_layers=1, seq_len=16)

@@ -9,7 +9,7 @@ the forward call that created it), the phase, and the Python stack of that forwa
 The model is left as found (parameters, ``.grad``, buffers, random state); an attached Diagnosis
 records none of the re-run. Call it in the ``except`` of a training loop that just hit a NaN loss.
 
-Example:
+Examples:
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
     >>> origin = trace_nonfinite(model, lambda m, x: m(x).log().sum(), torch.ones(1, 2))
@@ -66,7 +66,7 @@ class NonFiniteOrigin:
         counts = ", ".join(f"{n} {label}" for n, label in ((self.nans, "NaN"), (self.posinf, "+inf"),
                                                             (self.neginf, "-inf")) if n)
         source = "" if self.inputs_finite else " (its inputs were already non-finite)"
-        frames = "".join(self.stack[-3:]).rstrip()
+        frames = "".join([f for f in self.stack if not _internal(f)][-3:]).rstrip()  # the user's own lines
         return f"{self.op} produced {counts} in {self.phase}, {where}{source}\n{frames}"
 
 
@@ -134,11 +134,15 @@ class _FirstNonFinite(TorchDispatchMode):
             neginf=sum(int((t == float("-inf")).sum()) for t in bad), inputs_finite=inputs_finite)
 
 
+def _internal(frame: str) -> bool:
+    """A frame inside torch or mpdiag: dispatch and module-call machinery, which says nothing to a user."""
+    return any(root in frame for root in (os.path.dirname(torch.__file__), os.path.dirname(__file__)))
+
+
 def _user_frames(stack: list[str]) -> tuple[str, ...]:
-    """The stack up to the last frame outside torch and mpdiag (dispatch machinery says nothing)."""
-    internal = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+    """The stack up to the last frame outside torch and mpdiag."""
     end = len(stack)
-    while end and any(root in stack[end - 1] for root in internal):
+    while end and _internal(stack[end - 1]):
         end -= 1
     return tuple(stack[:end])
 

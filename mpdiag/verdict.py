@@ -13,7 +13,7 @@ What counts, per format:
 - fp8 formats, which are used with a scale per tensor: the worst site's flushed share even when each
   tensor is scaled by the power of two that puts its largest value just below the format's max.
 
-Example:
+Examples:
     >>> import torch, mpdiag
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     >>> with mpdiag.diagnose(model, formats=("fp16", "bf16")) as diag:
@@ -81,7 +81,7 @@ def percent(share: float) -> str:
 
 
 def verdicts(run: Run, advice: Mapping[str, LossScaleAdvice] | None = None) -> list[Verdict]:
-    """A verdict for each of the run's formats. ``advice`` maps format names to :func:`advise` results
+    """A verdict for each of the run's formats. ``advice`` maps format names to ``advise`` results
     already computed (the report shares them with its figures); missing ones are computed here."""
     if not run.steps:
         raise MpdiagError("the run has no recorded steps; train at least one step with diagnose() attached")

@@ -3,7 +3,7 @@
 Rendering is the last stage: it reads a Run (and the analysis computed from it here), never a model or
 hooks, so a report can be written during training, after it, or from a run file on another machine.
 
-Example:
+Examples:
     >>> import tempfile, torch, mpdiag
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     >>> with mpdiag.diagnose(model) as diag:
@@ -33,7 +33,7 @@ __all__ = ["report", "Report"]
 
 @dataclass(frozen=True)
 class Report:
-    """What :func:`report` wrote.
+    """What ``report`` wrote.
 
     Attributes:
         html: the report page (self-contained: figures are embedded).
@@ -58,7 +58,7 @@ def report(run: Run, out_dir: str | os.PathLike[str], *, top: int = 40, scale_fo
         top: how many sites the figures show at most (the riskiest in the first tracked format; the
             table lists every site).
         scale_format: the format loss scaling is replayed for (default fp16 when tracked, else the first).
-        origin: a :func:`mpdiag.trace_nonfinite` result to show in the NaN/inf section.
+        origin: a ``mpdiag.trace_nonfinite`` result to show in the NaN/inf section.
         title: the page title (default "mpdiag stability report").
     """
     from mpdiag.render._build import build  # matplotlib is imported only when a report is written

@@ -56,7 +56,7 @@ def columns(formats: Sequence[str]) -> list[Column]:
 
 
 def site_rows(run: Run, sites: Sequence[Site] | None = None) -> list[list[Cell]]:
-    """One row of cells per site (merged over steps), in the order of :func:`columns`."""
+    """One row of cells per site (merged over steps), in the order of ``columns``."""
     return [_row(site, run.stats(site.name, site.kind), run.formats) for site in (sites or run.sites)]
 
 

@@ -1,0 +1,53 @@
+"""Every Python example in the documentation runs, page by page, in order, as a reader would run it."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAGES = sorted(p for p in DOCS.rglob("*.md") if "_hooks" not in p.parts)
+
+
+# What the pages' comments and prose claim about their examples' results, checked after they run.
+CLAIMS = {
+    "index.md": ["report.html.exists()", "len(report.verdicts) == 4", "stats.amax > 0"],
+    "nan-loss.md": ["(first.step, first.phase, first.name, first.produced) == (3, 'forward', '0', True)",
+                    "(origin.op, origin.module, origin.phase) == ('aten.sqrt.default', '0', 'forward')",
+                    "(record.node, record.module) == ('AddmmBackward0', '2')",
+                    "diag.run.first_nonfinite().name == '0'"],
+    "loss-scale.md": ["advice.at(1.0).underflow > 0.5 and advice.recommended is not None",
+                      "result.at(advice.recommended).underflow < result.at(1.0).underflow"],
+    "cheaper-formats.md": ["{v.fmt: v.level for v in verdicts(diag.run)}['bf16'] == 'ok'"],
+    "long-runs.md": ["live.steps == [0, 10, 20, 30, 40, 50]", "run.steps[-1] == 90"],
+}
+
+
+def python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)\n```", page.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_every_page_is_in_the_site_navigation() -> None:
+    nav = (DOCS.parent / "mkdocs.yml").read_text(encoding="utf-8")
+    for page in PAGES:
+        assert str(page.relative_to(DOCS)) in nav, f"{page} is not in mkdocs.yml's nav"
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: str(p.relative_to(DOCS)))
+def test_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if page.name == "loss-scale.md":
+        from test_replay import _cpu_fp16_autocast
+
+        if not _cpu_fp16_autocast():
+            pytest.skip("the page replays fp16 autocast on the CPU, which needs torch >= 2.3")
+    monkeypatch.chdir(tmp_path)  # examples write run files and reports into the working directory
+    namespace: dict[str, object] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, code in enumerate(python_blocks(page)):
+            exec(compile(code, f"{page.name} block {i + 1}", "exec"), namespace)
+    for claim in CLAIMS.get(page.name, []):
+        assert eval(claim, namespace), claim
