@@ -68,7 +68,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from mpdiag.runfile import load
 
     run = load(args.run)
-    written = report(run, Path(args.out), top=args.top, scale_format=args.scale_format,
+    out = Path(args.out) if args.out else Path(args.run).with_name(Path(args.run).stem + "-report")
+    written = report(run, out, top=args.top, scale_format=args.scale_format,
                      title=args.title or f"mpdiag report: {Path(args.run).name}")
     for verdict in written.verdicts:
         print(f"{verdict.level.upper():5} {verdict.sentence}")
@@ -119,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write report.html, self-contained, with every figure also as a PNG file "
                                    "beside it, into the output directory; print the verdict per format.")
     p.add_argument("run", help="a run file written by diagnose(run_file=...) or mpdiag demo")
-    p.add_argument("-o", "--out", required=True, help="output directory (created if missing)")
+    p.add_argument("-o", "--out", default=None, help="output directory, created if missing (default: beside the "
+                   "run file, named after it: run.mpdiag -> run-report/)")
     p.add_argument("--top", type=_positive, default=40, help="sites shown in the figures (default 40; the "
                    "table lists all)")
     p.add_argument("--scale-format", default=None, help="format to replay loss scaling for (default fp16 "

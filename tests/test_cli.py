@@ -89,4 +89,5 @@ def test_report_writes_the_page_and_figures_of_a_run_file_and_prints_the_verdict
          "grad_scaler.png"])
     missing = mpdiag_cli("report", str(tmp_path / "nope.mpdiag"), "-o", str(tmp_path / "x"))
     assert missing.returncode == 1 and missing.stderr.startswith("mpdiag: error:")
-    assert mpdiag_cli("report", str(tmp_path / "run.mpdiag")).returncode == 2  # -o is required
+    default = mpdiag_cli("report", str(tmp_path / "run.mpdiag"))  # without -o: beside the run file
+    assert default.returncode == 0 and (tmp_path / "run-report" / "report.html").exists()
