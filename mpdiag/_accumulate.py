@@ -100,6 +100,8 @@ def measure(x: torch.Tensor, format_names: tuple[str, ...]) -> Observation:
     No autograd context is needed: every op reads ``x.detach()`` or writes mpdiag's own tensors.
     """
     x = x.detach()
+    if type(x).__name__ == "DTensor":  # a shard of a distributed tensor (FSDP2): this rank's own part
+        x = x.to_local()
     layout = layout_for(x.dtype, format_names)
     on_host = x.device.type == "cpu" and use_cpu_kernel()
     part = _Part(layout, x.device, on_host)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpdiag import distributed
 from mpdiag.anomaly import AnomalyWatch
 from mpdiag.environment import describe
 from mpdiag.errors import AttachError, MpdiagError, MpdiagWarning
@@ -62,6 +63,7 @@ def diagnose(
     scaler: torch.amp.GradScaler | None = None,
     on_nonfinite: str = "record",
     run_file: str | os.PathLike[str] | None = None,
+    group: Any = None,
 ) -> Diagnosis:
     """Record, per module and parameter, how values sit against each format's range.
 
@@ -80,13 +82,18 @@ def diagnose(
             events in ``run.nonfinite_events()``), "warn" (also an MpdiagWarning naming the origin) or
             "raise" (also a NonFiniteError carrying the origin and the sites' recent history).
         run_file: a new file to write every recorded step to as it closes (SQLite, crash-safe);
-            ``mpdiag.load(path)`` reads it back, also while training goes on.
+            ``mpdiag.load(path)`` reads it back, also while training goes on. Under torch.distributed
+            only rank 0 writes it.
+        group: the torch.distributed process group whose ranks' statistics are combined when a step
+            closes (default: the default group, when one is initialised). The model may be wrapped in
+            DistributedDataParallel or sharded with FSDP2's ``fully_shard``; names are the user's own.
+            Every rank must close the same steps (``optimizer=`` does), as with any collective.
 
     Returns:
         A ``Diagnosis``, usable as a context manager.
     """
     return Diagnosis(model, formats=formats, every=every, include=include, exclude=exclude, optimizer=optimizer,
-                     scaler=scaler, on_nonfinite=on_nonfinite, run_file=run_file)
+                     scaler=scaler, on_nonfinite=on_nonfinite, run_file=run_file, group=group)
 
 
 @contextlib.contextmanager
@@ -129,29 +136,44 @@ class Diagnosis:
                  exclude: str | Iterable[str] | None = None,
                  optimizer: torch.optim.Optimizer | None = None,
                  scaler: torch.amp.GradScaler | None = None, on_nonfinite: str = "record",
-                 run_file: str | os.PathLike[str] | None = None) -> None:
+                 run_file: str | os.PathLike[str] | None = None, group: Any = None) -> None:
         _check_arguments(model, every, optimizer, scaler)
+        self._group = distributed.active_group(group)
+        self._rank = distributed.rank_of(self._group)
+        wrapper, (model, replicated) = model, distributed.unwrap(model)
         if on_nonfinite not in _ON_NONFINITE:
             raise MpdiagError(f"on_nonfinite must be one of {', '.join(map(repr, _ON_NONFINITE))}, got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
         self.formats = format_names(formats)
         self.every = every
         include_globs, exclude_globs = _globs(include, "include"), _globs(exclude, "exclude")
-        modules = {n: m for n, m in model.named_modules() if _selected(n, include_globs, exclude_globs)}
+        # Wrapper levels (FSDP, checkpointing) leave the names; the innermost module of a name is the real one.
+        named = {distributed.clean_name(n): m for n, m in model.named_modules()}
+        modules = {n: m for n, m in named.items() if _selected(n, include_globs, exclude_globs)}
         if not modules:
             raise MpdiagError(f"include={include!r} / exclude={exclude!r} select none of the model's modules; "
                               f"module names look like {[n for n, _ in list(model.named_modules())[:4]]}")
         self._environment = describe(model, self.formats, scaler)
+        if self._group is not None:
+            self._environment["distributed"] = distributed.describe_group(self._group)
         self._device_type = self._environment["device"].split(":")[0]
-        self._claim(model)  # first: a refused second diagnosis must not create a run file
-        self._model_ref = weakref.ref(model)
+        self._claim(wrapper)  # first: a refused second diagnosis must not create a run file
+        self._model_ref = weakref.ref(wrapper)
         try:
-            self._writer = RunWriter(run_file, self.formats, self._meta()) if run_file is not None else None
+            writes = run_file is not None and self._rank == 0  # one file for the whole job
+            self._writer = RunWriter(run_file, self.formats, self._meta()) if writes else None
         except BaseException:
-            self._release(model)
+            self._release(wrapper)
             raise
         self._anomalies_written = 0
-        self._recorder = Recorder(self.formats, _owned_parameters(modules))
+        params = _owned_parameters(modules)
+        self._recorder = Recorder(self.formats, params, group=self._group, replicated={
+            Site(n, kind) for n, p in params.items() if distributed.is_replicated(p, replicated)
+            for kind in (Kind.PARAM, Kind.PARAM_GRAD)})
+        # DDP averages gradients after backward accumulated them, FSDP2 reduce-scatters them: the gradient
+        # the optimizer sees exists only when the step closes, so that is where it is measured.
+        self._grads_at_close = self._group is not None and (replicated or any(
+            distributed.is_sharded(p) or distributed.is_replicated(p, False) for p in params.values()))
         self._records: dict[int, dict[Site, TensorStats]] = {}
         self._loss_scales: dict[int, float] = {}
         self._events: dict[int, tuple[NonFiniteEvent, ...]] = {}
@@ -165,7 +187,7 @@ class Diagnosis:
         self._anomaly = AnomalyWatch(lambda: self._step)
         self._recorder.anomaly = self._anomaly
         self._recorder.device_type = self._device_type
-        self._install(model, modules, optimizer)
+        self._install(wrapper, modules, optimizer)
         self._anomaly.install()
 
     # -- public API -------------------------------------------------------------------------------
@@ -195,19 +217,25 @@ class Diagnosis:
             raise MpdiagError("this Diagnosis is closed; attach a new one with mpdiag.diagnose(model)")
         self._close_step()
 
-    def report(self, out_dir: str | os.PathLike[str], **options: Any) -> Report:
-        """Write the HTML report of everything recorded so far into ``out_dir``; see ``mpdiag.report``."""
+    def report(self, out_dir: str | os.PathLike[str], **options: Any) -> Report | None:
+        """Write the HTML report of everything recorded so far into ``out_dir``; see ``mpdiag.report``.
+        Under torch.distributed only rank 0 writes it (the statistics are the whole job's); other ranks
+        write nothing and get None."""
+        if self._rank != 0:
+            return None
         return report(self.run, out_dir, **options)
 
     def close(self) -> None:
         """Record a step in progress, then remove every hook. Safe to call more than once."""
         self._close(report=True)
 
-    def _close(self, report: bool) -> None:
+    def _close(self, report: bool, body_failed: bool = False) -> None:
         if self._closed:
             return
         try:
-            if self._recorder.active:
+            # Under torch.distributed, closing a step is a collective: a rank whose training raised must
+            # not start one that the other ranks may never join. Its partial step is dropped.
+            if self._recorder.active and not (body_failed and self._group is not None):
                 self._close_step(report=report)
         finally:
             self._closed = True
@@ -228,7 +256,7 @@ class Diagnosis:
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         self._anomaly.saw_exception(exc)  # read, never swallowed: the exception goes on to the caller
         # The step in progress is still recorded; its NaN is not raised over the body's own exception.
-        self._close(report=exc is None)
+        self._close(report=exc is None, body_failed=exc is not None)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"step {self._step}"
@@ -256,7 +284,7 @@ class Diagnosis:
         for name, module in modules.items():
             self._handles.append(module.register_forward_hook(_bind(rec.on_forward, name)))
         for name, param in rec.params.items():
-            if param.requires_grad:
+            if param.requires_grad and not self._grads_at_close:
                 self._handles.append(param.register_post_accumulate_grad_hook(_bind(rec.on_param_grad, name)))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(lambda *_: self._close_step()))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpdiag import distributed
 from mpdiag._accumulate import SKIP_REASONS, Observation, SiteAccumulator, measure, read_with_extras, skip_reason
 from mpdiag.anomaly import AnomalyWatch
 from mpdiag.environment import autocast_dtype
@@ -55,9 +56,12 @@ def floating_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
 class Recorder:
     """Owns the accumulators of one diagnosis and the bodies of its hooks."""
 
-    def __init__(self, format_names: tuple[str, ...], params: Mapping[str, nn.Parameter]) -> None:
+    def __init__(self, format_names: tuple[str, ...], params: Mapping[str, nn.Parameter], group: Any = None,
+                 replicated: set[Site] | None = None) -> None:
         self.format_names = format_names
         self.params = dict(params)
+        self.group = group  # torch.distributed: statistics are reduced across it when a step closes
+        self.replicated = replicated or set()  # sites every rank holds whole: not summed
         self.recording = True
         self.active = False  # a hook observed something since the last reset
         self.saw_backward = False  # a gradient arrived since the last reset (recorded or not)
@@ -153,8 +157,14 @@ class Recorder:
             if param.grad is not None and self.accumulator(grad_site).empty:
                 self._observe(grad_site, param.grad)  # set by hand, not by backward
         live = {site: acc for site, acc in self._accumulators.items() if not acc.empty}
+        if self.group is not None:
+            live = distributed.reduce_accumulators(live, self.accumulator, self.format_names, self.group,
+                                                   self.replicated)
         stats, event_counts = read_with_extras(live, self.events.device_tensors())
-        return stats, self.events.events(step, event_counts)
+        events = self.events.events(step, event_counts)
+        if self.group is not None:
+            events = distributed.gather_events(events, self.group, self.replicated)
+        return stats, events
 
     def reset(self) -> None:
         self._recent.clear()

@@ -40,6 +40,8 @@ class NonFiniteEvent:
         seq: order of the observation within its step (-1: parameters, observed before the forward).
         produced: True for the first event of its phase in the step (the origin as far as mpdiag saw);
             False for sites that received non-finite values from upstream.
+        ranks: under torch.distributed, the ranks whose tensors held them (counts are summed over
+            those ranks); empty in a single process.
     """
 
     step: int
@@ -51,12 +53,14 @@ class NonFiniteEvent:
     neginf: int
     seq: int
     produced: bool
+    ranks: tuple[int, ...] = ()
 
     def __str__(self) -> str:
         counts = ", ".join(f"{n} {label}" for n, label in ((self.nans, "NaN"), (self.posinf, "+inf"),
                                                             (self.neginf, "-inf")) if n)
         role = "first seen here" if self.produced else "received from upstream"
-        return f"step {self.step}, {self.phase}: {counts} in {self.kind} of {self.name or '<root>'} ({role})"
+        where = f", rank{'s' if len(self.ranks) > 1 else ''} {', '.join(map(str, self.ranks))}" if self.ranks else ""
+        return f"step {self.step}, {self.phase}: {counts} in {self.kind} of {self.name or '<root>'} ({role}{where})"
 
 
 class NonFiniteError(MpdiagError):

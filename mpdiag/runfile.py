@@ -42,7 +42,7 @@ from mpdiag.stats import HIST_EXPONENTS, TensorStats
 
 __all__ = ["load", "RunWriter", "RunFileError", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: events name the ranks they appeared on (torch.distributed)
 _APPLICATION_ID = 0x6D706467  # "mpdg": marks the SQLite file as an mpdiag run file
 
 _SCHEMA = """
@@ -55,7 +55,7 @@ CREATE TABLE stats (
     amax REAL, amin_nonzero REAL, calls INTEGER, dtypes TEXT, hist_first INTEGER, hist BLOB, casts BLOB,
     PRIMARY KEY (step, site));
 CREATE TABLE events (step INTEGER, seq INTEGER, name TEXT, kind TEXT, phase TEXT,
-                     nans INTEGER, posinf INTEGER, neginf INTEGER, produced INTEGER);
+                     nans INTEGER, posinf INTEGER, neginf INTEGER, produced INTEGER, ranks TEXT);
 CREATE TABLE anomalies (id INTEGER PRIMARY KEY, step INTEGER, message TEXT, traceback TEXT, module TEXT, node TEXT);
 """
 
@@ -112,9 +112,9 @@ class RunWriter:
             self.db.execute("INSERT INTO steps VALUES (?, ?)", (step, loss_scale))
             self.db.executemany("INSERT INTO stats VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                                 [(step, self._site_id(site), *_stats_row(s)) for site, s in stats.items()])
-            self.db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?)",
+            self.db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?,?)",
                                 [(e.step, e.seq, e.name, e.kind, e.phase, e.nans, e.posinf, e.neginf,
-                                  int(e.produced)) for e in events])
+                                  int(e.produced), ",".join(map(str, e.ranks))) for e in events])
             if meta:
                 self._put_meta(meta)
 
@@ -201,8 +201,12 @@ def _read(db: sqlite3.Connection, path: Path) -> Run:
             casts=_unpack(casts).reshape(len(formats), 3), dtypes=frozenset(filter(None, dtypes.split(","))),
             calls=calls)
     events: dict[int, list[NonFiniteEvent]] = {}
-    for step, seq, name, kind, phase, n, p, m, produced in db.execute("SELECT * FROM events ORDER BY rowid"):
-        events.setdefault(step, []).append(NonFiniteEvent(step, name, kind, phase, n, p, m, seq, bool(produced)))
+    ranks_column = "ranks" if version >= 2 else "''"  # version 1 files predate ranks
+    for step, seq, name, kind, phase, n, p, m, produced, ranks in db.execute(
+            f"SELECT step, seq, name, kind, phase, nans, posinf, neginf, produced, {ranks_column} FROM events "
+            "ORDER BY rowid"):
+        events.setdefault(step, []).append(NonFiniteEvent(step, name, kind, phase, n, p, m, seq, bool(produced),
+                                                          tuple(int(r) for r in (ranks or "").split(",") if r)))
     anomalies = tuple(AnomalyRecord(message, tuple(json.loads(tb)), module, node, step)
                       for step, message, tb, module, node in
                       db.execute("SELECT step, message, traceback, module, node FROM anomalies ORDER BY id"))

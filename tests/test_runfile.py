@@ -118,6 +118,23 @@ def test_bad_files_get_clear_errors(tmp_path: Path) -> None:
         mpdiag.load(newer)
 
 
+def test_files_of_schema_version_1_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "v1.mpdiag"
+    model = nn.Sequential(nn.Linear(2, 2))
+    with mpdiag.diagnose(model, run_file=path) as diag:
+        model(torch.tensor([[float("nan"), 1.0]])).sum().backward()
+    with sqlite3.connect(path) as db:  # as version 1 wrote it: events without their ranks
+        db.execute("ALTER TABLE events RENAME TO events_v2")
+        db.execute("CREATE TABLE events (step INTEGER, seq INTEGER, name TEXT, kind TEXT, phase TEXT, "
+                   "nans INTEGER, posinf INTEGER, neginf INTEGER, produced INTEGER)")
+        db.execute("INSERT INTO events SELECT step, seq, name, kind, phase, nans, posinf, neginf, produced "
+                   "FROM events_v2")
+        db.execute("DROP TABLE events_v2")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    run = mpdiag.load(path)
+    assert run.nonfinite_events() == diag.run.nonfinite_events() and run.first_nonfinite().ranks == ()
+
+
 def test_a_truncated_file_is_an_error_not_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "run.mpdiag"
     make_run_file(path)

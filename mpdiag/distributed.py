@@ -1,0 +1,231 @@
+"""torch.distributed: statistics of the whole job, not of one rank.
+
+Each rank records its own tensors as usual. When a step closes, the ranks agree on the union of their
+sites (one small object all-gather), then reduce every site's bucket counts with one SUM all-reduce and
+every extreme with one MAX all-reduce ([amax, -amin_nonzero] both reduce with max), on the statistics'
+own device. Because the statistics merge exactly, the result is what one process would have recorded on
+all ranks' data. A fourth collective gathers the step's non-finite events (tiny: only observations that
+held NaN/inf), so that each event names the ranks it appeared on.
+
+What is summed and what is not: activations and their gradients are per-rank data (each rank its own
+micro-batch), so they are summed. Parameters that every rank holds whole (DistributedDataParallel) are
+the same everywhere, and so are their gradients once DDP has averaged them: those sites are not summed
+(each rank keeps its own; rank 0's is written). FSDP2 parameters are DTensor shards, disjoint across
+ranks: their statistics are summed, which gives those of the whole parameter.
+
+Example (no process group: nothing to reduce, everything works as in a single process):
+    >>> import torch
+    >>> active_group(None) is None
+    True
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpdiag._accumulate import SiteAccumulator, _Part
+from mpdiag._layout import layout_for
+from mpdiag.errors import AttachError
+from mpdiag.nonfinite import PHASES, NonFiniteEvent
+from mpdiag.run import Kind, Site
+
+__all__ = ["active_group", "rank_of", "unwrap", "clean_name", "is_sharded", "is_replicated",
+           "reduce_accumulators", "gather_events", "describe_group"]
+
+_PER_RANK_KINDS = (Kind.ACTIVATION.value, Kind.ACTIVATION_GRAD.value)
+
+# Wrapper modules that insert a level into module and parameter names.
+_WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+def active_group(group: Any) -> Any:
+    """The process group to reduce over: ``group``, else the default group when one is initialised;
+    None without torch.distributed (everything then works as in a single process)."""
+    if not torch.distributed.is_available() or not _dist().is_initialized():
+        if group is not None:
+            raise AttachError("group= was given but no torch.distributed process group is initialised; call "
+                              "torch.distributed.init_process_group first (torchrun sets up its environment)")
+        return None
+    return group if group is not None else _dist().group.WORLD
+
+
+def rank_of(group: Any) -> int:
+    """This process's rank in ``group`` (0 without a group)."""
+    return 0 if group is None else _dist().get_rank(group)
+
+
+def describe_group(group: Any) -> dict[str, Any]:
+    """Facts of the process group for a run's environment."""
+    if group is None:
+        return {}
+    dist = _dist()
+    return {"world_size": dist.get_world_size(group), "backend": str(dist.get_backend(group))}
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The user's own module inside a DistributedDataParallel or FSDP wrapper, and whether its parameters
+    are replicated on every rank (DDP). FSDP2 (``fully_shard``) wraps nothing: its modules are the user's."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module, True
+    flat = [n for n, _ in model.named_parameters() if "flat_param" in n]
+    if flat:
+        raise AttachError("this model is wrapped in FSDP (FullyShardedDataParallel) with flattened parameters, "
+                          f"so per-parameter statistics are not available (e.g. {flat[0]!r}); wrap it with "
+                          "use_orig_params=True, or use FSDP2's fully_shard")
+    return model, False
+
+
+def clean_name(name: str) -> str:
+    """A module or parameter name without the levels that wrappers insert (FSDP, checkpointing, compile)."""
+    return _WRAPPER_SEGMENTS.sub("", name).lstrip(".")
+
+
+def _placements(param: torch.Tensor) -> tuple[Any, ...] | None:
+    return getattr(param, "placements", None) if type(param).__name__ == "DTensor" else None
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    """A DTensor with a Shard placement: each rank holds a disjoint part."""
+    placements = _placements(param)
+    return placements is not None and any(type(p).__name__.endswith("Shard") for p in placements)
+
+
+def is_replicated(param: torch.Tensor, ddp: bool) -> bool:
+    """Every rank holds the whole, identical parameter: under DDP, or a DTensor replicated everywhere."""
+    placements = _placements(param)
+    if placements is not None:
+        return not is_sharded(param)
+    return ddp
+
+
+# -- reducing the statistics ----------------------------------------------------------------------
+def _describe(live: Mapping[Site, SiteAccumulator]) -> dict[tuple[str, str], tuple[int, list[str], list[str]]]:
+    """Per site: calls, dtypes seen and the source dtypes of its parts (what the buckets are laid out by)."""
+    return {(s.name, s.kind.value): (acc.calls, sorted(acc.dtypes), sorted(str(k[0]) for k in acc._parts))
+            for s, acc in live.items()}
+
+
+def reduce_accumulators(live: dict[Site, SiteAccumulator], accumulator: Any, format_names: tuple[str, ...],
+                        group: Any, replicated: set[Site]) -> dict[Site, SiteAccumulator]:
+    """Reduce every site's statistics across ``group``, in place; returns the sites to read (the union
+    over ranks: a site only some ranks saw is read everywhere). ``accumulator(site)`` makes a missing one.
+
+    Sites in ``replicated`` keep this rank's own statistics."""
+    dist = _dist()
+    mine = _describe({s: a for s, a in live.items() if s not in replicated})
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    union: dict[tuple[str, str], tuple[int, set[str], set[str]]] = {}
+    for described in everyone:
+        for key, (calls, dtypes, sources) in described.items():
+            total, seen, parts = union.get(key, (0, set(), set()))
+            # Per-rank data was observed once per rank; a sharded parameter once, whatever its shards.
+            calls = total + calls if key[1] in _PER_RANK_KINDS else max(total, calls)
+            union[key] = (calls, seen | set(dtypes), parts | set(sources))
+    device = _collective_device(group)
+    ordered: list[_Part] = []
+    out = {s: a for s, a in live.items() if s in replicated}
+    for (name, kind), (calls, dtypes, sources) in sorted(union.items()):
+        site = Site(name, Kind(kind))
+        acc = live.get(site) or accumulator(site)
+        acc.calls, acc.dtypes = calls, set(dtypes)
+        for source in sorted(sources):
+            ordered.append(_part_for(acc, _dtype(source), format_names, device))
+        out[site] = acc
+    if ordered:
+        counts = torch.cat([_tensor(p.counts, device) for p in ordered])
+        extremes = torch.cat([_tensor(p.ext, device).to(torch.float64) for p in ordered])
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+        _scatter_back(ordered, counts, extremes)
+    return out
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.replace("torch.", ""))
+
+
+def _collective_device(group: Any) -> torch.device:
+    backend = str(_dist().get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _part_for(acc: SiteAccumulator, source: torch.dtype, format_names: tuple[str, ...], device: torch.device) -> _Part:
+    """The accumulator's part for ``source``, merged into one (a rank may hold it on several devices) and
+    created empty when this rank saw no such tensor there."""
+    mine = [(k, p) for k, p in acc._parts.items() if k[0] == source]
+    for key, _ in mine:
+        del acc._parts[key]
+    on_host = device.type == "cpu"
+    part = _Part(layout_for(source, format_names), device, on_host)
+    for _, p in mine:
+        part.counts += p.counts if on_host == p.on_host else _converted(p.counts, part)
+        part.ext = np.maximum(part.ext, _numpy(p.ext)) if on_host else torch.maximum(part.ext, _tensor(p.ext, device))
+    acc._parts[(source, device, on_host)] = part
+    return part
+
+
+def _converted(counts: Any, target: _Part) -> Any:
+    return _numpy(counts) if target.on_host else _tensor(counts, target.device)
+
+
+def _numpy(value: Any) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
+
+
+def _tensor(value: Any, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(value).to(device) if isinstance(value, np.ndarray) else value.to(device)
+
+
+def _scatter_back(parts: list[_Part], counts: torch.Tensor, extremes: torch.Tensor) -> None:
+    """Copy the reduced values back into each part, in the order they were packed."""
+    offset = 0
+    for i, part in enumerate(parts):
+        n = part.layout.n_buckets
+        ext = extremes[2 * i:2 * i + 2]
+        if part.on_host:
+            part.counts[:] = counts[offset:offset + n].numpy()
+            part.ext[:] = ext.numpy()
+        else:
+            part.counts.copy_(counts[offset:offset + n])
+            part.ext.copy_(ext.to(part.ext.dtype))
+        offset += n
+
+
+# -- non-finite events ----------------------------------------------------------------------------
+def gather_events(events: Iterable[NonFiniteEvent], group: Any, replicated: set[Site]) -> list[NonFiniteEvent]:
+    """Every rank's events of the step, merged: one event per (site, phase, position) with the counts
+    summed over ranks (taken once for ``replicated`` sites, the same on every rank) and ``ranks`` naming
+    where it appeared; the first of each phase is marked produced."""
+    dist = _dist()
+    mine = [(e.name, e.kind, e.phase, e.seq, e.nans, e.posinf, e.neginf, e.step) for e in events]
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    merged: dict[tuple[Any, ...], list[Any]] = {}
+    for rank, rows in enumerate(everyone):
+        for name, kind, phase, seq, nans, posinf, neginf, step in rows:
+            entry = merged.setdefault((step, phase, seq, name, kind), [0, 0, 0, []])
+            combine = max if Site(name, Kind(kind)) in replicated else int.__add__
+            entry[0], entry[1], entry[2] = combine(entry[0], nans), combine(entry[1], posinf), combine(entry[2], neginf)
+            entry[3].append(rank)
+    out, firsts = [], set()
+    for (step, phase, seq, name, kind), (nans, posinf, neginf, ranks) in sorted(
+            merged.items(), key=lambda item: (item[0][0], PHASES.index(item[0][1]), item[0][2])):
+        out.append(NonFiniteEvent(step, name, kind, phase, nans, posinf, neginf, seq, phase not in firsts,
+                                  ranks=tuple(ranks)))
+        firsts.add(phase)
+    return out
