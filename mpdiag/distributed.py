@@ -173,13 +173,14 @@ def _part_for(acc: SiteAccumulator, source: torch.dtype, format_names: tuple[str
     on_host = device.type == "cpu"
     part = _Part(layout_for(source, format_names), device, on_host)
     for _, p in mine:
-        part.counts += p.counts if on_host == p.on_host else _converted(p.counts, part)
+        part.counts += _converted(p.counts, part)
         part.ext = np.maximum(part.ext, _numpy(p.ext)) if on_host else torch.maximum(part.ext, _tensor(p.ext, device))
     acc._parts[(source, device, on_host)] = part
     return part
 
 
 def _converted(counts: Any, target: _Part) -> Any:
+    """``counts`` as ``target`` holds them: a numpy array on the host, else a tensor on its device."""
     return _numpy(counts) if target.on_host else _tensor(counts, target.device)
 
 
