@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from mpdiag import distributed
+from mpdiag._loss_scale import LossScaleSnapshot
 from mpdiag.anomaly import AnomalyWatch
 from mpdiag.environment import describe
 from mpdiag.errors import AttachError, MpdiagError, MpdiagWarning
@@ -122,6 +123,19 @@ def _globs(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | No
     return patterns
 
 
+def _select_modules(model: nn.Module, include: str | Iterable[str] | None,
+                    exclude: str | Iterable[str] | None) -> dict[str, nn.Module]:
+    """The modules to observe, by the user's names: wrapper levels (FSDP, checkpointing) are dropped from
+    names, and where two modules then share a name the innermost, the real one, is kept."""
+    include_globs, exclude_globs = _globs(include, "include"), _globs(exclude, "exclude")
+    named = {distributed.clean_name(n): m for n, m in model.named_modules()}
+    modules = {n: m for n, m in named.items() if _selected(n, include_globs, exclude_globs)}
+    if not modules:
+        raise MpdiagError(f"include={include!r} / exclude={exclude!r} select none of the model's modules; "
+                          f"module names look like {list(named)[:4]}")
+    return modules
+
+
 def _selected(name: str, include: tuple[str, ...] | None, exclude: tuple[str, ...] | None) -> bool:
     if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
         return False
@@ -146,13 +160,7 @@ class Diagnosis:
         self.on_nonfinite = on_nonfinite
         self.formats = format_names(formats)
         self.every = every
-        include_globs, exclude_globs = _globs(include, "include"), _globs(exclude, "exclude")
-        # Wrapper levels (FSDP, checkpointing) leave the names; the innermost module of a name is the real one.
-        named = {distributed.clean_name(n): m for n, m in model.named_modules()}
-        modules = {n: m for n, m in named.items() if _selected(n, include_globs, exclude_globs)}
-        if not modules:
-            raise MpdiagError(f"include={include!r} / exclude={exclude!r} select none of the model's modules; "
-                              f"module names look like {[n for n, _ in list(model.named_modules())[:4]]}")
+        modules = _select_modules(model, include, exclude)
         self._environment = describe(model, self.formats, scaler)
         if self._group is not None:
             self._environment["distributed"] = distributed.describe_group(self._group)
@@ -167,17 +175,13 @@ class Diagnosis:
             raise
         self._anomalies_written = 0
         params = _owned_parameters(modules)
-        self._recorder = Recorder(self.formats, params, group=self._group, replicated={
-            Site(n, kind) for n, p in params.items() if distributed.is_replicated(p, replicated)
-            for kind in (Kind.PARAM, Kind.PARAM_GRAD)})
-        # DDP averages gradients after backward accumulated them, FSDP2 reduce-scatters them: the gradient
-        # the optimizer sees exists only when the step closes, so that is where it is measured.
-        self._grads_at_close = self._group is not None and (replicated or any(
-            distributed.is_sharded(p) or distributed.is_replicated(p, False) for p in params.values()))
+        self._recorder = Recorder(self.formats, params, group=self._group,
+                                  replicated=distributed.replicated_sites(params, replicated))
+        self._grads_at_close = self._group is not None and distributed.grads_settle_late(params, replicated)
         self._records: dict[int, dict[Site, TensorStats]] = {}
         self._loss_scales: dict[int, float] = {}
         self._events: dict[int, tuple[NonFiniteEvent, ...]] = {}
-        self._scale_seen = _LossScaleSnapshot(scaler) if scaler is not None else None
+        self._scale_seen = LossScaleSnapshot(scaler) if scaler is not None else None
         if self._scale_seen is not None:
             self._recorder.on_first_backward = self._scale_seen.take
         self._step = 0
@@ -350,33 +354,6 @@ def _bind(method: Any, name: str) -> Any:
     def hook(*args: Any) -> None:
         method(name, *args)
     return hook
-
-
-class _LossScaleSnapshot:
-    """The loss scale a GradScaler used in the current step, captured without a host read.
-
-    The scale is copied on its device when the step's first gradient arrives (the GradScaler has scaled
-    the loss by then, and has not yet updated the scale for the next step); the host reads the copy
-    when the step closes. ``GradScaler._scale`` is private, so a scaler without it is read with
-    ``get_scale()`` at the close instead (right for every step but one the scaler skipped).
-    """
-
-    def __init__(self, scaler: Any) -> None:
-        self.scaler = scaler
-        self._copy: torch.Tensor | None = None
-
-    def take(self) -> None:
-        scale = getattr(self.scaler, "_scale", None)
-        if self._copy is None and isinstance(scale, torch.Tensor):
-            self._copy = scale.detach().clone()
-
-    def read(self) -> float | None:
-        if not self.scaler.is_enabled():
-            return None
-        return float(self._copy) if self._copy is not None else float(self.scaler.get_scale())
-
-    def clear(self) -> None:
-        self._copy = None
 
 
 def _check_arguments(model: object, every: object, optimizer: object, scaler: object) -> None:

@@ -35,7 +35,8 @@ from mpdiag.errors import AttachError
 from mpdiag.nonfinite import PHASES, NonFiniteEvent
 from mpdiag.run import Kind, Site
 
-__all__ = ["active_group", "rank_of", "unwrap", "clean_name", "is_sharded", "is_replicated",
+__all__ = ["active_group", "rank_of", "unwrap", "clean_name", "is_sharded", "is_replicated", "replicated_sites",
+           "grads_settle_late",
            "reduce_accumulators", "gather_events", "describe_group"]
 
 _PER_RANK_KINDS = (Kind.ACTIVATION.value, Kind.ACTIVATION_GRAD.value)
@@ -108,6 +109,18 @@ def is_replicated(param: torch.Tensor, ddp: bool) -> bool:
     if placements is not None:
         return not is_sharded(param)
     return ddp
+
+
+def replicated_sites(params: Mapping[str, torch.Tensor], ddp: bool) -> set[Site]:
+    """The parameter and gradient sites every rank holds whole and alike: not summed across ranks."""
+    return {Site(name, kind) for name, p in params.items() if is_replicated(p, ddp)
+            for kind in (Kind.PARAM, Kind.PARAM_GRAD)}
+
+
+def grads_settle_late(params: Mapping[str, torch.Tensor], ddp: bool) -> bool:
+    """Whether gradients take their final value only after backward: DDP averages them once backward has
+    accumulated them, FSDP2 reduce-scatters them. They are then measured when the step closes."""
+    return ddp or any(type(p).__name__ == "DTensor" for p in params.values())
 
 
 # -- reducing the statistics ----------------------------------------------------------------------
