@@ -156,6 +156,12 @@ def classify(x: torch.Tensor, fmt: str | torch.dtype | Format) -> torch.Tensor:
 
     Non-finite inputs are NAN or INF, never OVERFLOW. Inputs of any floating dtype; fp64 inputs are
     judged by what torch's fp64 cast really does.
+
+    Examples:
+        >>> import torch
+        >>> codes = classify(torch.tensor([0.0, 1e-8, 3e-6, 1.0, 7e4, float("nan")]), "fp16")
+        >>> [Category(int(c)).name for c in codes]
+        ['ZERO', 'UNDERFLOW', 'SUBNORMAL', 'NORMAL', 'OVERFLOW', 'NAN']
     """
     fmt = _formats.get(fmt)
     x = x.detach()

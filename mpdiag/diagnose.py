@@ -92,6 +92,14 @@ def diagnose(
 
     Returns:
         A ``Diagnosis``, usable as a context manager.
+
+    Examples:
+        >>> import torch, mpdiag
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        >>> with mpdiag.diagnose(model, formats=("fp16", "bf16")) as diag:
+        ...     model(torch.full((2, 4), 1e5)).sum().backward()
+        >>> diag.run.stats("0", "activation").overflow("fp16") > 0
+        True
     """
     return Diagnosis(model, formats=formats, every=every, include=include, exclude=exclude, optimizer=optimizer,
                      scaler=scaler, on_nonfinite=on_nonfinite, run_file=run_file, group=group)

@@ -113,6 +113,18 @@ def simulate_grad_scaler(run: Run, fmt: str | torch.dtype | Format = "fp16", *, 
 
     Warns (MpdiagWarning) when the run did not record every step: the scaler then also reacts to steps
     mpdiag did not see, and the trajectory is approximate.
+
+    Examples:
+        >>> import torch, mpdiag
+        >>> model = torch.nn.Linear(4, 1)
+        >>> with mpdiag.diagnose(model) as diag:
+        ...     for _ in range(3):
+        ...         model.zero_grad()
+        ...         (model(torch.ones(1, 4)).sum() * 2.0).backward()  # largest gradient: 2
+        ...         diag.step()
+        >>> sim = mpdiag.simulate_grad_scaler(diag.run, init_scale=2.0**16)  # 2 * 2^15 still reaches 65520
+        >>> sim.skipped, sim.final_scale
+        ((True, True, False), 16384.0)
     """
     fmt = _formats.get(fmt)
     chosen = true_gradient_steps(run, steps)

@@ -86,6 +86,16 @@ def replay_loss_scale(model: nn.Module, loss_fn: LossFn, batch: Any, scales: Seq
         scales: loss scales to replay.
         dtype: the autocast dtype (float16 or bfloat16).
         device_type: autocast device type; default the device of the model's first parameter.
+
+    Examples:
+        >>> import torch, mpdiag
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+        >>> loss = lambda m, x: m(x).float().mean() * 1e-9  # gradients far below fp16's subnormals
+        >>> result = mpdiag.replay_loss_scale(model, loss, torch.randn(4, 8), [1.0, 2.0**32],
+        ...                                   dtype=torch.bfloat16)  # any CPU torch; fp16 needs torch >= 2.3
+        >>> result.at(1.0).underflow, result.at(2.0**32).underflow  # bf16 keeps them at any scale
+        (0.0, 0.0)
     """
     if not isinstance(model, nn.Module):
         raise MpdiagError(f"replay_loss_scale expects a torch.nn.Module, got {type(model).__name__}")

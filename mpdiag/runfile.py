@@ -160,6 +160,15 @@ def load(path: str | os.PathLike[str]) -> Run:
 
     Raises:
         RunFileError: not a run file, written by a newer mpdiag, damaged or truncated, or missing.
+
+    Examples:
+        >>> import tempfile, pathlib, torch, mpdiag
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.mpdiag"
+        >>> model = torch.nn.Linear(3, 3)
+        >>> with mpdiag.diagnose(model, run_file=path) as diag:
+        ...     model(torch.randn(2, 3)).sum().backward()
+        >>> mpdiag.load(path).records == diag.run.records
+        True
     """
     path = Path(path)
     if not path.is_file():

@@ -205,6 +205,15 @@ def advise(run: Run, fmt: str | torch.dtype | Format = "fp16", *, steps: Sequenc
         steps: recorded steps to consider (default all).
         margin_bits: how far below overflow the recommended scale keeps the largest gradient.
         max_underflow: the underflow fraction the window tolerates.
+
+    Examples:
+        >>> import torch, mpdiag
+        >>> model = torch.nn.Linear(16, 16)
+        >>> with mpdiag.diagnose(model) as diag:
+        ...     (model(torch.randn(4, 16)).sum() * 1e-9).backward()  # gradients near 1e-9
+        >>> adv = mpdiag.advise(diag.run, "fp16")
+        >>> adv.at(1.0).underflow > 0.5, adv.at(adv.recommended).underflow
+        (True, 0.0)
     """
     fmt = _formats.get(fmt)
     if margin_bits < 0 or not 0.0 <= max_underflow < 1.0:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 
 from mpdiag.run import Run
 from mpdiag.summary import SiteRisk, riskiest
+from mpdiag.verdict import verdicts
 
 _NAME_WIDTH = 26
 
@@ -30,10 +32,15 @@ def _bits(value: float) -> str:
 
 
 def summary(run: Run, n: int = 6) -> str:
-    """The riskiest sites per tracked format: headroom to max in bits, underflow %, overflow, non-finite."""
-    parts = [f"{len(run.steps)} recorded step(s), {len(run.sites)} sites; the {n} riskiest per format.",
-             "head: bits from the largest value to the format's max; foot: bits from the",
-             "smallest non-zero value to its smallest normal (negative: past max / subnormal)."]
+    """The verdict per format, then its riskiest sites: headroom to max in bits, underflow %, overflow,
+    non-finite. Every line fits an 80-column terminal."""
+    parts = [f"{len(run.steps)} recorded step(s), {len(run.sites)} sites.", ""]
+    for v in verdicts(run):
+        parts.append(textwrap.fill(v.sentence, width=80, initial_indent=f"{v.level.upper():5} ",
+                                   subsequent_indent=" " * 6))
+    parts += ["", f"The {n} riskiest sites per format. head: bits from the largest value to the",
+              "format's max; foot: bits from the smallest non-zero value to its smallest normal",
+              "(negative: past max / subnormal)."]
     for fmt in run.formats:
         rows = [(_site(r), f"{r.amax:.3g}", _bits(r.headroom_bits), _bits(r.footroom_bits), f"{100 * r.underflow:.2f}",
                  str(r.overflow), str(r.nonfinite)) for r in riskiest(run, fmt, n)]

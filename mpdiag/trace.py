@@ -78,6 +78,13 @@ def trace_nonfinite(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.
         model: the model, in the mode (train/eval) the failing step ran in.
         loss_fn: ``loss_fn(model, batch)`` returns the scalar loss, forward included.
         batch: whatever ``loss_fn`` takes.
+
+    Examples:
+        >>> import torch, mpdiag
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> origin = mpdiag.trace_nonfinite(model, lambda m, x: m(x).log().sum(), torch.tensor([[1.0, -1.0]]))
+        >>> origin.op, origin.phase, origin.module
+        ('aten.log.default', 'forward', None)
     """
     if not isinstance(model, nn.Module):
         raise MpdiagError(f"trace_nonfinite expects a torch.nn.Module, got {type(model).__name__}")

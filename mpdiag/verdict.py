@@ -12,15 +12,6 @@ What counts, per format:
 - headroom: the site whose largest value comes closest to the format's max, in bits;
 - fp8 formats, which are used with a scale per tensor: the worst site's flushed share even when each
   tensor is scaled by the power of two that puts its largest value just below the format's max.
-
-Examples:
-    >>> import torch, mpdiag
-    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
-    >>> with mpdiag.diagnose(model, formats=("fp16", "bf16")) as diag:
-    ...     model(torch.full((2, 4), 1e6)).sum().backward()
-    >>> fp16, bf16 = verdicts(diag.run)
-    >>> fp16.level, fp16.first_overflow_step, bf16.level
-    ('fail', 0, 'ok')
 """
 
 from __future__ import annotations
@@ -82,7 +73,17 @@ def percent(share: float) -> str:
 
 def verdicts(run: Run, advice: Mapping[str, LossScaleAdvice] | None = None) -> list[Verdict]:
     """A verdict for each of the run's formats. ``advice`` maps format names to ``advise`` results
-    already computed (the report shares them with its figures); missing ones are computed here."""
+    already computed (the report shares them with its figures); missing ones are computed here.
+
+    Examples:
+        >>> import torch, mpdiag
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        >>> with mpdiag.diagnose(model, formats=("fp16", "bf16")) as diag:
+        ...     model(torch.full((2, 4), 1e6)).sum().backward()
+        >>> fp16, bf16 = verdicts(diag.run)
+        >>> fp16.level, fp16.first_overflow_step, bf16.level
+        ('fail', 0, 'ok')
+    """
     if not run.steps:
         raise MpdiagError("the run has no recorded steps; train at least one step with diagnose() attached")
     has_gradients = bool(gradient_sites(run))

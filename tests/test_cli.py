@@ -55,6 +55,8 @@ def test_unstable_demo_shows_overflow_and_underflow(tmp_path) -> None:
     assert run.meta["environment"]["autocast_dtype"] == "bfloat16"
     summary = mpdiag_cli("summary", str(tmp_path / "run.mpdiag"), "--top", "2")
     assert summary.returncode == 0 and summary.stdout.count("\n") < result.stdout.count("\n")
+    assert "FAIL  fp16: " in summary.stdout and "OK    bf16: " in summary.stdout  # the verdicts lead
+    assert max(len(line) for line in summary.stdout.splitlines()) <= 80
 
 
 def test_errors_are_one_line_with_exit_code_1_and_a_traceback_only_with_debug(tmp_path) -> None:

@@ -2,15 +2,6 @@
 
 Rendering is the last stage: it reads a Run (and the analysis computed from it here), never a model or
 hooks, so a report can be written during training, after it, or from a run file on another machine.
-
-Examples:
-    >>> import tempfile, torch, mpdiag
-    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-    >>> with mpdiag.diagnose(model) as diag:
-    ...     model(torch.randn(4, 8)).sum().backward()
-    >>> out = mpdiag.report(diag.run, tempfile.mkdtemp())
-    >>> out.html.name, sorted(p.name for p in out.figures.values())[:2]
-    ('report.html', ['exponents_activations.png', 'exponents_parameters.png'])
 """
 
 from __future__ import annotations
@@ -60,6 +51,15 @@ def report(run: Run, out_dir: str | os.PathLike[str], *, top: int = 40, scale_fo
         scale_format: the format loss scaling is replayed for (default fp16 when tracked, else the first).
         origin: a ``mpdiag.trace_nonfinite`` result to show in the NaN/inf section.
         title: the page title (default "mpdiag stability report").
+
+    Examples:
+        >>> import tempfile, torch, mpdiag
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> with mpdiag.diagnose(model) as diag:
+        ...     model(torch.randn(4, 8)).sum().backward()
+        >>> out = mpdiag.report(diag.run, tempfile.mkdtemp())
+        >>> out.html.name, sorted(p.name for p in out.figures.values())[:2]
+        ('report.html', ['exponents_activations.png', 'exponents_parameters.png'])
     """
     from mpdiag.render._build import build  # matplotlib is imported only when a report is written
 
