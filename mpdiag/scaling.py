@@ -287,6 +287,10 @@ def _normal_exponent(fmt: Format) -> int:
     return math.frexp(fmt.min_normal)[1] - 1
 
 
+_MIN_SCALE_EXPONENT, _MAX_SCALE_EXPONENT = math.frexp(np.finfo(np.float64).tiny)[1] - 1, \
+    math.frexp(np.finfo(np.float64).max)[1] - 1
+
+
 def _exponent_range(steps: Iterable[dict[Site, TensorStats]], fmt: Format) -> np.ndarray:
     """From the scale where every gradient underflows to the one where the smallest overflows."""
     stats = [v for step in steps for v in step.values() if v.finite_nonzero]
@@ -294,9 +298,11 @@ def _exponent_range(steps: Iterable[dict[Site, TensorStats]], fmt: Format) -> np
         return np.arange(-1, 2)
     largest = max(v.amax for v in stats)
     smallest = min(v.amin_nonzero for v in stats)
-    low = math.floor(math.log2(2.0 ** flush_exponent(fmt) / largest)) - 1
-    high = math.ceil(math.log2(fmt.overflow_threshold / smallest)) + 1
-    return np.arange(low, high + 1)
+    # In log space: 2^-134 / 1e300 (bf16's flush point under fp64 gradients) would underflow to 0.
+    low = math.floor(flush_exponent(fmt) - math.log2(largest)) - 1
+    high = math.ceil(math.log2(fmt.overflow_threshold) - math.log2(smallest)) + 1
+    # A loss scale is itself a float: 2^k stays a normal double (fp64 gradients can span past that).
+    return np.arange(max(low, _MIN_SCALE_EXPONENT), min(high, _MAX_SCALE_EXPONENT) + 1)
 
 
 def _outcome(curves: _Curves, k: int, fmt: Format) -> ScaleOutcome:
@@ -305,7 +311,8 @@ def _outcome(curves: _Curves, k: int, fmt: Format) -> ScaleOutcome:
     under = curves.count_below(flush_exponent(fmt) - k)
     sub = curves.count_below(_normal_exponent(fmt) - k) - under
     nonzero = int(curves.nonzero.sum())
-    overflowing = np.flatnonzero(curves.amax * scale >= fmt.overflow_threshold)
+    with np.errstate(over="ignore"):  # amax * 2^k past the double range is inf: an overflow, as it should be
+        overflowing = np.flatnonzero(curves.amax * scale >= fmt.overflow_threshold)
     overflowing = overflowing[np.argsort(-curves.amax[overflowing], kind="stable")]  # largest gradient first
     return ScaleOutcome(
         scale=scale, overflow=bool(overflowing.size), underflow=int(under.sum()) / nonzero if nonzero else 0.0,
@@ -330,7 +337,9 @@ def _recommend(curves: _Curves, exponents: np.ndarray, margin_bits: int, fmt: Fo
         return None
     largest = float(finite.max())
     for k in exponents[::-1]:
-        if largest * 2.0 ** (int(k) + margin_bits) < fmt.overflow_threshold:
+        with np.errstate(over="ignore"):  # exact, and inf (an overflow) past the double range
+            scaled = float(np.ldexp(largest, int(k) + margin_bits))
+        if scaled < fmt.overflow_threshold:
             return 2.0 ** int(k)
     return None
 

@@ -195,7 +195,7 @@ def test_figures_show_the_values_they_claim(trouble) -> None:
 
     over = figures.over_time(run, [site], ["fp16"], "fp16")
     line = over.axes[0].lines[0]
-    assert list(line.get_ydata()) == [run.stats("embed", "activation", s).amax for s in run.steps]
+    assert list(line.get_ydata()) == [math.log2(run.stats("embed", "activation", s).amax) for s in run.steps]
     bars = [p.get_height() for p in over.axes[1].patches]
     assert bars[:3] == [sum(v.nonfinite for v in run.records[s].values()) for s in run.steps]
 

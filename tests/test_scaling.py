@@ -186,6 +186,13 @@ def test_underflow_per_step_agrees_with_casting_at_each_scale(log2_magnitudes: l
     assert round(share * nonzero) == under - ties
 
 
+def test_fp64_gradients_far_past_fp32_range_are_advised_without_a_math_error() -> None:
+    run = record_sites({"w": torch.tensor([1e300, 1e-300, 1.0], dtype=torch.float64)})
+    for fmt in ("fp16", "bf16", "fp8_e4m3"):
+        adv = advise(run, fmt)
+        assert adv.at(1.0).overflow and adv.exponents[0] < adv.exponents[-1]
+
+
 @pytest.mark.parametrize("call", [
     lambda adv: adv.at(3.0), lambda adv: adv.at(0.0), lambda adv: adv.at(1.0, ("nope", "param_grad")),
     lambda adv: adv.at(1.0, ("w", "activation")),

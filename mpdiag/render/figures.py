@@ -187,17 +187,17 @@ def over_time(run: Run, sites: Sequence[Site], formats: Sequence[str], overflow_
     steps = run.steps
     fig = Figure(figsize=(10, 6.5), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.4))
-    for site in sites:
-        series = [run.records[s][site].amax if site in run.records[s] else math.nan for s in steps]
-        series = [v if v > 0 else math.nan for v in series]
+    for site in sites:  # log2 on a linear axis, like the other figures: any double's range fits
+        series = [run.records[s][site].amax if site in run.records[s] else 0.0 for s in steps]
+        series = [math.log2(v) if v > 0 else math.nan for v in series]
         top.plot(steps, series, marker="." if len(steps) < 60 else None, lw=1.2, label=_label(site))
-    top.set_yscale("log", base=2)
     low, high = top.get_ylim()
     for name in formats:
         fmt = _formats.get(name)
-        if low / 2**8 <= fmt.max <= high * 2**8:  # only the maxima near the data, or the axis loses it
-            top.axhline(fmt.max, color=FORMAT_COLOURS.get(name, "black"), ls="--", lw=1.2, label=f"{name} max")
-    top.set_ylabel("largest |value| in the step")
+        if low - 8 <= math.log2(fmt.max) <= high + 8:  # only the maxima near the data, or the axis loses it
+            top.axhline(math.log2(fmt.max), color=FORMAT_COLOURS.get(name, "black"), ls="--", lw=1.2,
+                        label=f"{name} max")
+    top.set_ylabel("log2 of the largest |value| in the step")
     top.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     top.grid(alpha=0.3)
     fmt = _formats.get(overflow_format)
