@@ -95,11 +95,13 @@ def diagnose(
 
     Examples:
         >>> import torch, mpdiag
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
         >>> with mpdiag.diagnose(model, formats=("fp16", "bf16")) as diag:
-        ...     model(torch.full((2, 4), 1e5)).sum().backward()
-        >>> diag.run.stats("0", "activation").overflow("fp16") > 0
-        True
+        ...     model(torch.full((2, 4), 1e6)).sum().backward()
+        >>> stats = diag.run.stats("0", "activation")
+        >>> stats.overflow("fp16"), stats.overflow("bf16")
+        (8, 0)
     """
     return Diagnosis(model, formats=formats, every=every, include=include, exclude=exclude, optimizer=optimizer,
                      scaler=scaler, on_nonfinite=on_nonfinite, run_file=run_file, group=group)

@@ -208,6 +208,7 @@ def advise(run: Run, fmt: str | torch.dtype | Format = "fp16", *, steps: Sequenc
 
     Examples:
         >>> import torch, mpdiag
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(16, 16)
         >>> with mpdiag.diagnose(model) as diag:
         ...     (model(torch.randn(4, 16)).sum() * 1e-9).backward()  # gradients near 1e-9

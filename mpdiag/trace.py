@@ -82,7 +82,10 @@ def trace_nonfinite(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.
     Examples:
         >>> import torch, mpdiag
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
-        >>> origin = mpdiag.trace_nonfinite(model, lambda m, x: m(x).log().sum(), torch.tensor([[1.0, -1.0]]))
+        >>> with torch.no_grad():
+        ...     _ = torch.nn.init.eye_(model[0].weight), model[0].bias.zero_()
+        >>> loss = lambda m, x: m(x).log().sum()  # the log is taken outside the model, of -1
+        >>> origin = mpdiag.trace_nonfinite(model, loss, torch.tensor([[1.0, -1.0]]))
         >>> origin.op, origin.phase, origin.module
         ('aten.log.default', 'forward', None)
     """

@@ -77,6 +77,7 @@ def verdicts(run: Run, advice: Mapping[str, LossScaleAdvice] | None = None) -> l
 
     Examples:
         >>> import torch, mpdiag
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
         >>> with mpdiag.diagnose(model, formats=("fp16", "bf16")) as diag:
         ...     model(torch.full((2, 4), 1e6)).sum().backward()
