@@ -1,6 +1,6 @@
 """The cost of combining statistics across ranks: a 2-process gloo DDP run of the built-in transformer.
 
-Each recorded step ends with four collectives (site union, SUM of counts, MAX of extremes, NaN/inf
+Each recorded step ends with four collectives (site fingerprint, SUM of counts, MAX of extremes, NaN/inf
 events). This times them on every rank, side by side with the whole diagnosed training step, and
 prints medians (rank 0's, and the slower rank's).
 

@@ -1,11 +1,12 @@
 """torch.distributed: statistics of the whole job, not of one rank.
 
 Each rank records its own tensors as usual. When a step closes, the ranks agree on the union of their
-sites (one small object all-gather), then reduce every site's bucket counts with one SUM all-reduce and
-every extreme with one MAX all-reduce ([amax, -amin_nonzero] both reduce with max), on the statistics'
-own device. Because the statistics merge exactly, the result is what one process would have recorded on
-all ranks' data. A fourth collective gathers the step's non-finite events (tiny: only observations that
-held NaN/inf), so that each event names the ranks it appeared on.
+sites (a MAX all-reduce of a fingerprint of each rank's sites; only when they differ, an all-gather of
+the names), then reduce every site's bucket counts with one SUM all-reduce and every extreme with one
+MAX all-reduce ([amax, -amin_nonzero] both reduce with max), on the statistics' own device. Because the
+statistics merge exactly, the result is what one process would have recorded on all ranks' data. A
+fourth, tiny collective asks whether any rank saw NaN/inf; only then are the step's non-finite events
+gathered, so that each event names the ranks it appeared on.
 
 What is summed and what is not: activations and their gradients are per-rank data (each rank its own
 micro-batch), so they are summed. Parameters that every rank holds whole (DistributedDataParallel) are
@@ -22,6 +23,7 @@ Example (no process group: nothing to reduce, everything works as in a single pr
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -138,8 +140,7 @@ def reduce_accumulators(live: dict[Site, SiteAccumulator], accumulator: Any, for
     Sites in ``replicated`` keep this rank's own statistics."""
     dist = _dist()
     mine = _describe({s: a for s, a in live.items() if s not in replicated})
-    everyone: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
+    everyone = _gather_unless_all_alike(mine, group)
     union: dict[tuple[str, str], tuple[int, set[str], set[str]]] = {}
     for described in everyone:
         for key, (calls, dtypes, sources) in described.items():
@@ -164,6 +165,29 @@ def reduce_accumulators(live: dict[Site, SiteAccumulator], accumulator: Any, for
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
         _scatter_back(ordered, counts, extremes)
     return out
+
+
+def _gather_unless_all_alike(mine: Any, group: Any) -> list[Any]:
+    """Every rank's ``mine``. Usually all ranks saw the same sites the same number of times: one MAX
+    all-reduce of a fingerprint and its negation shows that, and the pickled all-gather is skipped."""
+    dist = _dist()
+    world = dist.get_world_size(group)
+    fingerprint = zlib.crc32(repr(sorted(mine.items())).encode())
+    check = torch.tensor([fingerprint, -fingerprint], dtype=torch.int64, device=_collective_device(group))
+    dist.all_reduce(check, op=dist.ReduceOp.MAX, group=group)
+    if int(check[0]) == -int(check[1]):  # the largest equals the smallest: all alike
+        return [mine] * world
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine, group=group)
+    return everyone
+
+
+def _anyone(flag: bool, group: Any) -> bool:
+    """Whether ``flag`` is true on some rank (one tiny MAX all-reduce)."""
+    dist = _dist()
+    value = torch.tensor([int(flag)], dtype=torch.int64, device=_collective_device(group))
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value[0])
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -225,10 +249,11 @@ def gather_events(events: Iterable[NonFiniteEvent], group: Any, replicated: set[
     """Every rank's events of the step, merged: one event per (site, phase, position) with the counts
     summed over ranks (taken once for ``replicated`` sites, the same on every rank) and ``ranks`` naming
     where it appeared; the first of each phase is marked produced."""
-    dist = _dist()
     mine = [(e.name, e.kind, e.phase, e.seq, e.nans, e.posinf, e.neginf, e.step) for e in events]
-    everyone: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
+    if not _anyone(bool(mine), group):  # the usual step: nothing to gather
+        return []
+    everyone: list[Any] = [None] * _dist().get_world_size(group)
+    _dist().all_gather_object(everyone, mine, group=group)
     merged: dict[tuple[Any, ...], list[Any]] = {}
     for rank, rows in enumerate(everyone):
         for name, kind, phase, seq, nans, posinf, neginf, step in rows:

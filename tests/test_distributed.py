@@ -108,6 +108,15 @@ def run_scenario(scenario: str, rank: int, out: Path) -> dict:
     if scenario == "nan":
         diag, _ = train("ddp", rank, data, out, nan_at=(1, 1))
         return {"run": diag.run}
+    if scenario == "uneven":  # a module only rank 1 runs: its site must reach rank 0 too
+        model = nn.ModuleDict({"body": nn.Linear(6, 6), "extra": nn.Linear(6, 6)})
+        with mpdiag.diagnose(model) as diag:
+            x = chunk(data[0], rank)
+            y = model["body"](x)
+            if rank == 1:
+                y = model["extra"](y)
+            y.sum().backward()
+        return {"run": diag.run, "extra": TensorStats.of(y.detach(), mpdiag.stats.DEFAULT_FORMATS) if rank else None}
     if scenario == "rank_dies":
         model = nn.parallel.DistributedDataParallel(make_model())
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -202,6 +211,16 @@ def test_nan_on_one_rank_is_traced_to_that_rank(tmp_path: Path) -> None:
     assert grads and all(e.ranks == (0, 1) for e in grads)
     assert {e.name: e.nans for e in grads} == {n: runs[0].stats(n, "param_grad", 1).nans for n in
                                                {e.name for e in grads}}
+
+
+def test_a_site_only_one_rank_saw_reaches_every_rank(tmp_path: Path) -> None:
+    results = launch("uneven", tmp_path)
+    extra = mpdiag.Site("extra", Kind.ACTIVATION)
+    for r in results:
+        stats = r["run"].records[0][extra]
+        assert stats.calls == 1 and stats == results[1]["extra"]
+    body = [r["run"].records[0][mpdiag.Site("body", Kind.ACTIVATION)] for r in results]
+    assert body[0] == body[1] and body[0].numel == 2 * 4 * 6 and body[0].calls == 2
 
 
 def test_a_rank_that_dies_does_not_hang_the_others_or_spoil_the_run_file(tmp_path: Path) -> None:
