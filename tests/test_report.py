@@ -216,12 +216,14 @@ def test_grad_scaler_figure_shows_the_simulation(trouble) -> None:
 
 
 def test_report_of_a_forward_only_run_explains_the_missing_scaling(tmp_path: Path) -> None:
+    (tmp_path / "loss_scale.png").write_bytes(b"from an earlier report")  # must not be left as if it were this run's
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
     with mpdiag.diagnose(model) as diag, torch.no_grad():
         model(torch.randn(2, 4))
     written = diag.report(tmp_path)
     html = written.html.read_text(encoding="utf-8")
     assert "No gradient was recorded" in html and "loss_scale" not in written.figures
+    assert not (tmp_path / "loss_scale.png").exists()
     assert "No NaN or inf was recorded" in html
     assert {v.level for v in written.verdicts} == {"ok"}
 

@@ -29,6 +29,8 @@ _LINES = 8
 #: NaN/inf observations listed on the page (all of them are in the run).
 _EVENTS_SHOWN = 200
 _DPI = 100
+#: Every figure a report can have; a run without gradients has no loss-scaling figures, for example.
+FIGURES = ("ranges", "exponents_activations", "exponents_parameters", "over_time", "loss_scale", "grad_scaler")
 
 
 def build(run: Run, out: Path, *, top: int, scale_format: str, origin: NonFiniteOrigin | None,
@@ -58,6 +60,8 @@ def build(run: Run, out: Path, *, top: int, scale_format: str, origin: NonFinite
         environment=environment_rows(run.meta), figures=saved, heatmaps=heatmaps, scaling=scaling,
         nonfinite=_nonfinite_section(run, origin), **_table_context(run),
         version=mpdiag.__version__, generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
+    for stale in set(FIGURES) - set(saved):  # from an earlier report in the same directory: not this run's
+        (out / f"{stale}.png").unlink(missing_ok=True)
     return render_page(**context), {name: out / f.file for name, f in saved.items()}, verdict_list
 
 
