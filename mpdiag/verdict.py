@@ -77,10 +77,11 @@ def verdicts(run: Run, advice: Mapping[str, LossScaleAdvice] | None = None) -> l
 
     Examples:
         >>> import torch, mpdiag
-        >>> _ = torch.manual_seed(0)
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
-        >>> with mpdiag.diagnose(model, formats=("fp16", "bf16")) as diag:
-        ...     model(torch.full((2, 4), 1e6)).sum().backward()
+        >>> layer = torch.nn.Linear(3, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.fill_(1.0)
+        >>> with mpdiag.diagnose(layer, formats=("fp16", "bf16")) as diag:
+        ...     layer(torch.tensor([[3e4, 3e4, 3e4]])).sum().backward()  # 9e4: past fp16's max only
         >>> fp16, bf16 = verdicts(diag.run)
         >>> fp16.level, fp16.first_overflow_step, bf16.level
         ('fail', 0, 'ok')
