@@ -22,7 +22,7 @@ from mpdiag import formats as _formats
 from mpdiag.formats import Format
 from mpdiag.run import Run
 
-__all__ = ["SiteRisk", "riskiest", "headroom_bits"]
+__all__ = ["SiteRisk", "riskiest", "headroom_bits", "footroom_bits"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,12 @@ def headroom_bits(amax: float, fmt: Format) -> float:
     return math.inf if amax == 0 else math.log2(fmt.max / amax)
 
 
+def footroom_bits(amin_nonzero: float, fmt: Format) -> float:
+    """Bits between the format's smallest normal and ``amin_nonzero`` (negative for subnormal values;
+    inf when there is no non-zero value)."""
+    return math.log2(amin_nonzero / fmt.min_normal) if math.isfinite(amin_nonzero) else math.inf
+
+
 def riskiest(run: Run, fmt: str | Format, n: int = 8, step: int | None = None) -> list[SiteRisk]:
     """The ``n`` riskiest sites for ``fmt`` (merged over steps, or at ``step``)."""
     fmt = _formats.get(fmt)
@@ -54,7 +60,7 @@ def riskiest(run: Run, fmt: str | Format, n: int = 8, step: int | None = None) -
     for site in run.sites if step is None else list(run.records.get(step, {})):
         s = run.stats(site.name, site.kind, step)
         finite_nonzero = max(s.finite_nonzero, 1)
-        footroom = math.log2(s.amin_nonzero / fmt.min_normal) if math.isfinite(s.amin_nonzero) else math.inf
-        rows.append(SiteRisk(site.name, site.kind.value, s.amax, headroom_bits(s.amax, fmt), footroom,
+        rows.append(SiteRisk(site.name, site.kind.value, s.amax, headroom_bits(s.amax, fmt),
+                             footroom_bits(s.amin_nonzero, fmt),
                              s.underflow(fmt) / finite_nonzero, s.overflow(fmt), s.nonfinite))
     return sorted(rows, key=SiteRisk.key)[:n]

@@ -20,7 +20,7 @@ from mpdiag.render.page import EmbeddedFigure, render_page
 from mpdiag.render.table import columns, site_rows
 from mpdiag.run import Kind, Run, Site, step_ranges
 from mpdiag.scaling import LossScaleAdvice, advise, gradient_sites, underflow_per_step
-from mpdiag.summary import riskiest
+from mpdiag.summary import SiteRisk, riskiest
 from mpdiag.trace import NonFiniteOrigin
 from mpdiag.verdict import Verdict, nonfinite_verdict, verdicts
 
@@ -38,7 +38,8 @@ def build(run: Run, out: Path, *, top: int, scale_format: str, origin: NonFinite
     """Compute the analysis, write the PNG files into ``out`` and return (page, figure files, verdicts)."""
     advice = {name: advise(run, name) for name in run.formats} if gradient_sites(run) else {}
     verdict_list = verdicts(run, advice)
-    ranked = ranked_sites(run, run.formats[0])
+    risks = riskiest(run, run.formats[0], n=len(run.sites))  # the first format's, riskiest first
+    ranked = _sites(risks)
     saved: dict[str, EmbeddedFigure] = {}
 
     def save(name: str, figure: Figure, caption: str, note: str = "") -> EmbeddedFigure:
@@ -50,7 +51,7 @@ def build(run: Run, out: Path, *, top: int, scale_format: str, origin: NonFinite
          "Each site from its smallest to its largest non-zero value (thin) and its central 98% (thick), "
          "against the normal (green) and subnormal (yellow) range of each format.", note)
     heatmaps = [save(name, figure, caption, note) for name, figure, caption, note in _heatmaps(run, ranked, top)]
-    lines, _ = chosen(run, closest_to_max(run, run.formats[0]), _LINES)
+    lines, _ = chosen(run, closest_to_max(risks), _LINES)
     save("over_time", fig.over_time(run, lines, run.formats, scale_format),
          f"Largest value per step of the {len(lines)} sites closest to {run.formats[0]}'s max (NaN/inf first), "
          f"and per-step counts of NaN/inf values and of values past {scale_format}'s overflow threshold.")
@@ -65,16 +66,13 @@ def build(run: Run, out: Path, *, top: int, scale_format: str, origin: NonFinite
     return render_page(**context), {name: out / f.file for name, f in saved.items()}, verdict_list
 
 
-def ranked_sites(run: Run, fmt: str) -> list[Site]:
-    """Every site, riskiest first for ``fmt`` (NaN/inf, then overflow, then the least room in bits)."""
-    return [Site(r.name, Kind.parse(r.kind)) for r in riskiest(run, fmt, n=len(run.sites))]
+def _sites(risks: Sequence[SiteRisk]) -> list[Site]:
+    return [Site(r.name, Kind.parse(r.kind)) for r in risks]
 
 
-def closest_to_max(run: Run, fmt: str) -> list[Site]:
-    """Every site ordered by how near its largest value comes to ``fmt``'s max (NaN/inf, overflow first)."""
-    rows = sorted(riskiest(run, fmt, n=len(run.sites)),
-                  key=lambda r: (r.nonfinite == 0, r.overflow == 0, r.headroom_bits))
-    return [Site(r.name, Kind.parse(r.kind)) for r in rows]
+def closest_to_max(risks: Sequence[SiteRisk]) -> list[Site]:
+    """The sites of ``risks`` ordered by how near their largest value comes to max (NaN/inf, overflow first)."""
+    return _sites(sorted(risks, key=lambda r: (r.nonfinite == 0, r.overflow == 0, r.headroom_bits)))
 
 
 def chosen(run: Run, ranked: Sequence[Site], n: int, kinds: Sequence[Kind] | None = None) -> tuple[list[Site], str]:
@@ -179,12 +177,10 @@ def _recorded_scaler_settings(run: Run) -> dict[str, Any]:
 
 
 def _nonfinite_section(run: Run, origin: NonFiniteOrigin | None) -> dict[str, Any]:
-    events = run.nonfinite_events()
-    first_forward = run.first_nonfinite(phase="forward")
-    first_backward = run.first_nonfinite(phase="backward")
+    events = run.nonfinite_events()  # in order: the first of a phase is Run.first_nonfinite(phase=...)
+    first = {phase: next((str(e) for e in events if e.phase == phase), None) for phase in ("forward", "backward")}
     return {"events": events[:_EVENTS_SHOWN], "total": len(events), "more": len(events) > _EVENTS_SHOWN,
-            "first_forward": str(first_forward) if first_forward else None,
-            "first_backward": str(first_backward) if first_backward else None,
+            "first_forward": first["forward"], "first_backward": first["backward"],
             "anomalies": run.anomalies, "origin": str(origin) if origin is not None else None}
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from mpdiag import formats as _formats
 from mpdiag.run import Run, Site
 from mpdiag.stats import TensorStats
-from mpdiag.summary import headroom_bits
+from mpdiag.summary import footroom_bits, headroom_bits
 from mpdiag.verdict import percent
 
 __all__ = ["Cell", "Column", "site_rows", "columns"]
@@ -70,7 +70,7 @@ def _row(site: Site, s: TensorStats, formats: Sequence[str]) -> list[Cell]:
     for name in formats:
         fmt = _formats.get(name)
         head = headroom_bits(s.amax, fmt) if nonzero else math.inf
-        foot = math.log2(s.amin_nonzero / fmt.min_normal) if nonzero else math.inf
+        foot = footroom_bits(s.amin_nonzero, fmt) if nonzero else math.inf
         under = s.underflow(fmt) / nonzero if nonzero else 0.0
         sub = s.subnormal(fmt) / nonzero if nonzero else 0.0
         over = s.overflow(fmt) / finite if finite else 0.0
