@@ -37,7 +37,7 @@ from mpdiag.run import Kind, Run, Site
 from mpdiag.stats import HIST_EXPONENTS, TensorStats
 
 __all__ = ["advise", "LossScaleAdvice", "ScaleOutcome", "gradient_sites", "true_gradient_steps", "flush_exponent",
-           "exponent_of", "underflow_per_step"]
+           "exponent_of", "underflow_per_step", "flushed_per_step"]
 
 GRADIENT_KINDS = (Kind.ACTIVATION_GRAD, Kind.PARAM_GRAD)
 
@@ -245,6 +245,14 @@ def advise(run: Run, fmt: str | torch.dtype | Format = "fp16", *, steps: Sequenc
 def underflow_per_step(run: Run, fmt: str | torch.dtype | Format, scales: Mapping[int, float]) -> dict[int, float]:
     """For each step in ``scales``, the share of its non-zero finite true gradients that ``fmt`` would flush
     to zero at that step's loss scale (a power of two), e.g. the scales a simulated GradScaler chose."""
+    return {step: flushed / nonzero if nonzero else 0.0
+            for step, (flushed, nonzero) in flushed_per_step(run, fmt, scales).items()}
+
+
+def flushed_per_step(run: Run, fmt: str | torch.dtype | Format,
+                     scales: Mapping[int, float]) -> dict[int, tuple[int, int]]:
+    """For each step in ``scales``: (true gradients ``fmt`` flushes to zero at that step's scale, non-zero
+    finite true gradients). Whole log2 bins, so exact but for values exactly on the flush tie."""
     fmt = _formats.get(fmt)
     sites = gradient_sites(run)
     out = {}
@@ -252,7 +260,7 @@ def underflow_per_step(run: Run, fmt: str | torch.dtype | Format, scales: Mappin
         hists = [_true_stats(run, site, step).hist for site in sites if site in run.records[step]]
         hist = np.sum(hists, axis=0) if hists else np.zeros(len(HIST_EXPONENTS), dtype=np.int64)
         flushed = hist[HIST_EXPONENTS < flush_exponent(fmt) - exponent_of(scale)].sum()
-        out[step] = float(flushed) / float(hist.sum()) if hist.sum() else 0.0
+        out[step] = (int(flushed), int(hist.sum()))
     return out
 
 

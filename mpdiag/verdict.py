@@ -27,7 +27,7 @@ from mpdiag.errors import MpdiagError
 from mpdiag.formats import Format
 from mpdiag.run import Kind, Run, Site
 from mpdiag.scaling import (LossScaleAdvice, advise, exponent_of, flush_exponent, gradient_sites,
-                            underflow_per_step)
+                            flushed_per_step)
 from mpdiag.stats import HIST_EXPONENTS, TensorStats
 from mpdiag.summary import SiteRisk, riskiest
 
@@ -177,11 +177,9 @@ def _scale_span(run: Run) -> str:
 
 def _recorded_scale_underflow(run: Run, fmt: Format) -> float:
     """Share of the non-zero true gradients flushed at the scales the run's GradScaler used, over its steps."""
-    shares = underflow_per_step(run, fmt, run.loss_scales)
-    weights = {step: sum(run.records[step][s].finite_nonzero for s in gradient_sites(run) if s in run.records[step])
-               for step in shares}
-    total = sum(weights.values())
-    return sum(shares[s] * weights[s] for s in shares) / total if total else 0.0
+    counts = flushed_per_step(run, fmt, run.loss_scales).values()
+    nonzero = sum(n for _, n in counts)
+    return sum(f for f, _ in counts) / nonzero if nonzero else 0.0
 
 
 def _worse(a: str, b: str) -> str:
