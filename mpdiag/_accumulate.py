@@ -44,6 +44,11 @@ def skip_reason(x: torch.Tensor) -> str | None:
 _DTYPE_NAMES = {d: str(d).replace("torch.", "") for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
 
 
+def is_dtensor(x: torch.Tensor) -> bool:
+    """A torch.distributed DTensor, told by its type's name so that torch.distributed need not be imported."""
+    return type(x).__name__ == "DTensor"
+
+
 def use_cpu_kernel() -> bool:
     """Whether CPU tensors go through the compiled kernel (numba installed, not disabled)."""
     return _cpu_kernel.available()
@@ -100,7 +105,7 @@ def measure(x: torch.Tensor, format_names: tuple[str, ...]) -> Observation:
     No autograd context is needed: every op reads ``x.detach()`` or writes mpdiag's own tensors.
     """
     x = x.detach()
-    if type(x).__name__ == "DTensor":  # a shard of a distributed tensor (FSDP2): this rank's own part
+    if is_dtensor(x):  # a shard of a distributed tensor (FSDP2): this rank's own part
         x = x.to_local()
     layout = layout_for(x.dtype, format_names)
     on_host = x.device.type == "cpu" and use_cpu_kernel()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from collections.abc import Sequence
@@ -12,18 +11,13 @@ from mpdiag import formats as _formats
 from mpdiag.errors import MpdiagError
 
 
-def _power_of_two(value: float) -> str:
-    mantissa, exponent = math.frexp(value)
-    return f"2^{exponent - 1}" if mantissa == 0.5 else f"{value:.6g}"
-
-
 def _format_table() -> str:
     header = ("format", "dtype", "e", "m", "max", "min normal", "min subn.", "eps", "overflow at", "becomes")
     rows = [header]
     for f in _formats.all_formats():
         rows.append((f.name, str(f.dtype).replace("torch.", "") if f.dtype else "-", str(f.exponent_bits),
-                     str(f.mantissa_bits), f"{f.max:.6g}", _power_of_two(f.min_normal),
-                     _power_of_two(f.min_subnormal), _power_of_two(f.eps), f"{f.overflow_threshold:.6g}",
+                     str(f.mantissa_bits), f"{f.max:.6g}", _formats.power_of_two(f.min_normal),
+                     _formats.power_of_two(f.min_subnormal), _formats.power_of_two(f.eps), f"{f.overflow_threshold:.6g}",
                      f.overflow.value))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) if i >= 2 else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpdiag._accumulate import SiteAccumulator, _Part
+from mpdiag._accumulate import SiteAccumulator, _Part, is_dtensor
 from mpdiag._layout import layout_for
 from mpdiag.errors import AttachError
 from mpdiag.nonfinite import PHASES, NonFiniteEvent
@@ -96,7 +96,7 @@ def clean_name(name: str) -> str:
 
 
 def _placements(param: torch.Tensor) -> tuple[Any, ...] | None:
-    return getattr(param, "placements", None) if type(param).__name__ == "DTensor" else None
+    return getattr(param, "placements", None) if is_dtensor(param) else None
 
 
 def is_sharded(param: torch.Tensor) -> bool:
@@ -122,7 +122,7 @@ def replicated_sites(params: Mapping[str, torch.Tensor], ddp: bool) -> set[Site]
 def grads_settle_late(params: Mapping[str, torch.Tensor], ddp: bool) -> bool:
     """Whether gradients take their final value only after backward: DDP averages them once backward has
     accumulated them, FSDP2 reduce-scatters them. They are then measured when the step closes."""
-    return ddp or any(type(p).__name__ == "DTensor" for p in params.values())
+    return ddp or any(is_dtensor(p) for p in params.values())
 
 
 # -- reducing the statistics ----------------------------------------------------------------------

@@ -25,7 +25,8 @@ import torch
 from mpdiag._tf32 import TF32_MANTISSA_BITS, round_to_tf32
 from mpdiag.errors import UnknownFormatError
 
-__all__ = ["Format", "Overflow", "get", "names", "all_formats", "FP32", "TF32", "FP16", "BF16", "FP8_E4M3", "FP8_E5M2"]
+__all__ = ["Format", "Overflow", "get", "names", "all_formats", "power_of_two", "FP32", "TF32", "FP16", "BF16",
+           "FP8_E4M3", "FP8_E5M2"]
 
 
 class Overflow(str, enum.Enum):
@@ -148,6 +149,12 @@ _ALIASES: dict[str, str] = {
     "fp8_e4m3fn": "fp8_e4m3",
     "e5m2": "fp8_e5m2", "fp8e5m2": "fp8_e5m2", "float8_e5m2": "fp8_e5m2",
 }
+
+
+def power_of_two(value: float) -> str:
+    """``value`` as people read format constants: '2^-14' for a power of two, else 6 significant digits."""
+    mantissa, exponent = math.frexp(value)
+    return f"2^{exponent - 1}" if mantissa == 0.5 else f"{value:.6g}"
 
 
 def names() -> tuple[str, ...]:

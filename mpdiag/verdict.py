@@ -123,7 +123,7 @@ def _verdict(run: Run, fmt: Format, adv: LossScaleAdvice | None) -> Verdict:
                            if any(run.records[step][s].overflow(fmt) for s in overflowing if s in run.records[step])),
                           None)
     activation_underflow = _underflow_share([v for s, v in merged.items() if s.kind == Kind.ACTIVATION], fmt)
-    closest = next(iter(sorted(riskiest(run, fmt, n=len(merged)), key=lambda r: r.headroom_bits)), None)
+    closest = min(riskiest(run, fmt, n=len(merged)), key=lambda r: r.headroom_bits, default=None)
     scaled = _worst_with_tensor_scaling(merged, fmt) if _is_fp8(fmt) else None
 
     parts, level = [], "ok"

@@ -19,11 +19,6 @@ from mkdocs.structure.files import File, Files
 _REPORT_DIR = "img/report"
 
 
-def _power_of_two(value: float) -> str:
-    mantissa, exponent = math.frexp(value)
-    return f"2^{exponent - 1}" if mantissa == 0.5 else f"{value:.6g}"
-
-
 def formats_table() -> str:
     from mpdiag import formats
 
@@ -32,8 +27,8 @@ def formats_table() -> str:
     for f in formats.all_formats():
         span = math.log2(f.max / f.min_subnormal)
         rows.append(f"| {f.name} | {str(f.dtype).replace('torch.', '') if f.dtype else '-'} | {f.exponent_bits} | "
-                    f"{f.mantissa_bits} | {f.max:.6g} | {_power_of_two(f.min_normal)} | "
-                    f"{_power_of_two(f.min_subnormal)} | {_power_of_two(f.eps)} | {span:.1f} | {f.overflow.value} |")
+                    f"{f.mantissa_bits} | {f.max:.6g} | {formats.power_of_two(f.min_normal)} | "
+                    f"{formats.power_of_two(f.min_subnormal)} | {formats.power_of_two(f.eps)} | {span:.1f} | {f.overflow.value} |")
     return "\n".join(rows)
 
 
