@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from cast_truth import from_bits, real_categories
 from mpdiag import formats
-from mpdiag.casting import Category
+from mpdiag.casting import INT_VIEW, Category
 from mpdiag.errors import MpdiagError
 from mpdiag.stats import HIST_EXPONENTS, TensorStats
 
@@ -62,6 +62,31 @@ def test_every_16_bit_value(dtype: torch.dtype) -> None:
 @given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=200))
 def test_any_fp32_bit_patterns(bits: list[int]) -> None:
     assert_matches_reference(from_bits(bits, torch.float32))
+
+
+# The CPU kernel measures tensors of 8,192 elements and more with a histogram of 13-bit keys and small
+# ones element by element: the tests below reach the large-tensor path with arbitrary contents.
+_LARGE = 10_000
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=60), st.integers(0, 2**32 - 1))
+def test_any_fp32_bit_patterns_in_a_large_tensor(bits: list[int], filler: int) -> None:
+    assert_matches_reference(from_bits(bits * (_LARGE // len(bits)) + [filler] * (_LARGE % len(bits)), torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_every_key_edge_of_the_cpu_kernel(dtype: torch.dtype) -> None:
+    """The first value of each 13-bit key (sign and top 12 magnitude bits) and its neighbours, zeros and the
+    source's smallest subnormals among them: the values where a key-based count could slip."""
+    width = torch.finfo(dtype).bits
+    firsts = torch.arange(1 << 13, dtype=torch.int64) << (width - 13)
+    patterns = torch.cat([firsts + d for d in (-2, -1, 0, 1, 2)] + [torch.arange(-3, 4)])
+    if width < 64:  # wrap to the signed view's range
+        patterns = (patterns + (1 << (width - 1))) % (1 << width) - (1 << (width - 1))
+    x = patterns.to(INT_VIEW[dtype]).view(dtype)
+    assert x.numel() >= _LARGE
+    assert_matches_reference(x)
+    assert_matches_reference(x[:100])  # and element by element
 
 
 @given(st.lists(st.floats(width=64), min_size=1, max_size=100))
