@@ -54,6 +54,9 @@ def use_cpu_kernel() -> bool:
     return _cpu_kernel.available()
 
 
+_NO_EXTREMES = np.array([0.0, -math.inf])  # [amax, -amin_nonzero] before any value: both reduce with maximum
+
+
 def _ext_dtype(device: torch.device) -> torch.dtype:
     # amax/amin are kept in fp64 where the device has it, so fp64 inputs keep their range.
     return torch.float32 if device.type == "mps" else torch.float64
@@ -72,7 +75,7 @@ class _Part:
         self.layout, self.device, self.on_host = layout, device, on_host
         if on_host:
             self.counts = np.zeros(layout.n_buckets, dtype=np.int64)
-            self.ext = np.array([0.0, -math.inf])  # [amax, -amin_nonzero]: both reduce with maximum
+            self.ext = _NO_EXTREMES.copy()
             return
         # Normal tensors even when created inside inference_mode, so in-place updates outside it work.
         with torch.inference_mode(False):
@@ -80,6 +83,17 @@ class _Part:
             # filled on the device: torch.tensor([...], device=...) would copy from the host each time
             self.ext = torch.full((2,), -math.inf, dtype=_ext_dtype(device), device=device)
             self.ext[0] = 0.0
+
+    def copy(self) -> _Part:
+        """A part of its own with the same values."""
+        part = _Part.__new__(_Part)
+        part.layout, part.device, part.on_host = self.layout, self.device, self.on_host
+        if self.on_host:
+            part.counts, part.ext = self.counts.copy(), self.ext.copy()
+        else:
+            with torch.inference_mode(False):  # as in __init__
+                part.counts, part.ext = self.counts.clone(), self.ext.clone()
+        return part
 
     def add(self, other: _Part) -> None:
         self.counts += other.counts
@@ -91,12 +105,15 @@ class _Part:
 
 class Observation:
     """The statistics of one tensor, still on its device. One observation can feed several sites
-    (a Sequential returns its last child's output: both sites see the same tensor)."""
+    (a Sequential returns its last child's output: both sites see the same tensor).
 
-    __slots__ = ("part", "dtype", "numel")
+    ``nonfinite`` is how many NaN/inf it holds where that is known already (the host kernel), else None.
+    """
 
-    def __init__(self, part: _Part, dtype: str, numel: int) -> None:
-        self.part, self.dtype, self.numel = part, dtype, numel
+    __slots__ = ("part", "dtype", "numel", "nonfinite")
+
+    def __init__(self, part: _Part, dtype: str, numel: int, nonfinite: int | None) -> None:
+        self.part, self.dtype, self.numel, self.nonfinite = part, dtype, numel, nonfinite
 
 
 def measure(x: torch.Tensor, format_names: tuple[str, ...]) -> Observation:
@@ -107,18 +124,21 @@ def measure(x: torch.Tensor, format_names: tuple[str, ...]) -> Observation:
     x = x.detach()
     if is_dtensor(x):  # a shard of a distributed tensor (FSDP2): this rank's own part
         x = x.to_local()
-    layout = layout_for(x.dtype, format_names)
-    on_host = x.device.type == "cpu" and use_cpu_kernel()
+    dtype = x.dtype
+    layout = layout_for(dtype, format_names)
+    on_host = x.is_cpu and use_cpu_kernel()
     part = _Part(layout, x.device, on_host)
-    numel, dtype = x.numel(), x.dtype
+    numel = x.numel()
+    nonfinite = 0 if on_host else None
     if numel:
-        if x.dtype != layout.source:
+        if dtype != layout.source:
             x = x.to(layout.source)  # fp8 inputs widen exactly
         if on_host:
             _cpu_kernel.count_into(x, layout, part.counts, part.ext)
+            nonfinite = int(part.counts.take(layout.nonfinite_buckets).sum())
         else:
             _measure_with_torch(x, part)
-    return Observation(part, _DTYPE_NAMES.get(dtype) or str(dtype).replace("torch.", ""), numel)
+    return Observation(part, _DTYPE_NAMES.get(dtype) or str(dtype).replace("torch.", ""), numel, nonfinite)
 
 
 def _measure_with_torch(x: torch.Tensor, part: _Part) -> None:
@@ -168,9 +188,10 @@ class SiteAccumulator:
         src = obs.part
         key = (src.layout.source, src.device, src.on_host)
         part = self._parts.get(key)
-        if part is None:
-            part = self._parts[key] = _Part(src.layout, src.device, src.on_host)
-        part.add(src)
+        if part is None:  # a copy, not a share: the observation may feed another site
+            self._parts[key] = src.copy()
+        else:
+            part.add(src)
 
     def read(self) -> TensorStats:
         """This accumulator's statistics, read from the device now."""

@@ -11,7 +11,7 @@ threshold that is not a power of two, inf/NaN, the source's own subnormals).
   0.7 ns per element here, against 1.1-1.9 ns for the table-indexed loop this replaced). Elements of
   keys that hold a boundary are noted and finished with a short scan after each chunk, out of the hot
   loop. Zeros stay in their key (its smallest value is 0); the rare tiny subnormals that share it are
-  moved out afterwards, counted by the extremes loop.
+  moved out afterwards, when the smallest magnitude shows there are any.
 - Small tensors (where clearing and folding 8,192 keys would cost more than the tensor): each element's
   bucket directly, from its key's first bucket and the same short scan.
 - The extremes (amax, smallest non-zero magnitude) in a branch-free loop that compiles to vector
@@ -96,11 +96,10 @@ class KernelTables:
         self.special[first == 0] = 0
         self.tiny_below = 1 << shift
         self.to_float = _bits_to_float(source)
-
-    def args(self) -> tuple:
-        """The tables in the order the compiled functions take them."""
-        return (self.special, self.scan_from, self.key_bucket, self.boundaries, self.bucket_flat, self.stride,
-                self.magnitude_mask, self.inf_bits, self.tiny_below)
+        self.no_extremes = np.array([0, self.inf_bits], dtype=np.int64)  # [max, min non-zero magnitude]
+        # The tables in the order the compiled functions take them.
+        self.args = (self.special, self.scan_from, self.key_bucket, self.boundaries, self.bucket_flat, self.stride,
+                     self.magnitude_mask, self.inf_bits, self.tiny_below)
 
 
 if numba is not None:
@@ -125,6 +124,22 @@ if numba is not None:
         return bucket_of[np.int64(b < 0) * stride + j]
 
     @numba.njit(cache=True, nogil=True)
+    def _extremes(bits, magnitude_mask, inf_bits, out):
+        """out = [max finite magnitude, min finite non-zero magnitude] in bits, merged with out's values.
+
+        Branch-free, in its own loop, so that it compiles to vector instructions (each counter added to
+        this loop made it markedly slower: the kernel's callers find NaN/inf in the bucket counts).
+        """
+        hi = out[0]
+        lo = out[1]
+        for i in range(bits.shape[0]):
+            m = bits[i] & magnitude_mask
+            hi = max(hi, m if m < inf_bits else 0)
+            lo = min(lo, m if (m > 0) & (m < inf_bits) else inf_bits)
+        out[0] = hi
+        out[1] = lo
+
+    @numba.njit(cache=True, nogil=True)
     def _key_histogram(bits, special, scan_from, key_bucket, boundaries, bucket_of, stride, magnitude_mask, counts):
         shift = _key_shift(bits)
         keys = np.zeros(_KEY_MASK + 1, dtype=np.int64)
@@ -147,35 +162,16 @@ if numba is not None:
                 counts[key_bucket[k]] += keys[k]
 
     @numba.njit(cache=True, nogil=True)
-    def _extremes(bits, magnitude_mask, inf_bits, tiny_below, out):
-        """out = [max finite magnitude, min finite non-zero magnitude] in bits, merged with out's values;
-        returns how many magnitudes are non-zero and below ``tiny_below``.
-
-        Branch-free, in its own loop, so that it compiles to vector instructions.
-        """
-        hi = out[0]
-        lo = out[1]
-        tiny = 0
-        for i in range(bits.shape[0]):
-            m = bits[i] & magnitude_mask
-            hi = max(hi, m if m < inf_bits else 0)
-            lo = min(lo, m if (m > 0) & (m < inf_bits) else inf_bits)
-            tiny += (m > 0) & (m < tiny_below)
-        out[0] = hi
-        out[1] = lo
-        return tiny
-
-    @numba.njit(cache=True, nogil=True)
     def _count(bits, special, scan_from, key_bucket, boundaries, bucket_of, stride, magnitude_mask, inf_bits,
                tiny_below, counts, extremes):
         shift = _key_shift(bits)
-        tiny = _extremes(bits, magnitude_mask, inf_bits, tiny_below, extremes)
+        _extremes(bits, magnitude_mask, inf_bits, extremes)
         if bits.shape[0] < _DIRECT_BELOW:
             for i in range(bits.shape[0]):
                 counts[_bucket(np.int64(bits[i]), scan_from, boundaries, bucket_of, stride, magnitude_mask, shift)] += 1
             return
         _key_histogram(bits, special, scan_from, key_bucket, boundaries, bucket_of, stride, magnitude_mask, counts)
-        if tiny:  # the histogram counted them as zeros, with their key: move them to their own buckets
+        if extremes[1] < tiny_below:  # tiny magnitudes were counted as zeros, with their key: move them
             zero = key_bucket[0]
             for i in range(bits.shape[0]):
                 b = np.int64(bits[i])
@@ -212,19 +208,28 @@ def tables_for(layout) -> KernelTables:  # noqa: ANN001 - a BucketLayout
 
 
 def count_into(x: torch.Tensor, layout, counts: np.ndarray, ext: np.ndarray) -> None:  # noqa: ANN001
-    """Add the bucket counts of CPU tensor ``x`` (already in ``layout.source``) to ``counts`` and set
-    ``ext`` to [amax, -amin_nonzero] of its finite values ([0, -inf] when there are none)."""
+    """Add the bucket counts of CPU tensor ``x`` (already in ``layout.source``, detached) to ``counts`` and
+    set ``ext`` to [amax, -amin_nonzero] of its finite values ([0, -inf] when there are none)."""
     t = tables_for(layout)
-    bits = x.contiguous().view(t.signed_view).numpy().reshape(-1)
-    extremes = np.array([0, t.inf_bits], dtype=np.int64)
-    threads = numba.get_num_threads() if bits.shape[0] >= _PARALLEL_FROM else 1
-    if threads > 1:
-        _count_parallel(bits, *t.args(), counts, extremes, threads)
+    bits = _bits(x, t.signed_view)
+    extremes = t.no_extremes.copy()
+    if bits.shape[0] >= _PARALLEL_FROM and (threads := numba.get_num_threads()) > 1:
+        _count_parallel(bits, *t.args, counts, extremes, threads)
     else:
-        _count(bits, *t.args(), counts, extremes)
-    hi, lo = int(extremes[0]), int(extremes[1])
+        _count(bits, *t.args, counts, extremes)
+    hi, lo = extremes.tolist()
     ext[0] = t.to_float(hi)
     ext[1] = -t.to_float(lo) if lo < t.inf_bits else -math.inf
+
+
+_NUMPY_INT = {torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}
+
+
+def _bits(x: torch.Tensor, signed_view: torch.dtype) -> np.ndarray:
+    """The bit patterns of ``x``'s elements, flat, without copying a contiguous tensor."""
+    if x.dtype is torch.bfloat16:  # numpy has no bfloat16: reinterpret in torch
+        return x.contiguous().view(signed_view).numpy().reshape(-1)
+    return x.contiguous().numpy().reshape(-1).view(_NUMPY_INT[signed_view])
 
 
 def _bits_to_float(source: torch.dtype):  # noqa: ANN202

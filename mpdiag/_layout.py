@@ -110,34 +110,42 @@ class BucketLayout:
             groups.append(column)
         return np.stack(groups)
 
+    @functools.cached_property
+    def _field_columns(self) -> tuple[np.ndarray, int]:
+        """All groups side by side in one row of fields (kinds, histogram, casts of each format): for
+        each bucket, the column of that row it adds to in each group (-1: none), and the row's width."""
+        widths = [4, len(HIST_EXPONENTS)] + [3] * len(self.format_names)
+        offsets = np.cumsum([0] + widths[:-1])[:, None]
+        by_group = self._column_of_bucket
+        return np.where(by_group >= 0, by_group + offsets, -1).T.copy(), int(sum(widths))
+
     def decode_many(self, counts: np.ndarray) -> list[dict[str, object]]:
         """Turn bucket histograms (one per row) into TensorStats fields.
 
-        Exact integer sums with numpy (no BLAS: its worker threads would compete with training for
-        the CPU long after the call returns).
+        Exact integer sums with numpy over the non-zero counts only (a step's histograms are sparse; no
+        BLAS either: its worker threads would compete with training for the CPU long after the call
+        returns). The arrays returned are read-only views of one block, so TensorStats keeps them
+        without a copy.
         """
         counts = np.asarray(counts, dtype=np.int64)
-        kinds, hist, *casts = (_sum_by_column(counts, columns, width)
-                               for columns, width in zip(self._column_of_bucket,
-                                                         [4, len(HIST_EXPONENTS)] + [3] * len(self.format_names)))
-        numel = counts.sum(axis=1)
-        cast_rows = np.stack(casts, axis=1) if casts else np.zeros((len(counts), 0, 3), dtype=np.int64)
+        columns, width = self._field_columns
+        rows, buckets = np.nonzero(counts)
+        targets = columns[buckets]  # (non-zero counts, groups)
+        used = targets >= 0
+        fields = np.zeros(len(counts) * width, dtype=np.int64)
+        np.add.at(fields, (rows[:, None] * width + targets)[used],
+                  np.broadcast_to(counts[rows, buckets][:, None], targets.shape)[used])
+        fields = fields.reshape(len(counts), width)
+        fields.setflags(write=False)
+        n_hist = len(HIST_EXPONENTS)
+        kinds, hist = fields[:, :4], fields[:, 4:4 + n_hist]
+        casts = fields[:, 4 + n_hist:].reshape(len(counts), len(self.format_names), 3)
+        numel = counts.sum(axis=1).tolist()
+        zeros, posinf, neginf, nans = kinds.T.tolist()
         return [{
-            "numel": int(numel[i]), "zeros": int(kinds[i, 0]), "posinf": int(kinds[i, 1]),
-            "neginf": int(kinds[i, 2]), "nans": int(kinds[i, 3]), "hist": hist[i], "casts": cast_rows[i],
+            "numel": numel[i], "zeros": zeros[i], "posinf": posinf[i], "neginf": neginf[i], "nans": nans[i],
+            "hist": hist[i], "casts": casts[i],
         } for i in range(len(counts))]
-
-
-def _sum_by_column(counts: np.ndarray, columns: np.ndarray, width: int) -> np.ndarray:
-    """out[:, c] = sum of counts[:, b] over buckets b with columns[b] == c."""
-    used = np.flatnonzero(columns >= 0)
-    order = used[np.argsort(columns[used], kind="stable")]
-    out = np.zeros((counts.shape[0], width), dtype=np.int64)
-    if order.size:
-        cols = columns[order]
-        starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
-        out[:, cols[starts]] = np.add.reduceat(counts[:, order], starts, axis=1)
-    return out
 
 
 def _category(magnitude: float, t) -> Category:

@@ -93,7 +93,8 @@ class Recorder:
         self.accumulator(site).add(obs)
         if seq is None:
             seq, self._seq = self._seq, self._seq + 1
-        self.events.note(seq, site.name, site.kind.value, obs.part.counts, obs.part.layout.nonfinite_buckets)
+        if obs.nonfinite != 0:  # unknown (on a device) or some: keep the NaN/inf counts for the close
+            self.events.note(seq, site.name, site.kind.value, obs.part.counts, obs.part.layout.nonfinite_buckets)
 
     def _measure_once(self, tensor: torch.Tensor) -> Observation:
         """Measure ``tensor``, or reuse the measurement of the very same, unmodified tensor.
