@@ -135,7 +135,8 @@ def measure(x: torch.Tensor, format_names: tuple[str, ...]) -> Observation:
             x = x.to(layout.source)  # fp8 inputs widen exactly
         if on_host:
             _cpu_kernel.count_into(x, layout, part.counts, part.ext)
-            nonfinite = int(part.counts.take(layout.nonfinite_buckets).sum())
+            nan, posinf, neginf = layout.nonfinite_buckets
+            nonfinite = int(part.counts[nan] + part.counts[posinf] + part.counts[neginf])
         else:
             _measure_with_torch(x, part)
     return Observation(part, _DTYPE_NAMES.get(dtype) or str(dtype).replace("torch.", ""), numel, nonfinite)
