@@ -7,8 +7,9 @@ value of a key falls in one bucket, except in the few keys whose range holds a b
 threshold that is not a power of two, inf/NaN, the source's own subnormals).
 
 - Large tensors: a histogram of keys, folded into buckets at the end. The count's address depends only
-  on the element, not on a table read first, so the loop runs at the speed of a plain histogram (about
-  0.7 ns per element here, against 1.1-1.9 ns for the table-indexed loop this replaced). Elements of
+  on the element, not on a table read first, so the loop runs near the speed of a plain histogram
+  (measured on a 2-core x86 machine: 0.75 ns per element for activations, with zeros among them or not,
+  0.9 for small gradients; the table-indexed loop this replaced took 1.1, 1.9 with zeros). Elements of
   keys that hold a boundary are noted and finished with a short scan after each chunk, out of the hot
   loop. Zeros stay in their key (its smallest value is 0); the rare tiny subnormals that share it are
   moved out afterwards, when the smallest magnitude shows there are any.
