@@ -7,8 +7,11 @@ rounds of variant time / plain time in the same round):
   mpdiag every=10  diagnose() recording one step in ten
   amax hooks       the cheapest useful observer: one abs().amax() per module output and output grad
   detect_anomaly   torch.autograd.detect_anomaly() around forward and backward
+With --breakdown (CPU, numba kernel on), also:
+  mpdiag no kernel diagnose() every=1 with the CPU kernel's work skipped (its statistics are wrong):
+                   what the hooks, the bookkeeping and the step close cost without the counting
 
-Run: python benchmarks/overhead.py [--rounds N] [--steps N] [--d-model N] [--layers N]
+Run: python benchmarks/overhead.py [--rounds N] [--steps N] [--d-model N] [--layers N] [--breakdown]
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--breakdown", action="store_true", help="also time diagnose() with the kernel skipped")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -72,6 +76,10 @@ def main() -> None:
         "amax hooks": lambda: amax_hooks(model),
         "detect_anomaly": lambda: torch.autograd.detect_anomaly(check_nan=True),
     }
+    if args.breakdown:
+        if not _cpu_kernel.available():
+            raise SystemExit("--breakdown needs the numba kernel: pip install 'mpdiag[fast]'")
+        variants["mpdiag no kernel"] = lambda: _without_kernel(lambda: mpdiag.diagnose(model, every=1, optimizer=opt))
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(2):
         step()  # warm up the allocator, and compile mpdiag's kernels
@@ -95,6 +103,18 @@ def main() -> None:
     for name, ts in times.items():
         ratio = statistics.median(t / p for t, p in zip(ts, plain))
         print(f"{name:>16}: {statistics.median(ts) * 1e3:7.1f} ms/step   {ratio:5.2f}x plain")
+
+
+@contextlib.contextmanager
+def _without_kernel(make: Callable[[], contextlib.AbstractContextManager[object]]) -> Iterator[None]:
+    """``make()``'s context with the CPU kernel replaced by a stub that counts nothing."""
+    real = _cpu_kernel.count_into
+    _cpu_kernel.count_into = lambda x, layout, counts, ext: None
+    try:
+        with make():
+            yield
+    finally:
+        _cpu_kernel.count_into = real
 
 
 @contextlib.contextmanager
