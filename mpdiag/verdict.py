@@ -5,13 +5,17 @@ leads with it and the terminal summary can print it. Every number in the sentenc
 a program (or a test) can read the facts without parsing text.
 
 What counts, per format:
-- overflow: sites whose finite values reach the format's overflow threshold, and the first such step;
+- overflow: sites whose finite values reach the format's overflow threshold, and the first such step
+  (gradients recorded under a GradScaler are scaled: their range is the loss scale's business, judged
+  by the advice below, and they are left out here and from the headroom);
 - gradients: the share of non-zero finite true gradients (recorded / loss scale) that would flush to
   zero without loss scaling, and the scale the replay recommends when that share is too large;
 - activations: the share of non-zero finite activations that would flush to zero;
 - headroom: the site whose largest value comes closest to the format's max, in bits;
 - fp8 formats, which are used with a scale per tensor: the worst site's flushed share even when each
-  tensor is scaled by the power of two that puts its largest value just below the format's max.
+  tensor is scaled by the power of two that puts its largest value just below the format's max;
+- NaN/inf: a run that held them is at best "warn" in every format (its values were not all seen);
+  ``nonfinite_verdict`` says where they came from.
 """
 
 from __future__ import annotations
@@ -117,13 +121,18 @@ def nonfinite_verdict(run: Run) -> str | None:
 
 def _verdict(run: Run, fmt: Format, adv: LossScaleAdvice | None) -> Verdict:
     merged = {site: run.stats(site.name, site.kind) for site in run.sites}
-    overflowing = sorted((s for s in merged if merged[s].overflow(fmt)), key=lambda s: -merged[s].overflow(fmt))
+    # Under a GradScaler the recorded gradients are scaled: their overflow and headroom belong to the
+    # loss scale (the scaler skips such steps and backs off), which the advice judges on the true
+    # gradients. Range is judged here on the values the run holds unscaled.
+    judged = {s: v for s, v in merged.items() if not (run.loss_scales and _is_gradient(s))}
+    overflowing = sorted((s for s in judged if judged[s].overflow(fmt)), key=lambda s: -judged[s].overflow(fmt))
     # Only sites that overflow in some step can overflow in a given one: look at those alone.
     first_overflow = next((step for step in run.steps
                            if any(run.records[step][s].overflow(fmt) for s in overflowing if s in run.records[step])),
                           None)
     activation_underflow = _underflow_share([v for s, v in merged.items() if s.kind == Kind.ACTIVATION], fmt)
-    closest = min(riskiest(run, fmt, n=len(merged)), key=lambda r: r.headroom_bits, default=None)
+    closest = min((r for r in riskiest(run, fmt, n=len(merged)) if Site(r.name, Kind(r.kind)) in judged),
+                  key=lambda r: r.headroom_bits, default=None)
     scaled = _worst_with_tensor_scaling(merged, fmt) if _is_fp8(fmt) else None
 
     parts, level = [], "ok"
@@ -160,6 +169,10 @@ def _verdict(run: Run, fmt: Format, adv: LossScaleAdvice | None) -> Verdict:
             level = _worse(level, "warn")
         else:
             parts.append(f"no site within {HEADROOM_BITS} bits of max")
+    contaminated = [s for s, v in merged.items() if v.nonfinite]
+    if contaminated:  # their NaN/inf hide what the values would have been: the run cannot be called safe
+        parts.append(f"{len(contaminated)} site(s) held NaN/inf, judged on their finite values only")
+        level = _worse(level, "warn")
     if not parts:
         parts.append("nothing recorded")
     return Verdict(fmt=fmt.name, level=level, sentence=f"{fmt.name}: " + "; ".join(parts) + ".",
@@ -180,6 +193,10 @@ def _recorded_scale_underflow(run: Run, fmt: Format) -> float:
     counts = flushed_per_step(run, fmt, run.loss_scales).values()
     nonzero = sum(n for _, n in counts)
     return sum(f for f, _ in counts) / nonzero if nonzero else 0.0
+
+
+def _is_gradient(site: Site) -> bool:
+    return site.kind in (Kind.ACTIVATION_GRAD, Kind.PARAM_GRAD)
 
 
 def _worse(a: str, b: str) -> str:

@@ -102,3 +102,45 @@ def test_a_run_with_its_own_loss_scale_is_judged_at_that_scale() -> None:
     # The recorded (scaled) values are what fp16 got: their own flush count is the share at the run's scale.
     assert fp16.recorded_scale_underflow == run.stats("w", "param_grad").underflow("fp16") / 1000
     assert "the run's own loss scale (2^16) keeps that to" in fp16.sentence and fp16.recommended_scale is None
+
+
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler('cpu') needs torch >= 2.3")
+def test_gradients_scaled_by_a_grad_scaler_are_not_judged_as_overflow() -> None:
+    """A real GradScaler at 2^16 lifts true gradients of ~0.05 past fp8_e4m3's max: that is the loss scale's
+    business (the advice judges true gradients), not an overflow of the run. Unscaled, the same recorded
+    values would be judged as the run's own."""
+    def run(scaled: bool) -> mpdiag.Run:
+        model = small_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16) if scaled else None
+        with mpdiag.diagnose(model, formats=("fp16", "fp8_e4m3"), optimizer=opt, scaler=scaler) as diag:
+            for _ in range(2):
+                opt.zero_grad()
+                loss = model(torch.randn(4, 8)).sum()
+                if scaler is None:
+                    (loss * 2.0**16).backward()  # the same recorded gradients, with no scale to divide out
+                    opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+        return diag.run
+
+    scaled, unscaled = run(True), run(False)
+    assert scaled.loss_scales and not unscaled.loss_scales
+    grads_overflow = [s for s in scaled.sites if s.kind.value.endswith("grad") and scaled.stats(*s).overflow("fp8_e4m3")]
+    assert grads_overflow  # the recorded (scaled) gradients do reach e4m3's max
+    e4m3 = {v.fmt: v for v in verdicts(scaled)}["fp8_e4m3"]
+    assert not any("grad)" in label for label in e4m3.overflow_sites)
+    assert e4m3.closest is None or not e4m3.closest.kind.endswith("grad")
+    assert any("grad)" in label for label in {v.fmt: v for v in verdicts(unscaled)}["fp8_e4m3"].overflow_sites)
+
+
+def test_a_run_that_held_nan_is_not_called_safe_in_any_format() -> None:
+    x = torch.randn(4, 8)
+    x[0, 0] = math.nan
+    run = train(small_model(), [x])
+    for v in verdicts(run):
+        assert v.level in ("warn", "fail")
+        assert "site(s) held NaN/inf, judged on their finite values only" in v.sentence
+    assert nonfinite_verdict(run) is not None
