@@ -16,6 +16,17 @@ from mpdiag.errors import MpdiagError
 from mpdiag.scaling import advise
 
 
+def backward_and_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """One optimizer step on ``loss``, through ``scaler`` as its documentation prescribes when there is one."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
 def record(grads: list[torch.Tensor], scaler_scale: float | None = None) -> mpdiag.Run:
     """A run whose only gradient site is a parameter with exactly these gradients, one per step."""
     param = nn.Parameter(torch.zeros_like(grads[0]))
@@ -90,14 +101,7 @@ def test_runs_recorded_under_a_grad_scaler_are_advised_on_true_gradients() -> No
         with mpdiag.diagnose(model, optimizer=opt, scaler=scaler) as diag:
             for _ in range(3):
                 opt.zero_grad()
-                loss = model(torch.randn(4, 8)).pow(2).mean() * 1e-5
-                if scaler is None:
-                    loss.backward()
-                    opt.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
+                backward_and_step(model(torch.randn(4, 8)).pow(2).mean() * 1e-5, opt, scaler)
         return diag.run
 
     plain, scaled = train(False), train(True)

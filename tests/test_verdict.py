@@ -109,6 +109,8 @@ def test_gradients_scaled_by_a_grad_scaler_are_not_judged_as_overflow() -> None:
     """A real GradScaler at 2^16 lifts true gradients of ~0.05 past fp8_e4m3's max: that is the loss scale's
     business (the advice judges true gradients), not an overflow of the run. Unscaled, the same recorded
     values would be judged as the run's own."""
+    from test_scaling import backward_and_step
+
     def run(scaled: bool) -> mpdiag.Run:
         model = small_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -117,13 +119,8 @@ def test_gradients_scaled_by_a_grad_scaler_are_not_judged_as_overflow() -> None:
             for _ in range(2):
                 opt.zero_grad()
                 loss = model(torch.randn(4, 8)).sum()
-                if scaler is None:
-                    (loss * 2.0**16).backward()  # the same recorded gradients, with no scale to divide out
-                    opt.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
+                # Unscaled: the same recorded gradients, with no scale to divide out.
+                backward_and_step(loss if scaled else loss * 2.0**16, opt, scaler)
         return diag.run
 
     scaled, unscaled = run(True), run(False)
