@@ -21,11 +21,20 @@ class LossScaleSnapshot:
     def __init__(self, scaler: Any) -> None:
         self.scaler = scaler
         self._copy: torch.Tensor | None = None
+        self._version: int | None = None
 
     def take(self) -> None:
         scale = getattr(self.scaler, "_scale", None)
         if self._copy is None and isinstance(scale, torch.Tensor):
             self._copy = scale.detach().clone()
+            self._version = scale._version
+
+    def updated_since_taken(self) -> bool:
+        """Whether ``scaler.update()`` ran since ``take()``: it rewrites the scale in place, which bumps
+        the tensor's version counter (read on the host: no device sync). A step the scaler skipped has
+        no ``optimizer.step()`` to close it, but it always has this update."""
+        scale = getattr(self.scaler, "_scale", None)
+        return self._version is not None and isinstance(scale, torch.Tensor) and scale._version != self._version
 
     def read(self) -> float | None:
         if not self.scaler.is_enabled():
@@ -34,3 +43,4 @@ class LossScaleSnapshot:
 
     def clear(self) -> None:
         self._copy = None
+        self._version = None

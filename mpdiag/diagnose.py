@@ -34,11 +34,13 @@ from torch import nn
 
 from mpdiag import distributed
 from mpdiag._loss_scale import LossScaleSnapshot
+from mpdiag._optimizer import closure_of, is_grad_scaler, unwrap_optimizer
 from mpdiag.anomaly import AnomalyWatch
 from mpdiag.environment import describe
 from mpdiag.errors import AttachError, MpdiagError, MpdiagWarning
 from mpdiag.formats import Format
-from mpdiag.hooks import Recorder
+from mpdiag.hooks import Recorder, in_backward
+from mpdiag.hooks import untraced as _untraced
 from mpdiag.nonfinite import NonFiniteError, NonFiniteEvent
 from mpdiag.render import Report, report
 from mpdiag.run import Kind, Run, Site
@@ -161,7 +163,9 @@ class Diagnosis:
                  optimizer: torch.optim.Optimizer | None = None,
                  scaler: torch.amp.GradScaler | None = None, on_nonfinite: str = "record",
                  run_file: str | os.PathLike[str] | None = None, group: Any = None) -> None:
-        _check_arguments(model, every, optimizer, scaler)
+        _check_arguments(model, every, scaler)
+        optimizer, wrapper_scaler = unwrap_optimizer(optimizer) if optimizer is not None else (None, None)
+        scaler = scaler if scaler is not None else wrapper_scaler  # accelerate's optimizer steps through one
         self._group = distributed.active_group(group)
         self._rank = distributed.rank_of(self._group)
         wrapper, (model, replicated) = model, distributed.unwrap(model)
@@ -175,14 +179,6 @@ class Diagnosis:
         if self._group is not None:
             self._environment["distributed"] = distributed.describe_group(self._group)
         self._device_type = self._environment["device"].split(":")[0]
-        self._claim(wrapper)  # first: a refused second diagnosis must not create a run file
-        self._model_ref = weakref.ref(wrapper)
-        try:
-            writes = run_file is not None and self._rank == 0  # one file for the whole job
-            self._writer = RunWriter(run_file, self.formats, self._meta()) if writes else None
-        except BaseException:
-            self._release(wrapper)
-            raise
         self._anomalies_written = 0
         params = _owned_parameters(modules)
         self._recorder = Recorder(self.formats, params, group=self._group,
@@ -197,12 +193,37 @@ class Diagnosis:
         self._step = 0
         self._closed = False
         self._suspended = False
+        self._optimizer = optimizer
+        self._in_optimizer_step = False  # between optimizer.step()'s pre- and post-hook (closures run there)
+        self._weights_version: int | None = None  # of one trainable weight, when the step's first forward ran
+        self._warned_unclosed = False
         self._handles: list[Any] = []
         self._anomaly = AnomalyWatch(lambda: self._step)
         self._recorder.anomaly = self._anomaly
         self._recorder.device_type = self._device_type
-        self._install(wrapper, modules, optimizer)
-        self._anomaly.install()
+        self._writer: RunWriter | None = None
+        self._claim(wrapper)  # first: a refused second diagnosis must not create a run file
+        self._model_ref = weakref.ref(wrapper)
+        try:  # an attach succeeds whole or leaves the model (and the disk) as it was
+            if run_file is not None and self._rank == 0:  # one file for the whole job
+                self._writer = RunWriter(run_file, self.formats, self._meta())
+            self._install(wrapper, modules, optimizer)
+            self._anomaly.install()
+        except BaseException:
+            self._undo_attach(wrapper)
+            raise
+
+    def _undo_attach(self, model: nn.Module) -> None:
+        self._anomaly.uninstall()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer.path.unlink(missing_ok=True)
+            self._writer = None
+        self._release(model)
+        self._closed = True
 
     # -- public API -------------------------------------------------------------------------------
     @property
@@ -301,17 +322,61 @@ class Diagnosis:
             if param.requires_grad and not self._grads_at_close:
                 self._handles.append(param.register_post_accumulate_grad_hook(_bind(rec.on_param_grad, name)))
         if optimizer is not None:
-            self._handles.append(optimizer.register_step_pre_hook(lambda *_: self._close_step()))
-            self._handles.append(model.register_forward_pre_hook(lambda *_: self._close_skipped_step(model)))
+            self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+            self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        self._handles.append(model.register_forward_pre_hook(self._before_model_forward))
 
-    def _close_skipped_step(self, model: nn.Module) -> None:
-        # A GradScaler that finds inf/NaN skips optimizer.step(), so the step pre-hook never fires.
-        # Backward ran and the gradients were cleared since: that step is over. Gradients still present
-        # mean gradient accumulation, which continues the step.
+    # Step boundaries. Without a closure, forward and backward ran before optimizer.step(): the step closes
+    # in its pre-hook, while the parameters are still those the forward used. With a closure
+    # (Lightning, LBFGS), forward and backward run inside step(): the parameters are observed in the
+    # pre-hook, and the step closes in the post-hook, after the closure's backward.
+    @_untraced
+    def _before_optimizer_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._suspended:
             return
-        if self._recorder.saw_backward and all(p.grad is None for p in model.parameters()):
+        if closure_of(args, kwargs) is None:
             self._close_step()
+            return
+        self._in_optimizer_step = True
+        self._recorder.observe_params()
+
+    @_untraced
+    def _after_optimizer_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._in_optimizer_step:
+            self._in_optimizer_step = False
+            self._close_step()
+
+    @_untraced
+    def _before_model_forward(self, model: nn.Module, args: Any) -> None:
+        if self._suspended or self._in_optimizer_step or in_backward():
+            return
+        rec = self._recorder
+        if not rec.saw_backward:
+            self._weights_version = _version_of_a_weight(rec.params)
+            return
+        if self._optimizer is not None:
+            if self._step_was_skipped(model):
+                self._close_step()
+            return
+        if not self._warned_unclosed and self._step_looks_over(model):
+            self._warned_unclosed = True
+            warnings.warn("mpdiag: a new training step began (weights updated or gradients cleared since the last "
+                          "backward) but no step was closed, so every step is being merged into one and param_grad "
+                          "keeps only the latest gradients; pass optimizer= to diagnose() or call diag.step() after "
+                          "each optimizer step", MpdiagWarning, stacklevel=2)
+
+    def _step_was_skipped(self, model: nn.Module) -> bool:
+        # A GradScaler that finds inf/NaN skips optimizer.step(), so its hooks never fire; backward ran and
+        # the scaler's update() since (or the gradients were cleared): that step is over. Gradients still
+        # present without an update mean gradient accumulation, which continues the step.
+        if self._scale_seen is not None and self._scale_seen.updated_since_taken():
+            return True
+        return all(p.grad is None for p in model.parameters())
+
+    def _step_looks_over(self, model: nn.Module) -> bool:
+        version = _version_of_a_weight(self._recorder.params)
+        weights_changed = version is not None and version != self._weights_version
+        return weights_changed or all(p.grad is None for p in model.parameters())
 
     def _close_step(self, report: bool = True) -> None:
         rec = self._recorder
@@ -366,15 +431,18 @@ def _bind(method: Any, name: str) -> Any:
     return hook
 
 
-def _check_arguments(model: object, every: object, optimizer: object, scaler: object) -> None:
+def _version_of_a_weight(params: dict[str, nn.Parameter]) -> int | None:
+    """The in-place version of the first trainable parameter: an optimizer step changes it (no sync)."""
+    return next((p._version for p in params.values() if p.requires_grad), None)
+
+
+def _check_arguments(model: object, every: object, scaler: object) -> None:
     if not isinstance(model, nn.Module):
         raise AttachError(f"diagnose() expects a torch.nn.Module, got {type(model).__name__}; "
                           f"pass the model itself (not its parameters or its output)")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise MpdiagError(f"every must be a positive integer (record one step in every N), got {every!r}")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise AttachError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if scaler is not None and not (callable(getattr(scaler, "get_scale", None)) and hasattr(scaler, "is_enabled")):
+    if scaler is not None and not is_grad_scaler(scaler):
         raise AttachError(f"scaler must be a torch GradScaler (torch.amp.GradScaler), got {type(scaler).__name__}")
 
 

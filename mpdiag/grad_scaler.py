@@ -34,7 +34,7 @@ from mpdiag import formats as _formats
 from mpdiag.errors import MpdiagError, MpdiagWarning
 from mpdiag.formats import Format
 from mpdiag.run import Run
-from mpdiag.scaling import gradient_sites, true_gradient_steps
+from mpdiag.scaling import gradient_sites, scaler_overflows, true_gradient_steps
 
 __all__ = ["simulate_grad_scaler", "GradScalerSimulation", "scaler_trajectory", "MpdiagWarning"]
 
@@ -135,7 +135,8 @@ def simulate_grad_scaler(run: Run, fmt: str | torch.dtype | Format = "fp16", *, 
     if approximate:
         warnings.warn("the run did not record every step, so the replayed GradScaler trajectory is approximate: "
                       "record with every=1 to replay it exactly", MpdiagWarning, stacklevel=2)
-    peaks = [_largest_true_gradient(run, step, sites) for step in chosen]
+    skipped = scaler_overflows(run, chosen)
+    peaks = [_largest_true_gradient(run, step, sites, skipped.get(step, math.inf)) for step in chosen]
     scales, skipped, final = scaler_trajectory(
         lambda i, scale: peaks[i] * scale >= fmt.overflow_threshold, len(chosen), init_scale=init_scale,
         growth_factor=growth_factor, backoff_factor=backoff_factor, growth_interval=growth_interval,
@@ -148,12 +149,13 @@ def _times(scale: np.float32, factor: float) -> np.float32:
     return np.float32(float(scale) * factor)
 
 
-def _largest_true_gradient(run: Run, step: int, sites: list) -> float:
-    """max |true gradient| of a step, inf when any was non-finite (every scale then overflows)."""
+def _largest_true_gradient(run: Run, step: int, sites: list, nonfinite_bound: float) -> float:
+    """max |true gradient| of a step. Where some were non-finite: at least ``nonfinite_bound`` (inf for
+    the model's own NaN/inf, so every scale overflows; for a step a GradScaler skipped, the smallest true
+    gradient that overflows at the scale it was recorded at)."""
     stats = [run.records[step][s] for s in sites if s in run.records[step]]
-    if any(s.nonfinite for s in stats):
-        return math.inf
-    return max((s.amax for s in stats), default=0.0) / run.loss_scale(step)
+    largest = max((s.amax for s in stats), default=0.0) / run.loss_scale(step)
+    return max(largest, nonfinite_bound) if any(s.nonfinite for s in stats) else largest
 
 
 def _check(init_scale: float, growth: float, backoff: float, interval: int, hysteresis: int) -> None:

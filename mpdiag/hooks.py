@@ -33,6 +33,21 @@ _MAX_NESTING = 32  # outputs nest a few levels at most; the cap guards against s
 _RECENT = 4  # measurements remembered for reuse; the same tensor reaches nested modules back to back
 
 
+def untraced(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Keep a hook body out of torch.compile's tracing: dynamo calls it eagerly, at a graph break.
+
+    Deliberately, not by accident: a body does Python bookkeeping and (on CPU) calls a numba kernel,
+    which dynamo would otherwise try to trace into (and fail in numba's dispatcher). The cost is a
+    graph break wherever a hook fires inside a compiled region; docs/concepts says how much.
+    """
+    return torch.compiler.disable(fn)
+
+
+def in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass on this thread now."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def floating_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
     """Every floating (or complex) tensor in a module output: tensors, sequences, mappings, dataclasses."""
     if isinstance(obj, torch.Tensor):
@@ -73,6 +88,7 @@ class Recorder:
         self.anomaly: AnomalyWatch | None = None  # set by the Diagnosis: tags autograd nodes in anomaly mode
         self.device_type = "cpu"  # set by the Diagnosis: where autocast is looked up
         self.autocast_dtype: str | None = None  # the autocast dtype seen in a recorded forward
+        self.params_seen = False  # observe_params() ran in this step
         self._seq = 0
 
     def accumulator(self, site: Site) -> SiteAccumulator:
@@ -112,17 +128,31 @@ class Recorder:
         return obs
 
     # -- hook bodies ------------------------------------------------------------------------------
+    @untraced
     def on_forward(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         if self.anomaly is not None and torch.is_anomaly_enabled():
             self.anomaly.tag(name, [t.grad_fn for t in floating_tensors(output) if t.grad_fn is not None])
         if not self.recording:
             return
-        self.active = True
-        if not name and self.autocast_dtype is None:  # the root: autocast is still on as it returns
-            self.autocast_dtype = autocast_dtype(self.device_type)
+        # A forward that runs inside backward is activation checkpointing recomputing what the first
+        # forward already produced (and this hook already counted): counting it again would double the
+        # checkpointed modules. Its outputs still get gradient hooks: under reentrant checkpointing the
+        # first forward ran without grad, and the recomputed outputs are the ones backward reaches.
+        recomputing = in_backward()
+        if not recomputing:
+            self.active = True
+            if self.autocast_dtype is None:  # seen inside forward: autocast may be applied in forward itself
+                self.autocast_dtype = autocast_dtype(self.device_type)
         site = Site(name, Kind.ACTIVATION)
         for tensor in floating_tensors(output):
-            self._observe(site, tensor)
+            # A 0-dim output is a loss (or a loss term) the model returns: not a layer's activation, and the
+            # gradient that reaches it is the weight the objective gives it (1, 1/N, the loss scale), the
+            # seed of backward. Left out, the statistics are the same whether the loss is computed inside
+            # the model or outside it.
+            if tensor.dim() == 0:
+                continue
+            if not recomputing:
+                self._observe(site, tensor)
             if tensor.requires_grad:
                 tensor.register_hook(functools.partial(self.on_activation_grad, name))
 
@@ -132,12 +162,14 @@ class Recorder:
             if self.on_first_backward is not None:
                 self.on_first_backward()
 
+    @untraced
     def on_activation_grad(self, name: str, grad: torch.Tensor) -> None:
         self._backward_seen()
         if self.recording and grad is not None:
             self.active = True
             self._observe(Site(name, Kind.ACTIVATION_GRAD), grad)
 
+    @untraced
     def on_param_grad(self, name: str, param: torch.Tensor) -> None:
         # Fires after each backward has accumulated into .grad; keep only the latest, so gradient
         # accumulation over micro-batches records the gradient the optimizer will see.
@@ -149,11 +181,20 @@ class Recorder:
             self._observe(site, param.grad)
 
     # -- closing a step ---------------------------------------------------------------------------
+    def observe_params(self) -> None:
+        """Observe the parameters now, while they are what the step's forward uses; once per step."""
+        if self.params_seen or not self.recording:
+            return
+        self.params_seen = True
+        self.active = True
+        for name, param in self.params.items():
+            self._observe(Site(name, Kind.PARAM), param, seq=-1)  # what the forward used: before all else
+
     def collect(self, step: int) -> tuple[dict[Site, TensorStats], list[NonFiniteEvent]]:
         """Observe parameters (and gradients no hook saw), then read everything with one host transfer
         per device: the statistics of every site and the non-finite events of the step."""
+        self.observe_params()
         for name, param in self.params.items():
-            self._observe(Site(name, Kind.PARAM), param, seq=-1)  # what the forward used: before all else
             grad_site = Site(name, Kind.PARAM_GRAD)
             if param.grad is not None and self.accumulator(grad_site).empty:
                 self._observe(grad_site, param.grad)  # set by hand, not by backward
@@ -175,3 +216,4 @@ class Recorder:
             acc.reset()
         self.active = False
         self.saw_backward = False
+        self.params_seen = False

@@ -33,11 +33,11 @@ import torch
 from mpdiag import formats as _formats
 from mpdiag.errors import MpdiagError
 from mpdiag.formats import Format
-from mpdiag.run import Kind, Run, Site
+from mpdiag.run import Kind, Run, Site, step_ranges
 from mpdiag.stats import HIST_EXPONENTS, TensorStats
 
 __all__ = ["advise", "LossScaleAdvice", "ScaleOutcome", "gradient_sites", "true_gradient_steps", "flush_exponent",
-           "exponent_of", "underflow_per_step", "flushed_per_step"]
+           "exponent_of", "underflow_per_step", "flushed_per_step", "scaler_overflows"]
 
 GRADIENT_KINDS = (Kind.ACTIVATION_GRAD, Kind.PARAM_GRAD)
 
@@ -73,10 +73,13 @@ class _Curves:
     below: np.ndarray  # (sites, bins + 1): below[:, i] = values in histogram bins before HIST_EXPONENTS[i]
 
     @classmethod
-    def of(cls, per_site: Mapping[Site, Sequence[TensorStats]]) -> _Curves:
-        hists = np.array([np.sum([s.hist for s in stats], axis=0) if stats else np.zeros(len(HIST_EXPONENTS))
+    def of(cls, per_site: Mapping[Site, Sequence[tuple[TensorStats, float]]]) -> _Curves:
+        """From each site's (true statistics, what its NaN/inf imply about its largest value) per step:
+        inf for NaN/inf of the model (every scale overflows), the smallest overflowing true gradient for a
+        step a GradScaler skipped (scales from that step's on overflow; nothing is known below it)."""
+        hists = np.array([np.sum([s.hist for s, _ in stats], axis=0) if stats else np.zeros(len(HIST_EXPONENTS))
                           for stats in per_site.values()], dtype=np.int64).reshape(len(per_site), len(HIST_EXPONENTS))
-        amax = [math.inf if any(s.nonfinite for s in stats) else max((s.amax for s in stats), default=0.0)
+        amax = [max((max(s.amax, bound) if s.nonfinite else s.amax for s, bound in stats), default=0.0)
                 for stats in per_site.values()]
         below = np.concatenate([np.zeros((len(per_site), 1), dtype=np.int64), np.cumsum(hists, axis=1)], axis=1)
         return cls(tuple(per_site), hists.sum(axis=1), np.array(amax, dtype=np.float64), below)
@@ -98,13 +101,18 @@ class LossScaleAdvice:
         fmt: the format the gradients would be cast to.
         exponents: k of every replayed scale 2^k, ascending.
         recommended: the largest 2^k that stays ``margin_bits`` below overflow at every recorded step
-            with finite gradients; None when there is none.
+            with finite gradients (and below the scale of every step a GradScaler skipped); 1.0 in a
+            format with fp32's exponent range (bf16) when unscaled gradients neither overflow nor flush
+            to zero (no loss scaling needed); None when there is none.
         window: (low, high): the scales at which nothing overflows and at most ``max_underflow`` of the
             gradients underflow; None when no scale does both (the gradients' dynamic range exceeds
             the format): ``limiting_sites`` then says who is responsible.
         overflow_limiter: the site that overflows first as the scale grows.
         underflow_limiter: the site losing most to underflow at the top of the overflow-free range.
-        nonfinite_steps: steps whose true gradients already held NaN or inf; no scale helps there.
+        nonfinite_steps: steps whose true gradients held NaN or inf of the model's own (the forward or an
+            unscaled backward made them); no scale helps there.
+        skipped_steps: steps a GradScaler skipped, as it is designed to: their scaled gradients overflowed
+            at the step's loss scale. They say that scale and larger ones overflow, nothing more.
     """
 
     fmt: Format
@@ -117,6 +125,7 @@ class LossScaleAdvice:
     overflow_limiter: str | None
     underflow_limiter: str | None
     nonfinite_steps: tuple[int, ...]
+    skipped_steps: tuple[int, ...] = ()
     _curves: _Curves = field(repr=False, default=None)  # type: ignore[assignment]
 
     @property
@@ -176,6 +185,9 @@ class LossScaleAdvice:
                      + (", overflow" if without.overflow else ""))
         if self.overflow_limiter:
             lines.append(f"  overflows first: {self.overflow_limiter}")
+        if self.skipped_steps:
+            lines.append(f"  the GradScaler skipped {len(self.skipped_steps)} step(s), as it is designed to: their "
+                         f"scaled gradients overflowed (steps {step_ranges(list(self.skipped_steps))})")
         if self.nonfinite_steps:
             lines.append(f"  steps with NaN/inf gradients before any scaling: {list(self.nonfinite_steps)}")
         return "\n".join(lines)
@@ -226,20 +238,70 @@ def advise(run: Run, fmt: str | torch.dtype | Format = "fp16", *, steps: Sequenc
                           "call backward() while diagnose() is attached")
     per_step = {step: {site: _true_stats(run, site, step) for site in sites if site in run.records[step]}
                 for step in chosen}
-    nonfinite_steps = tuple(s for s, stats in per_step.items() if any(v.nonfinite for v in stats.values()))
+    skipped = scaler_overflows(run, chosen)
+    nonfinite_steps = tuple(s for s, stats in per_step.items()
+                            if s not in skipped and any(v.nonfinite for v in stats.values()))
     exponents = _exponent_range(per_step.values(), fmt)
-    curves = _Curves.of({site: [v[site] for v in per_step.values() if site in v] for site in sites})
-    finite_curves = _Curves.of({site: [v[site] for s, v in per_step.items() if site in v and s not in nonfinite_steps]
-                                for site in sites})
+
+    def curves_of(steps: Sequence[int]) -> _Curves:
+        return _Curves.of({site: [(per_step[s][site], skipped.get(s, math.inf)) for s in steps if site in per_step[s]]
+                           for site in sites})
+
+    curves = curves_of(chosen)
+    finite_curves = curves_of([s for s in chosen if s not in nonfinite_steps])  # a skip still bounds the scale
     recommended = _recommend(finite_curves, exponents, margin_bits, fmt)
     window, underflow_limiter = _window(finite_curves, exponents, fmt, max_underflow)
+    if _needs_no_scaling(finite_curves, fmt):
+        recommended = 1.0
     with_values = np.flatnonzero(curves.nonzero)
     largest = with_values[np.argmax(curves.amax[with_values])] if with_values.size else None
     return LossScaleAdvice(
         fmt=fmt, steps=tuple(chosen), margin_bits=margin_bits, max_underflow=max_underflow, exponents=exponents,
         recommended=recommended, window=window,
         overflow_limiter=curves.sites[largest].name if largest is not None else None,
-        underflow_limiter=underflow_limiter, nonfinite_steps=nonfinite_steps, _curves=curves)
+        underflow_limiter=underflow_limiter, nonfinite_steps=nonfinite_steps, skipped_steps=tuple(skipped),
+        _curves=curves)
+
+
+def scaler_overflows(run: Run, steps: Iterable[int] | None = None) -> dict[int, float]:
+    """The recorded steps a GradScaler skipped because its scaled gradients overflowed, each with the
+    smallest true |gradient| that overflow implies: the overflow threshold of the narrowest dtype the
+    step's gradients were held in, divided by the step's loss scale.
+
+    A step counts when it was recorded at a loss scale above 1, only gradients held NaN/inf (activations
+    and parameters were finite: the forward was fine) and so the scaler found inf and skipped it, as it
+    is designed to. NaN/inf anywhere else, or without scaling, are the model's own.
+
+    NB: the narrowest dtype, not the dtype of the sites that held inf: under autocast an fp32 parameter's
+    gradient is reduced in fp16 (and overflows there) before it is cast to fp32.
+    """
+    out = {}
+    for step in run.steps if steps is None else steps:
+        scale = run.loss_scale(step)
+        records = run.records[step]
+        held = [site for site, stats in records.items() if stats.nonfinite]
+        if scale <= 1.0 or not held or any(site.kind not in GRADIENT_KINDS for site in held):
+            continue
+        dtypes = {d for site, stats in records.items() if site.kind in GRADIENT_KINDS for d in stats.dtypes}
+        threshold = min(_formats.get(d).overflow_threshold for d in dtypes & _SCALED_DTYPES | {"float32"})
+        out[step] = threshold / scale
+    return out
+
+
+_SCALED_DTYPES = {"float16", "bfloat16", "float32"}  # gradient dtypes a GradScaler's overflow can happen in
+
+
+def _needs_no_scaling(curves: _Curves, fmt: Format) -> bool:
+    """A format with fp32's exponent range (bf16) in which, unscaled, nothing overflows and no non-zero
+    gradient flushes to zero: scaling would only move the gradients within a range they already fit.
+
+    NB: fp16 keeps the largest safe scale even then: its range is narrow, and the headroom below is what
+    protects gradients that shrink later in training (what a GradScaler keeps by growing its scale).
+    """
+    if fmt.min_normal != _formats.FP32.min_normal:
+        return False
+    unscaled = _outcome(curves, 0, fmt)
+    return bool(curves.nonzero.sum()) and not unscaled.overflow and unscaled.underflow == 0.0
 
 
 def underflow_per_step(run: Run, fmt: str | torch.dtype | Format, scales: Mapping[int, float]) -> dict[int, float]:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from mpdiag.run import Run
 from mpdiag.summary import SiteRisk, riskiest
-from mpdiag.verdict import verdicts
+from mpdiag.verdict import nonfinite_verdict, skips_verdict, verdicts
 
 _NAME_WIDTH = 26
 
@@ -45,7 +45,7 @@ def summary(run: Run, n: int = 6) -> str:
         rows = [(_site(r), f"{r.amax:.3g}", _bits(r.headroom_bits), _bits(r.footroom_bits), f"{100 * r.underflow:.2f}",
                  str(r.overflow), str(r.nonfinite)) for r in riskiest(run, fmt, n)]
         parts.append(f"\n{fmt}\n" + table(("site", "amax", "head", "foot", "under%", "over", "nan/inf"), rows))
-    first = run.first_nonfinite()
-    if first is not None:
-        parts.append(f"\nfirst non-finite: {first}")
+    for note in (nonfinite_verdict(run), skips_verdict(run)):
+        if note is not None:
+            parts.append("\n" + textwrap.fill(note, width=80))
     return "\n".join(parts)

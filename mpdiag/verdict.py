@@ -15,13 +15,15 @@ What counts, per format:
 - fp8 formats, which are used with a scale per tensor: the worst site's flushed share even when each
   tensor is scaled by the power of two that puts its largest value just below the format's max;
 - NaN/inf: a run that held them is at best "warn" in every format (its values were not all seen);
-  ``nonfinite_verdict`` says where they came from.
+  ``nonfinite_verdict`` says where they came from. The inf of a step a GradScaler skipped (its scaled
+  gradients overflowed, as the scaler is designed to find) is not the model's: ``skips_verdict`` says
+  how many steps it skipped, and the advice counts those scales as overflowing.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,13 +31,13 @@ import numpy as np
 from mpdiag import formats as _formats
 from mpdiag.errors import MpdiagError
 from mpdiag.formats import Format
-from mpdiag.run import Kind, Run, Site
-from mpdiag.scaling import (LossScaleAdvice, advise, exponent_of, flush_exponent, gradient_sites,
-                            flushed_per_step)
+from mpdiag.run import Kind, Run, Site, step_ranges
+from mpdiag.scaling import (LossScaleAdvice, advise, exponent_of, flush_exponent, flushed_per_step, gradient_sites,
+                            scaler_overflows)
 from mpdiag.stats import HIST_EXPONENTS, TensorStats
 from mpdiag.summary import SiteRisk, riskiest
 
-__all__ = ["Verdict", "verdicts", "nonfinite_verdict", "scaled_underflow", "percent", "site_label"]
+__all__ = ["Verdict", "verdicts", "nonfinite_verdict", "skips_verdict", "scaled_underflow", "percent", "site_label"]
 
 #: A site whose largest value is fewer bits than this below a format's max is called out.
 HEADROOM_BITS = 8
@@ -104,8 +106,10 @@ def verdicts(run: Run, advice: Mapping[str, LossScaleAdvice] | None = None) -> l
 
 
 def nonfinite_verdict(run: Run) -> str | None:
-    """Where NaN/inf first appeared and how far it spread, or None when the run never held any."""
-    events = run.nonfinite_events()
+    """Where NaN/inf of the model's own first appeared and how far it spread, or None when the run held
+    none (the overflow of a GradScaler's scaled gradients, which it skips, is ``skips_verdict``'s)."""
+    skipped = scaler_overflows(run)
+    events = [e for e in run.nonfinite_events() if e.step not in skipped]
     if not events:
         return None
     first = events[0]
@@ -117,6 +121,17 @@ def nonfinite_verdict(run: Run) -> str | None:
     if run.anomalies:
         text += f"; anomaly mode reported {len(run.anomalies)} error(s), first in {run.anomalies[0].node}"
     return text + "."
+
+
+def skips_verdict(run: Run) -> str | None:
+    """What the run's GradScaler skipped, as it is designed to (its scaled gradients overflowed), or None."""
+    skipped = scaler_overflows(run)
+    if not skipped:
+        return None
+    return (f"The GradScaler skipped {len(skipped)} of {len(run.steps)} recorded step(s), as it is designed to: "
+            f"their scaled gradients overflowed at {_scale_span(run, skipped)} and it backed off (steps "
+            f"{step_ranges(sorted(skipped))}). That is routine, not NaN/inf of the model; the loss-scale "
+            f"advice counts those scales as overflowing.")
 
 
 def _verdict(run: Run, fmt: Format, adv: LossScaleAdvice | None) -> Verdict:
@@ -169,7 +184,9 @@ def _verdict(run: Run, fmt: Format, adv: LossScaleAdvice | None) -> Verdict:
             level = _worse(level, "warn")
         else:
             parts.append(f"no site within {HEADROOM_BITS} bits of max")
-    contaminated = [s for s, v in merged.items() if v.nonfinite]
+    skipped = scaler_overflows(run)  # a GradScaler's skipped steps hold inf by design: not the model's
+    contaminated = [site for site, v in merged.items() if v.nonfinite and any(
+        run.records[step][site].nonfinite for step in run.steps if step not in skipped and site in run.records[step])]
     if contaminated:  # their NaN/inf hide what the values would have been: the run cannot be called safe
         parts.append(f"{len(contaminated)} site(s) held NaN/inf, judged on their finite values only")
         level = _worse(level, "warn")
@@ -183,8 +200,9 @@ def _verdict(run: Run, fmt: Format, adv: LossScaleAdvice | None) -> Verdict:
                    closest=closest, scaled_underflow=scaled)
 
 
-def _scale_span(run: Run) -> str:
-    scales = sorted({exponent_of(v, "a recorded loss scale") for v in run.loss_scales.values()})
+def _scale_span(run: Run, steps: Iterable[int] | None = None) -> str:
+    chosen = run.loss_scales if steps is None else {s: run.loss_scale(s) for s in steps}
+    scales = sorted({exponent_of(v, "a recorded loss scale") for v in chosen.values()})
     return f"2^{scales[0]}" if len(scales) == 1 else f"2^{scales[0]}..2^{scales[-1]}"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import warnings
 import weakref
 from collections import namedtuple
 
@@ -14,6 +15,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpdiag
+import mpdiag.anomaly
+import mpdiag.runfile
 from mpdiag import _accumulate
 from mpdiag import Kind, TensorStats
 from mpdiag.errors import AttachError, MpdiagError, UnknownFormatError
@@ -192,6 +195,158 @@ def test_a_step_that_grad_scaler_skips_still_closes() -> None:
     assert diag.run.stats("0.weight", "param_grad", step=2).nonfinite == 0
 
 
+@pytest.mark.parametrize("order", ["zero_grad first", "forward first, zero_grad(set_to_none=False)"])
+def test_a_skipped_step_closes_when_the_scaler_updates_whatever_the_order(order: str) -> None:
+    # Lightning's closure runs forward, then zero_grad, then backward: at the next forward the gradients
+    # of the skipped step are still there, as they are with zero_grad(set_to_none=False). The scaler's
+    # update() is what says the step is over.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    inputs = [torch.randn(4, 6), torch.full((4, 6), 1e38), torch.randn(4, 6)]  # step 1 overflows
+    with mpdiag.diagnose(model, optimizer=opt, scaler=scaler) as diag:
+        for x in inputs:
+            if order == "zero_grad first":
+                opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            if order != "zero_grad first":
+                opt.zero_grad(set_to_none=False)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert diag.run.steps == [0, 1, 2]
+    assert [diag.run.stats("0", "activation", step=s).calls for s in diag.run.steps] == [1, 1, 1]
+    assert diag.run.loss_scales == {0: 16.0, 1: 16.0, 2: 8.0}
+
+
+def _closure_training(use_closure: bool, accumulate: int = 1) -> tuple[mpdiag.Run, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [torch.randn(4, 6) for _ in range(3 * accumulate)]
+    weights_used = []
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        for step in range(3):
+            micro = batches[step * accumulate:(step + 1) * accumulate]
+            weights_used.append(model[0].weight.detach().clone())
+            opt.zero_grad()
+            for x in micro[:-1]:  # as Lightning does: all but the last micro-batch before step()
+                model(x).pow(2).mean().backward()
+
+            def closure(x: torch.Tensor = micro[-1]) -> torch.Tensor:
+                loss = model(x).pow(2).mean()
+                loss.backward()
+                return loss
+
+            if use_closure:
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+    return diag.run, weights_used
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_closure_step_records_the_same_as_a_plain_step(accumulate: int) -> None:
+    with_closure, weights = _closure_training(True, accumulate)
+    plain, _ = _closure_training(False, accumulate)
+    assert with_closure.steps == plain.steps == [0, 1, 2]
+    for step in with_closure.steps:  # that step's forward and backward, with the weights that forward used
+        assert with_closure.stats("0", "activation", step=step).calls == accumulate
+        assert with_closure.stats("0.weight", "param", step=step) == TensorStats.of(weights[step])
+        assert with_closure.records[step] == plain.records[step]
+
+
+def test_lbfgs_evaluates_its_closure_many_times_within_one_recorded_step() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=4)
+    x = torch.randn(8, 6)
+    evaluations = []
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()  # inside the step: this does not end it
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        evaluations.append(1)
+        return loss
+
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        for _ in range(2):
+            before = model[0].weight.detach().clone()
+            opt.step(closure)
+            assert diag.run.stats("0.weight", "param", step=diag.step_index - 1) == TensorStats.of(before)
+    assert diag.run.steps == [0, 1] and len(evaluations) > 2
+    assert sum(diag.run.stats("0", "activation", step=s).calls for s in diag.run.steps) == len(evaluations)
+
+
+def test_wrapped_optimizers_are_unwrapped_and_their_scaler_followed() -> None:
+    class Wrapper(torch.optim.Optimizer):  # as accelerate's: a subclass that never ran Optimizer.__init__
+        def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+            self.optimizer, self.scaler = optimizer, scaler
+
+        def step(self, closure: object = None) -> None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+    model = mlp()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**3)
+    wrapped = Wrapper(inner, scaler)
+    with mpdiag.diagnose(model, optimizer=wrapped) as diag:
+        for _ in range(2):
+            inner.zero_grad()
+            scaler.scale(model(torch.randn(2, 6)).sum()).backward()
+            wrapped.step()
+    assert diag.run.steps == [0, 1] and diag.run.loss_scales == {0: 8.0, 1: 8.0}
+    with pytest.raises(AttachError, match=r"\.optimizer"):
+        mpdiag.diagnose(model, optimizer=object())  # type: ignore[arg-type]
+
+
+def test_training_that_never_closes_a_step_is_warned_about_once() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(mpdiag.MpdiagWarning, match=r"optimizer=.*diag\.step\(\)") as caught:
+        with mpdiag.diagnose(model):
+            for _ in range(4):
+                opt.zero_grad()
+                model(torch.randn(2, 6)).sum().backward()
+                opt.step()
+    assert len([w for w in caught if issubclass(w.category, mpdiag.MpdiagWarning)]) == 1
+
+
+@pytest.mark.parametrize("zero_grad", ["set_to_none", "zeros"])
+def test_no_warning_when_steps_are_closed_by_hand_or_gradients_accumulate(zero_grad: str) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mpdiag.MpdiagWarning)
+        with mpdiag.diagnose(model) as diag:
+            for _ in range(3):
+                opt.zero_grad(set_to_none=zero_grad == "set_to_none")
+                for _ in range(2):  # accumulation: two forwards in one step, the weights unchanged
+                    model(torch.randn(2, 6)).sum().backward()
+                opt.step()
+                diag.step()
+    assert diag.run.steps == [0, 1, 2]
+
+
+def test_autocast_applied_inside_forward_is_recorded() -> None:
+    class AutocastInside(nn.Module):  # what accelerate and the HF Trainer do to a prepared model
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.net(x).float()
+
+    model = AutocastInside()
+    with mpdiag.diagnose(model) as diag:
+        model(torch.randn(2, 6)).sum().backward()
+    assert diag.run.meta["environment"]["autocast_dtype"] == "bfloat16"
+
+
 def test_close_records_the_step_in_progress_and_step_after_close_raises() -> None:
     model = mlp()
     diag = mpdiag.diagnose(model)
@@ -207,7 +362,7 @@ def test_close_records_the_step_in_progress_and_step_after_close_raises() -> Non
 def _hook_count(model: nn.Module, opt: torch.optim.Optimizer) -> int:
     count = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     count += sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
-    return count + len(opt._optimizer_step_pre_hooks)
+    return count + len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
 
 
 def test_every_hook_is_removed_on_exit_even_when_the_body_raises() -> None:
@@ -220,6 +375,59 @@ def test_every_hook_is_removed_on_exit_even_when_the_body_raises() -> None:
             raise ValueError("boom")
     assert _hook_count(model, opt) == before
     mpdiag.diagnose(model).close()  # can attach again once closed
+
+
+_ATTACH_STEPS = [(nn.Module, "register_forward_hook"), (nn.Module, "register_forward_pre_hook"),
+                 (torch.Tensor, "register_post_accumulate_grad_hook"), (torch.optim.Optimizer, "register_step_pre_hook"),
+                 (torch.optim.Optimizer, "register_step_post_hook"), (mpdiag.anomaly.AnomalyWatch, "install")]
+
+
+def _failing_at(n: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make the n-th call of any attach step raise (n = -1: count the calls and let them all through)."""
+    calls = [0]
+    for owner, name in _ATTACH_STEPS:
+        original = getattr(owner, name)
+
+        def step(*args: object, _original=original, **kwargs: object) -> object:
+            calls[0] += 1
+            if calls[0] - 1 == n:
+                raise RuntimeError("attach step failed")
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, step)
+    # the run file's first write is its metadata, in RunWriter.__init__: make that a countable step too
+    original_init = mpdiag.runfile.RunWriter.__init__
+
+    def init(self: object, *args: object, **kwargs: object) -> None:
+        calls[0] += 1
+        if calls[0] - 1 == n:
+            raise mpdiag.RunFileError("cannot create run file")
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(mpdiag.runfile.RunWriter, "__init__", init)
+    return calls
+
+
+def test_a_failed_attach_leaves_the_model_exactly_as_it_was(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before, showwarning, filters = _hook_count(model, opt), warnings.showwarning, list(warnings.filters)
+    with monkeypatch.context() as patch:
+        steps = _failing_at(-1, patch)
+        mpdiag.diagnose(model, optimizer=opt, run_file=tmp_path / "counted.mpdiag").close()
+    assert steps[0] > 10  # every hook, the run file and the anomaly watch
+    for n in range(steps[0]):
+        path = tmp_path / f"attach-{n}.mpdiag"
+        with monkeypatch.context() as patch:
+            _failing_at(n, patch)
+            with pytest.raises(MpdiagError if n == 0 else RuntimeError):
+                mpdiag.diagnose(model, optimizer=opt, run_file=path)
+        assert _hook_count(model, opt) == before, f"attach step {n} left hooks behind"
+        assert not path.exists() and warnings.showwarning is showwarning and warnings.filters == filters
+        model(torch.randn(2, 6)).sum().backward()  # nothing is observing any more
+        with mpdiag.diagnose(model) as diag:  # and the model is not claimed
+            pass
+        assert diag.run.steps == []
 
 
 @pytest.mark.parametrize("target", [torch.randn(3), [nn.Linear(2, 2)], "model", None])

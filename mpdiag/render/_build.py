@@ -22,7 +22,7 @@ from mpdiag.run import Kind, Run, Site, step_ranges
 from mpdiag.scaling import LossScaleAdvice, advise, gradient_sites, underflow_per_step
 from mpdiag.summary import SiteRisk, riskiest
 from mpdiag.trace import NonFiniteOrigin
-from mpdiag.verdict import Verdict, nonfinite_verdict, verdicts
+from mpdiag.verdict import Verdict, nonfinite_verdict, skips_verdict, verdicts
 
 #: Sites drawn in the over-time figure and thin curves in the loss-scale figure.
 _LINES = 8
@@ -58,6 +58,7 @@ def build(run: Run, out: Path, *, top: int, scale_format: str, origin: NonFinite
     scaling = _scaling_section(run, advice.get(scale_format), save)
     context = dict(
         title=title, overview=_overview(run), verdicts=verdict_list, nonfinite_text=nonfinite_verdict(run),
+        skips_text=skips_verdict(run),
         environment=environment_rows(run.meta), figures=saved, heatmaps=heatmaps, scaling=scaling,
         nonfinite=_nonfinite_section(run, origin), **_table_context(run),
         version=mpdiag.__version__, generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
