@@ -23,7 +23,8 @@ run-time amount made the hot loop half as fast.
 
 It is used for CPU tensors when numba is installed (``pip install mpdiag[fast]``) and not disabled with
 ``MPDIAG_NUMBA=0`` (read at import); GPU tensors always take the torch path, where bucketize is
-memory-bound and cheap. The tests check that both paths give identical counts.
+memory-bound and cheap. The tests check that both paths give identical counts. The compiled code is
+cached in a per-user directory (``_kernel_cache``), so only the first process compiles it.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ class KernelTables:
 
 
 if numba is not None:
+    # Not numba's cache=True, which writes beside this file, into the installed package.
+    from mpdiag._kernel_cache import cached
 
     def _key_shift(bits):  # noqa: ANN001, ANN202 - typed by the overload below
         raise NotImplementedError("only callable from compiled code")
@@ -112,7 +115,8 @@ if numba is not None:
         shift = bits.dtype.bitwidth - KEY_BITS  # a constant of the compiled loop, one per source width
         return lambda bits: shift
 
-    @numba.njit(cache=True, nogil=True)
+    @cached
+    @numba.njit(nogil=True)
     def _bucket(b, scan_from, boundaries, bucket_of, stride, magnitude_mask, shift):
         """The bucket of one element (bit pattern ``b``): its key's first boundary, then a short scan."""
         # Every NaN compares as the first NaN pattern, so the scan stops at the sentinel even for an fp64
@@ -123,7 +127,8 @@ if numba is not None:
             j += 1
         return bucket_of[np.int64(b < 0) * stride + j]
 
-    @numba.njit(cache=True, nogil=True)
+    @cached
+    @numba.njit(nogil=True)
     def _extremes(bits, magnitude_mask, inf_bits, out):
         """out = [max finite magnitude, min finite non-zero magnitude] in bits, merged with out's values.
 
@@ -139,7 +144,8 @@ if numba is not None:
         out[0] = hi
         out[1] = lo
 
-    @numba.njit(cache=True, nogil=True)
+    @cached
+    @numba.njit(nogil=True)
     def _key_histogram(bits, special, scan_from, key_bucket, boundaries, bucket_of, stride, magnitude_mask, counts):
         shift = _key_shift(bits)
         keys = np.zeros(_KEY_MASK + 1, dtype=np.int64)
@@ -161,7 +167,8 @@ if numba is not None:
             if keys[k]:
                 counts[key_bucket[k]] += keys[k]
 
-    @numba.njit(cache=True, nogil=True)
+    @cached
+    @numba.njit(nogil=True)
     def _count(bits, special, scan_from, key_bucket, boundaries, bucket_of, stride, magnitude_mask, inf_bits,
                tiny_below, counts, extremes):
         shift = _key_shift(bits)
@@ -180,7 +187,8 @@ if numba is not None:
                     counts[zero] -= 1
                     counts[_bucket(b, scan_from, boundaries, bucket_of, stride, magnitude_mask, shift)] += 1
 
-    @numba.njit(cache=True, parallel=True)
+    @cached
+    @numba.njit(parallel=True)
     def _count_parallel(bits, special, scan_from, key_bucket, boundaries, bucket_of, stride, magnitude_mask,
                         inf_bits, tiny_below, counts, extremes, n_pieces):
         size = (bits.shape[0] + n_pieces - 1) // n_pieces

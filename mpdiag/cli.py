@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("summary", help="the riskiest sites per format of a run file",
                        description="Print, per tracked format, the riskiest sites of a run file: headroom to "
-                                   "max in bits, underflow %%, overflow and NaN/inf counts.")
+                                   "max in bits, underflow %, overflow and NaN/inf counts.")
     p.add_argument("run", help="a run file written by diagnose(run_file=...) or mpdiag demo")
     p.add_argument("--top", type=_positive, default=6, help="sites per format (default 6)")
     p.set_defaults(func=_cmd_summary)

@@ -26,7 +26,7 @@ import logging
 import os
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -38,14 +38,13 @@ from mpdiag._optimizer import closure_of, is_grad_scaler, unwrap_optimizer
 from mpdiag.anomaly import AnomalyWatch
 from mpdiag.environment import describe
 from mpdiag.errors import AttachError, MpdiagError, MpdiagWarning
-from mpdiag.formats import Format
-from mpdiag.hooks import Recorder, in_backward
+from mpdiag.hooks import Recorder, in_backward, inlined_only
 from mpdiag.hooks import untraced as _untraced
 from mpdiag.nonfinite import NonFiniteError, NonFiniteEvent
 from mpdiag.render import Report, report
 from mpdiag.run import Kind, Run, Site
 from mpdiag.runfile import RunWriter
-from mpdiag.stats import DEFAULT_FORMATS, TensorStats, format_names
+from mpdiag.stats import DEFAULT_FORMATS, FormatSpecs, TensorStats, format_names
 
 __all__ = ["diagnose", "Diagnosis", "suspended"]
 
@@ -58,7 +57,7 @@ _ATTACHED: weakref.WeakKeyDictionary[nn.Module, tuple[Diagnosis, str]] = weakref
 def diagnose(
     model: nn.Module,
     *,
-    formats: Sequence[str | torch.dtype | Format] = DEFAULT_FORMATS,
+    formats: FormatSpecs = DEFAULT_FORMATS,
     every: int = 1,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
@@ -72,7 +71,7 @@ def diagnose(
 
     Args:
         model: the module to observe (all its submodules, by ``named_modules()`` name; the root is "").
-        formats: formats to count casts for (names, aliases or dtypes).
+        formats: formats to count casts for: a name, alias, dtype or Format, or a sequence of them.
         every: record one step in ``every``; unrecorded steps cost next to nothing.
         include: glob(s) of module names to observe; default all.
         exclude: glob(s) of module names not to observe.
@@ -157,7 +156,7 @@ def _selected(name: str, include: tuple[str, ...] | None, exclude: tuple[str, ..
 class Diagnosis:
     """Hooks on one model, the current step, and the statistics recorded so far. See ``diagnose``."""
 
-    def __init__(self, model: nn.Module, *, formats: Sequence[str | torch.dtype | Format] = DEFAULT_FORMATS,
+    def __init__(self, model: nn.Module, *, formats: FormatSpecs = DEFAULT_FORMATS,
                  every: int = 1, include: str | Iterable[str] | None = None,
                  exclude: str | Iterable[str] | None = None,
                  optimizer: torch.optim.Optimizer | None = None,
@@ -181,6 +180,7 @@ class Diagnosis:
         self._device_type = self._environment["device"].split(":")[0]
         self._anomalies_written = 0
         params = _owned_parameters(modules)
+        self._tied = _tied_parameters(model)  # each recorded once: the run answers to every name
         self._recorder = Recorder(self.formats, params, group=self._group,
                                   replicated=distributed.replicated_sites(params, replicated))
         self._grads_at_close = self._group is not None and distributed.grads_settle_late(params, replicated)
@@ -244,7 +244,7 @@ class Diagnosis:
                    events=dict(self._events), anomalies=tuple(self._anomaly.records))
 
     def _meta(self) -> dict[str, Any]:
-        return {"every": self.every, "environment": dict(self._environment)}
+        return {"every": self.every, "environment": dict(self._environment), "tied_parameters": self._tied}
 
     def step(self) -> None:
         """Close the current step: read its statistics from the device (the one host sync) and move on."""
@@ -426,6 +426,7 @@ _HISTORY = 8  # recorded steps of history a NonFiniteError carries for each site
 
 
 def _bind(method: Any, name: str) -> Any:
+    @inlined_only
     def hook(*args: Any) -> None:
         method(name, *args)
     return hook
@@ -447,7 +448,8 @@ def _check_arguments(model: object, every: object, scaler: object) -> None:
 
 
 def _owned_parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
-    """Parameters held directly by the selected modules, by fully-qualified name, each once."""
+    """Parameters held directly by the selected modules, by fully-qualified name, each once: a tied
+    parameter under the first of its names (the run's meta lists them all, ``_tied_parameters``)."""
     params: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for module_name, module in modules.items():
@@ -456,3 +458,16 @@ def _owned_parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
                 seen.add(id(param))
                 params[f"{module_name}.{pname}" if module_name else pname] = param
     return params
+
+
+def _tied_parameters(model: nn.Module) -> list[list[str]]:
+    """The names of each parameter that ``model`` holds under more than one (tied weights, a module shared
+    by two parents), in the model's order, as ``_owned_parameters`` names them."""
+    names: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = distributed.clean_name(module_name)
+        for pname, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            group = names.setdefault(id(param), [])
+            if (name := f"{prefix}.{pname}" if prefix else pname) not in group:
+                group.append(name)
+    return [group for group in names.values() if len(group) > 1]

@@ -135,8 +135,8 @@ def simulate_grad_scaler(run: Run, fmt: str | torch.dtype | Format = "fp16", *, 
     if approximate:
         warnings.warn("the run did not record every step, so the replayed GradScaler trajectory is approximate: "
                       "record with every=1 to replay it exactly", MpdiagWarning, stacklevel=2)
-    skipped = scaler_overflows(run, chosen)
-    peaks = [_largest_true_gradient(run, step, sites, skipped.get(step, math.inf)) for step in chosen]
+    overflowed = scaler_overflows(run, chosen)  # steps the run's own GradScaler skipped
+    peaks = [_largest_true_gradient(run, step, sites, overflowed.get(step, math.inf)) for step in chosen]
     scales, skipped, final = scaler_trajectory(
         lambda i, scale: peaks[i] * scale >= fmt.overflow_threshold, len(chosen), init_scale=init_scale,
         growth_factor=growth_factor, backoff_factor=backoff_factor, growth_interval=growth_interval,

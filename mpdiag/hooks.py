@@ -43,6 +43,20 @@ def untraced(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compiler.disable(fn)
 
 
+def inlined_only(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Let dynamo trace ``fn`` where a compiled region calls it, but never compile it as a frame of its
+    own. A hook's light part is traced with the model, so that it costs nothing in the compiled graph;
+    where the graph breaks at the untraced body, dynamo would otherwise compile the hook's frame once per
+    module (it specialises on each), hit its recompile limit and warn about it."""
+    skip_code = getattr(torch._dynamo.eval_frame, "skip_code", None)  # private: absent, only the warning is lost
+    if skip_code is not None:
+        skip_code(fn.__code__)
+    return fn
+
+
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # torch < 2.3
+
+
 def in_backward() -> bool:
     """Whether the autograd engine is running a backward pass on this thread now."""
     return torch._C._current_graph_task_id() != -1
@@ -128,8 +142,16 @@ class Recorder:
         return obs
 
     # -- hook bodies ------------------------------------------------------------------------------
-    @untraced
+    @inlined_only
     def on_forward(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        # The one part torch.compile traces: a flag read. Dynamo guards on it, so the steps ``every=``
+        # leaves unrecorded compile into graphs without the breaks that the untraced body costs. (Anomaly
+        # mode's per-module tags are for eager autograd nodes; asking for it breaks a graph.)
+        if self.recording or (not _is_compiling() and torch.is_anomaly_enabled()):
+            self._on_forward(name, output)
+
+    @untraced
+    def _on_forward(self, name: str, output: Any) -> None:
         if self.anomaly is not None and torch.is_anomaly_enabled():
             self.anomaly.tag(name, [t.grad_fn for t in floating_tensors(output) if t.grad_fn is not None])
         if not self.recording:

@@ -69,7 +69,8 @@ class Run:
     Attributes:
         formats: names of the tracked formats.
         records: step index -> site -> statistics of that site in that step.
-        meta: facts about the recording (the ``every`` setting, for example), JSON-compatible values.
+        meta: facts about the recording, JSON-compatible values: ``every``, ``environment``, and
+            ``tied_parameters``, the names of each parameter that the model holds under several (see ``stats``).
         loss_scales: the loss scale a GradScaler applied in each recorded step (``diagnose(scaler=...)``);
             steps without an entry were not scaled. Recorded gradients are the scaled ones.
         events: the non-finite events of each recorded step that had any (see ``nonfinite_events``).
@@ -125,11 +126,17 @@ class Run:
     def stats(self, name: str, kind: str | Kind, step: int | None = None) -> TensorStats:
         """Statistics of one site at ``step``, or merged over all recorded steps when step is None.
 
+        A parameter held under several names (tied weights: GPT-2's ``lm_head.weight`` is its
+        ``transformer.wte.weight``) is one tensor with one gradient. It is recorded once, under the first
+        of its names in the modules observed, and ``sites`` and ``table`` list it there; ``stats`` answers
+        to each of its names with those statistics, since they are the statistics of the tensor asked for.
+
         Raises:
-            UnknownSiteError: the site was never recorded (the message names close matches).
+            UnknownSiteError: the site was never recorded (the message names close matches, in any case,
+                and the parameter a name is tied to).
             MpdiagError: ``step`` was not recorded, or the site was not seen in it.
         """
-        site = Site(name, Kind.parse(kind))
+        site = self._recorded_as(Site(name, Kind.parse(kind)))
         if site not in self._merged:
             raise UnknownSiteError(self._unknown_site_message(site))
         if step is None:
@@ -148,13 +155,37 @@ class Run:
             raise MpdiagError(f"step {step} was not recorded; recorded steps: {step_ranges(self.steps)}")
         return [{"name": s.name, "kind": s.kind.value, **self.stats(s.name, s.kind, step).as_dict()} for s in sites]
 
+    def _tied_names(self, name: str) -> list[str]:
+        """Every name of the parameter called ``name`` (``[name]`` for a parameter held under one)."""
+        return next((list(group) for group in self.meta.get("tied_parameters", ()) if name in group), [name])
+
+    def _recorded_as(self, site: Site) -> Site:
+        """The site that holds ``site``'s statistics: itself, or the tied parameter's recorded name."""
+        if site in self._merged or site.kind not in (Kind.PARAM, Kind.PARAM_GRAD):
+            return site
+        return next((Site(n, site.kind) for n in self._tied_names(site.name) if Site(n, site.kind) in self._merged),
+                    site)
+
     def _unknown_site_message(self, site: Site) -> str:
-        names = sorted({s.name for s in self.sites if s.kind == site.kind})
-        close = difflib.get_close_matches(site.name, names, n=3, cutoff=0.5)
+        recorded = {s.name for s in self.sites if s.kind == site.kind}
+        names = set(recorded)
+        if site.kind in (Kind.PARAM, Kind.PARAM_GRAD):  # every name of a recorded tied parameter answers
+            for group in self.meta.get("tied_parameters", ()):
+                if recorded.intersection(group):
+                    names.update(group)
+        by_lower: dict[str, list[str]] = {}
+        for n in sorted(names):
+            by_lower.setdefault(n.lower(), []).append(n)
+        close = [n for c in difflib.get_close_matches(site.name.lower(), list(by_lower), n=3, cutoff=0.5)
+                 for n in by_lower[c]]
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         kinds = sorted({s.kind.value for s in self.sites if s.name == site.name})
         if kinds:
             hint = f"; {site.name!r} was recorded as {', '.join(kinds)}"
+        others = [n for n in self._tied_names(site.name) if n != site.name]
+        if others:
+            hint = (f"; {site.name!r} is tied to {', '.join(map(repr, others))} (one tensor, recorded once, under "
+                    f"the first of its names), and none of them has a {site.kind} site")
         return f"no {site.kind} site named {site.name!r} in this run{hint}"
 
     def __repr__(self) -> str:

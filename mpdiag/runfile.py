@@ -173,8 +173,10 @@ def load(path: str | os.PathLike[str]) -> Run:
     path = Path(path)
     if not path.is_file():
         raise RunFileError(f"no run file at {path}")
+    if path.stat().st_size == 0:  # SQLite reads an empty file as an empty database
+        raise RunFileError(f"{path} is empty (0 bytes), not an mpdiag run file: nothing was ever written to it")
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(_read_only_uri(path), uri=True)
         try:
             return _read(db, path)
         finally:
@@ -182,6 +184,20 @@ def load(path: str | os.PathLike[str]) -> Run:
     except sqlite3.DatabaseError as err:
         raise RunFileError(f"{path} is not a readable mpdiag run file ({err}); it may be damaged, truncated, "
                            f"or another kind of file") from err
+
+
+def _read_only_uri(path: Path) -> str:
+    """How to open ``path`` for reading and leave nothing beside it.
+
+    A read-only connection to a WAL database creates its ``-wal`` and ``-shm`` files and cannot remove them
+    on close. Without a ``-wal`` file beside it, no connection is open on the file (the last one to close
+    removes it), so the file is finished and opened as immutable: no locks, no side files. With one, a
+    writer may be live (or was killed): read through the WAL, which is already there.
+    NB: a finished run file is never written again by mpdiag (RunWriter refuses existing paths); another
+    program that opened it for writing in rollback-journal mode would not be seen.
+    """
+    live = path.with_name(path.name + "-wal").exists()
+    return f"{path.resolve().as_uri()}?{'mode=ro' if live else 'immutable=1'}"
 
 
 def _read(db: sqlite3.Connection, path: Path) -> Run:

@@ -35,6 +35,8 @@ __all__ = ["TensorStats", "HIST_EXPONENTS", "DEFAULT_FORMATS"]
 
 #: Formats tracked unless the caller says otherwise.
 DEFAULT_FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
+#: What a ``formats`` argument takes: one format (a name or alias, a torch dtype, a Format) or several.
+FormatSpecs = str | torch.dtype | Format | Iterable[str | torch.dtype | Format]
 
 _FP32 = torch.finfo(torch.float32)
 _HIST_LOW = math.frexp(float(_FP32.smallest_normal) * float(_FP32.eps))[1] - 1  # -149: smallest subnormal
@@ -55,8 +57,15 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def format_names(specs: Iterable[str | torch.dtype | Format]) -> tuple[str, ...]:
-    """Canonical, de-duplicated names for a user's list of formats (validated once, at the API edge)."""
+def format_names(specs: FormatSpecs) -> tuple[str, ...]:
+    """Canonical, de-duplicated names for a user's formats, one or several (validated once, at the API edge).
+
+    Examples:
+        >>> format_names("half"), format_names(torch.bfloat16), format_names(["fp16", "e4m3", "float16"])
+        (('fp16',), ('bf16',), ('fp16', 'fp8_e4m3'))
+    """
+    if isinstance(specs, (str, torch.dtype, Format)):  # one format: a string is not its characters
+        specs = (specs,)
     names = tuple(dict.fromkeys(_formats.get(s).name for s in specs))
     if not names:
         raise MpdiagError("expected at least one format to track, got none")
@@ -102,11 +111,11 @@ class TensorStats:
             )
 
     @classmethod
-    def empty(cls, formats: Sequence[str | torch.dtype | Format] = DEFAULT_FORMATS) -> TensorStats:
+    def empty(cls, formats: FormatSpecs = DEFAULT_FORMATS) -> TensorStats:
         return cls(formats=format_names(formats))
 
     @classmethod
-    def of(cls, tensor: torch.Tensor, formats: Sequence[str | torch.dtype | Format] = DEFAULT_FORMATS) -> TensorStats:
+    def of(cls, tensor: torch.Tensor, formats: FormatSpecs = DEFAULT_FORMATS) -> TensorStats:
         """Statistics of one tensor, computed now (this reads the result back to the host once)."""
         from mpdiag._accumulate import SiteAccumulator  # the device-side kernel lives there
 

@@ -23,6 +23,8 @@ CLAIMS = {
                       "result.at(advice.recommended).underflow < result.at(1.0).underflow"],
     "cheaper-formats.md": ["{v.fmt: v.level for v in verdicts(diag.run)}['bf16'] == 'ok'"],
     "long-runs.md": ["live.steps == [0, 10, 20, 30, 40, 50]", "run.steps[-1] == 90"],
+    "stacks.md": ["all(advice.limiting_sites) and '' not in advice.limiting_sites",
+                  "diag.run.steps == [0, 1]", "diag.run.meta['environment']['autocast_dtype'] == 'bfloat16'"],
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -37,6 +39,8 @@ def test_stats_without_step_merges_every_recorded_step(run: mpdiag.Run) -> None:
 def test_unknown_sites_name_close_matches(run: mpdiag.Run) -> None:
     with pytest.raises(UnknownSiteError, match="did you mean '2.weight'"):
         run.stats("2.wieght", "param")
+    with pytest.raises(UnknownSiteError, match="did you mean '2.weight'"):
+        run.stats("2.WEIGHT", "param")
     with pytest.raises(UnknownSiteError, match="'1' was recorded as activation"):
         run.stats("1", "param")
     with pytest.raises(MpdiagError, match="unknown site kind 'weights'"):
@@ -65,3 +69,45 @@ def test_run_is_independent_of_the_model() -> None:
     snapshot = diag.run
     del model, diag
     assert snapshot.stats("", "activation").numel == 2
+
+
+def tiny_gpt2() -> nn.Module:
+    """GPT-2 from a config, random weights, nothing downloaded; its output layer is its token embedding."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    return model
+
+
+def train_one_step(model: nn.Module, **options: object) -> mpdiag.Diagnosis:
+    with mpdiag.diagnose(model, **options) as diag:
+        tokens = torch.randint(0, 50, (2, 8))
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    return diag
+
+
+def test_a_tied_parameter_answers_to_each_of_its_names(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    diag = train_one_step(model, run_file=tmp_path / "gpt2.mpdiag")
+    grad = model.lm_head.weight.grad  # one tensor: the sum of the embedding's and the output layer's gradients
+    for run in (diag.run, mpdiag.load(tmp_path / "gpt2.mpdiag")):
+        assert run.meta["tied_parameters"] == [["transformer.wte.weight", "lm_head.weight"]]
+        assert ("transformer.wte.weight", "param") in run.sites and ("lm_head.weight", "param") not in run.sites
+        for kind in ("param", "param_grad"):
+            assert run.stats("lm_head.weight", kind) == run.stats("transformer.wte.weight", kind)
+        asked = run.stats("lm_head.weight", "param_grad", step=0)
+        assert (asked.numel, asked.amax) == (grad.numel(), grad.abs().max().item())
+        with pytest.raises(UnknownSiteError, match="did you mean 'lm_head.weight'"):
+            run.stats("LM_HEAD.weight", "param")
+
+
+def test_a_tied_parameter_is_recorded_under_whichever_name_was_observed() -> None:
+    model = tiny_gpt2()
+    run = train_one_step(model, include="lm_head").run
+    assert ("lm_head.weight", "param") in run.sites
+    assert run.stats("transformer.wte.weight", "param") == run.stats("lm_head.weight", "param")
+    run = train_one_step(model, include="transformer.h.*").run
+    with pytest.raises(UnknownSiteError, match="'lm_head.weight' is tied to 'transformer.wte.weight'"):
+        run.stats("lm_head.weight", "param")

@@ -62,6 +62,30 @@ def test_a_reader_loads_the_file_while_training_writes_it(tmp_path: Path) -> Non
             assert mpdiag.load(path).steps == list(range(step + 1))
 
 
+@pytest.mark.parametrize("folder", ["runs", "runs #1?%20"], ids=["plain", "uri-characters"])
+def test_closing_the_writer_and_loading_leave_no_file_beside_the_run_file(tmp_path: Path, folder: str) -> None:
+    directory = tmp_path / folder
+    directory.mkdir()
+    path = directory / "run.mpdiag"
+    model = nn.Linear(4, 2)
+    with mpdiag.diagnose(model, run_file=path) as diag:
+        model(torch.randn(2, 4)).sum().backward()
+        diag.step()
+        assert {p.name for p in directory.iterdir()} == {"run.mpdiag", "run.mpdiag-wal", "run.mpdiag-shm"}
+        assert mpdiag.load(path).steps == [0]  # read through the live writer's WAL
+    assert [p.name for p in directory.iterdir()] == ["run.mpdiag"]
+    for _ in range(2):
+        assert mpdiag.load(path).records == diag.run.records
+        assert [p.name for p in directory.iterdir()] == ["run.mpdiag"]
+
+
+def test_an_empty_file_is_said_to_be_empty(tmp_path: Path) -> None:
+    empty = tmp_path / "run.mpdiag"
+    empty.touch()
+    with pytest.raises(RunFileError, match=r"run.mpdiag is empty \(0 bytes\)"):
+        mpdiag.load(empty)
+
+
 def test_a_killed_process_leaves_every_committed_step(tmp_path: Path) -> None:
     path = tmp_path / "killed.mpdiag"
     script = textwrap.dedent(f"""

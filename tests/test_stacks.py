@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import mpdiag
+import mpdiag.hooks
 from models import (cpu_fp16_autocast, image_batches, lm_loss, sites_that_differ, small_convnet, tiny_gpt2,
                     token_batches, train_gpt2)
 from mpdiag.verdict import skips_verdict, verdicts
@@ -218,14 +219,51 @@ ORDERS = ["compile, then diagnose", "diagnose, then compile", "model.compile()"]
 
 
 @pytest.mark.parametrize("order", ORDERS)
-def test_compiled_training_records_exactly_what_eager_records(order: str) -> None:
+def test_compiled_training_records_exactly_what_eager_records(order: str, monkeypatch: pytest.MonkeyPatch) -> None:
     torch._dynamo.reset()
     eager = _train_convnet("eager")
+    traced = []  # whether dynamo was tracing when a tensor was measured: it must never be
+    measure = mpdiag.hooks.measure
+
+    def watched(*args: object, **kwargs: object) -> object:
+        traced.append(torch.compiler.is_compiling())
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(mpdiag.hooks, "measure", watched)
     # aot_eager traces forward and backward as torch.compile does but runs them with eager kernels, so
     # the values are the same bit for bit and what is recorded must be too.
     compiled = _train_convnet(order, backend="aot_eager")
     assert compiled.steps == eager.steps == [0, 1, 2]
     assert sites_that_differ(eager, compiled) == []
+    # Recording stays out of dynamo's way (where it traced into the numba kernel, it crashed in it)
+    assert traced and not any(traced)
+
+
+def test_steps_left_unrecorded_compile_without_graph_breaks() -> None:
+    torch.manual_seed(0)
+    model = small_convnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    compiled = torch.compile(model, backend="aot_eager")
+    batches = list(image_batches(3))
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(compiled(x), y).backward()
+        opt.step()
+
+    with mpdiag.diagnose(model, optimizer=opt, every=2) as diag:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        step(*batches[0])  # recorded: the hook bodies run eagerly, at graph breaks
+        assert sum(torch._dynamo.utils.counters["graph_break"].values()) > 0
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        step(*batches[1])  # not recorded: the hooks only read a flag, traced into the graph
+        breaks = torch._dynamo.utils.counters["graph_break"]
+        # one break is left, before the model's forward begins: where the step boundary is checked
+        assert sum(breaks.values()) == 1 and "Diagnosis._before_model_forward" in next(iter(breaks))
+        step(*batches[2])
+    assert diag.run.steps == [0, 2]
 
 
 @pytest.mark.slow

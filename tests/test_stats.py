@@ -10,6 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import mpdiag
 from cast_truth import from_bits, real_categories
 from mpdiag import formats
 from mpdiag.casting import INT_VIEW, Category
@@ -167,6 +168,16 @@ def test_counts_add_up() -> None:
     assert s.hist.sum() == s.finite_nonzero
     with pytest.raises(MpdiagError, match="not tracked"):
         s.underflow("bf16")
+
+
+@pytest.mark.parametrize("one", ["fp16", "half", torch.float16, formats.FP16], ids=["name", "alias", "dtype", "Format"])
+def test_one_format_is_taken_whole_not_as_its_characters(one: object) -> None:
+    assert TensorStats.of(torch.tensor([1e-9, 7e4]), formats=one).formats == ("fp16",)
+    model = torch.nn.Linear(2, 2)
+    with mpdiag.diagnose(model, formats=one) as diag:
+        model(torch.randn(1, 2)).sum().backward()
+    assert diag.run.formats == ("fp16",) and diag.run.stats("", "activation").formats == ("fp16",)
+    assert TensorStats.empty(["fp16", "half", torch.bfloat16]).formats == ("fp16", "bf16")
 
 
 # -- tensors with no floating values to classify ------------------------------------------------------
