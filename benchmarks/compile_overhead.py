@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from _timing import Variant, interleaved_rounds
+
 import mpdiag
 from mpdiag import _cpu_kernel
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
@@ -77,22 +79,14 @@ def main() -> None:
         breaks_diag, seconds_diag = _compile_cost(compiled_step)
         for _ in range(10):
             compiled_step()  # the every=10 variant's unrecorded steps: nothing new to compile
-    variants: dict[str, tuple[Callable[[], None], Callable[[], contextlib.AbstractContextManager[object]]]] = {
+    variants: dict[str, Variant] = {
         "eager": (plain_step, contextlib.nullcontext),
         "eager + mpdiag": (plain_step, lambda: mpdiag.diagnose(model, optimizer=opt)),
         "compiled": (compiled_step, contextlib.nullcontext),
         "compiled + mpdiag": (compiled_step, lambda: mpdiag.diagnose(model, optimizer=opt)),
         "compiled + mpdiag every=10": (compiled_step, lambda: mpdiag.diagnose(model, optimizer=opt, every=10)),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, (step, make) in variants.items():
-            with make():
-                step()  # a fresh diagnosis builds its accumulators in its first step
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    step()
-                times[name].append((time.perf_counter() - start) / args.steps)
+    times = interleaved_rounds(variants, args.rounds, args.steps)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numba kernel "
           f"{'on' if _cpu_kernel.available() else 'off'}, backend {args.backend}; model {args.model} "

@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 from collections.abc import Callable, Iterator
 
 import torch
+
+from _timing import interleaved_rounds
 
 import mpdiag
 from mpdiag import _cpu_kernel
@@ -80,21 +81,12 @@ def main() -> None:
         if not _cpu_kernel.available():
             raise SystemExit("--breakdown needs the numba kernel: pip install 'mpdiag[fast]'")
         variants["mpdiag no kernel"] = lambda: _without_kernel(lambda: mpdiag.diagnose(model, every=1, optimizer=opt))
-    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(2):
         step()  # warm up the allocator, and compile mpdiag's kernels
     with mpdiag.diagnose(model, optimizer=opt):
         step()
-    with contextlib.ExitStack() as quiet:
-        quiet.enter_context(_no_anomaly_warnings())
-        for _ in range(args.rounds):
-            for name, make in variants.items():
-                with make():
-                    step()  # the first step of a fresh diagnosis builds its accumulators
-                    start = time.perf_counter()
-                    for _ in range(args.steps):
-                        step()
-                    times[name].append((time.perf_counter() - start) / args.steps)
+    with _no_anomaly_warnings():
+        times = interleaved_rounds({name: (step, make) for name, make in variants.items()}, args.rounds, args.steps)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numba kernel: "
           f"{'on' if _cpu_kernel.available() else 'off'}; d_model={args.d_model}, layers={args.layers}, "
