@@ -38,9 +38,17 @@ def untraced(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     Deliberately, not by accident: a body does Python bookkeeping and (on CPU) calls a numba kernel,
     which dynamo would otherwise try to trace into (and fail in numba's dispatcher). The cost is a
-    graph break wherever a hook fires inside a compiled region; docs/concepts says how much.
+    graph break wherever a body runs inside a compiled region (docs/how-to/stacks.md says how much),
+    which ``torch.compile(..., fullgraph=True)`` refuses: the reason says what to do.
     """
-    return torch.compiler.disable(fn)
+    try:
+        return torch.compiler.disable(fn, reason=_UNTRACED_REASON)
+    except TypeError:  # torch < 2.6 takes no reason
+        return torch.compiler.disable(fn)
+
+
+_UNTRACED_REASON = ("mpdiag's hooks record tensors eagerly, between compiled graphs; compile without "
+                    "fullgraph=True while mpdiag.diagnose() is attached")
 
 
 def inlined_only(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -266,6 +266,15 @@ def test_steps_left_unrecorded_compile_without_graph_breaks() -> None:
     assert diag.run.steps == [0, 2]
 
 
+def test_fullgraph_compilation_is_refused_with_a_reason_that_says_what_to_do() -> None:
+    torch._dynamo.reset()
+    model = small_convnet()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with mpdiag.diagnose(model):
+        with pytest.raises(Exception, match="compile without fullgraph=True while mpdiag.diagnose"):
+            compiled(next(image_batches(1))[0])
+
+
 @pytest.mark.slow
 def test_inductor_compiled_training_records_every_site() -> None:
     torch._dynamo.reset()
