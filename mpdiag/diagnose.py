@@ -196,7 +196,8 @@ class Diagnosis:
         self._optimizer = optimizer
         self._in_optimizer_step = False  # between optimizer.step()'s pre- and post-hook (closures run there)
         self._weights_version: int | None = None  # of one trainable weight, when the step's first forward ran
-        self._warned_unclosed = False
+        self._warned: set[str] = set()  # the once-only warnings given
+        self._forwards = 0  # training forwards of the whole model in the current step
         self._handles: list[Any] = []
         self._anomaly = AnomalyWatch(lambda: self._step)
         self._recorder.anomaly = self._anomaly
@@ -325,6 +326,7 @@ class Diagnosis:
             self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         self._handles.append(model.register_forward_pre_hook(self._before_model_forward))
+        self._handles.append(model.register_forward_hook(self._after_model_forward, always_call=True))
 
     # Step boundaries. Without a closure, forward and backward ran before optimizer.step(): the step closes
     # in its pre-hook, while the parameters are still those the forward used. With a closure
@@ -348,8 +350,19 @@ class Diagnosis:
 
     @_untraced
     def _before_model_forward(self, model: nn.Module, args: Any) -> None:
-        if self._suspended or self._in_optimizer_step or in_backward():
+        # Once training has been seen, a forward of the whole model with autograd off is evaluation or
+        # generate(): neither recorded nor part of a step. (Before any backward, it is what is being
+        # diagnosed: inference. Only the whole model's: reentrant checkpointing runs modules inside a
+        # training forward without grad, and those are recorded.)
+        self._recorder.evaluating = self._recorder.trained and not torch.is_grad_enabled()
+        if self._recorder.evaluating or self._suspended or in_backward():
             return
+        if not self._in_optimizer_step:
+            self._at_step_boundary(model)
+        self._forwards += 1
+
+    def _at_step_boundary(self, model: nn.Module) -> None:
+        """Before a training forward: close a step a GradScaler skipped, or warn that steps never close."""
         rec = self._recorder
         if not rec.saw_backward:
             self._weights_version = _version_of_a_weight(rec.params)
@@ -358,12 +371,16 @@ class Diagnosis:
             if self._step_was_skipped(model):
                 self._close_step()
             return
-        if not self._warned_unclosed and self._step_looks_over(model):
-            self._warned_unclosed = True
+        if "unclosed" not in self._warned and self._step_looks_over(model):
+            self._warned.add("unclosed")
             warnings.warn("mpdiag: a new training step began (weights updated or gradients cleared since the last "
                           "backward) but no step was closed, so every step is being merged into one and param_grad "
                           "keeps only the latest gradients; pass optimizer= to diagnose() or call diag.step() after "
-                          "each optimizer step", MpdiagWarning, stacklevel=2)
+                          "each optimizer step", MpdiagWarning, stacklevel=4)
+
+    @inlined_only
+    def _after_model_forward(self, model: nn.Module, args: Any, output: Any) -> None:
+        self._recorder.evaluating = False
 
     def _step_was_skipped(self, model: nn.Module) -> bool:
         # A GradScaler that finds inf/NaN skips optimizer.step(), so its hooks never fire; backward ran and
@@ -382,7 +399,9 @@ class Diagnosis:
         rec = self._recorder
         step, events = self._step, []
         if rec.recording:
+            saw_backward = rec.saw_backward
             self._records[step], events = rec.collect(step)
+            self._check_recorded(step, self._records[step], events, saw_backward)
             if events:
                 self._events[step] = tuple(events)
             if self._scale_seen is not None:
@@ -398,10 +417,29 @@ class Diagnosis:
         if self._scale_seen is not None:
             self._scale_seen.clear()
         rec.reset()
+        self._forwards = 0
         self._step += 1
         rec.recording = self._step % self.every == 0
         if events and report:
             self._report_nonfinite(step, events)
+
+    def _check_recorded(self, step: int, stats: dict[Site, TensorStats], events: list[NonFiniteEvent],
+                        saw_backward: bool) -> None:
+        """Warn, once each, about a recorded step that says the recording is not seeing training whole."""
+        if saw_backward and not any(site.kind is Kind.ACTIVATION for site in stats) and "hooks" not in self._warned:
+            self._warned.add("hooks")
+            warnings.warn(f"mpdiag: step {step} ran backward but no module's forward hook ran: a model compiled with "
+                          f"torch.compile and called before diagnose() was attached keeps running its compiled "
+                          f"graph without the hooks (dynamo does not guard on hooks added later); attach before "
+                          f"the first compiled call", MpdiagWarning, stacklevel=4)
+        gradients_nonfinite = any(e.kind in ("activation_grad", "param_grad") for e in events)
+        if (self._scale_seen is None and self._optimizer is not None and self._forwards > 1 and gradients_nonfinite
+                and "scaler" not in self._warned):
+            self._warned.add("scaler")
+            warnings.warn(f"mpdiag: step {step} held NaN/inf gradients over {self._forwards} forward passes without "
+                          f"an optimizer step; if a GradScaler skipped steps, pass it as diagnose(..., scaler=) so that "
+                          f"each skipped step closes on its own and gradients are judged unscaled",
+                          MpdiagWarning, stacklevel=4)
 
     def _write_anomalies(self) -> None:
         for record in self._anomaly.records[self._anomalies_written:]:

@@ -26,6 +26,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from mpdiag.formats import Format
 from mpdiag.run import Run
 from mpdiag.scaling import gradient_sites, scaler_overflows, true_gradient_steps
 
-__all__ = ["simulate_grad_scaler", "GradScalerSimulation", "scaler_trajectory", "MpdiagWarning"]
+__all__ = ["simulate_grad_scaler", "GradScalerSimulation", "scaler_trajectory", "recorded_settings", "MpdiagWarning"]
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,15 @@ def scaler_trajectory(overflows: Callable[[int, float], bool], n_steps: int, *, 
     return scales, skipped, float(scale)
 
 
-def simulate_grad_scaler(run: Run, fmt: str | torch.dtype | Format = "fp16", *, init_scale: float = 2.0**16,
-                         growth_factor: float = 2.0, backoff_factor: float = 0.5, growth_interval: int = 2000,
-                         hysteresis: int = 1, min_scale: float | None = None, max_scale: float | None = None,
-                         steps: Sequence[int] | None = None) -> GradScalerSimulation:
+def simulate_grad_scaler(run: Run, fmt: str | torch.dtype | Format = "fp16", *, init_scale: float | None = None,
+                         growth_factor: float | None = None, backoff_factor: float | None = None,
+                         growth_interval: int | None = None, hysteresis: int = 1, min_scale: float | None = None,
+                         max_scale: float | None = None, steps: Sequence[int] | None = None) -> GradScalerSimulation:
     """Replay a dynamic loss scaler over the recorded steps' true gradients.
+
+    The four settings of torch's GradScaler default to those of the run's own scaler where one was
+    recorded (``diagnose(scaler=...)``: the replay then skips exactly the steps it skipped), else to
+    torch's defaults (init_scale 2^16, growth_factor 2, backoff_factor 0.5, growth_interval 2000).
 
     Warns (MpdiagWarning) when the run did not record every step: the scaler then also reacts to steps
     mpdiag did not see, and the trajectory is approximate.
@@ -135,13 +140,25 @@ def simulate_grad_scaler(run: Run, fmt: str | torch.dtype | Format = "fp16", *, 
     if approximate:
         warnings.warn("the run did not record every step, so the replayed GradScaler trajectory is approximate: "
                       "record with every=1 to replay it exactly", MpdiagWarning, stacklevel=2)
+    given = {"init_scale": init_scale, "growth_factor": growth_factor, "backoff_factor": backoff_factor,
+             "growth_interval": growth_interval}
+    settings = {**_TORCH_DEFAULTS, **recorded_settings(run), **{k: v for k, v in given.items() if v is not None}}
     overflowed = scaler_overflows(run, chosen)  # steps the run's own GradScaler skipped
     peaks = [_largest_true_gradient(run, step, sites, overflowed.get(step, math.inf)) for step in chosen]
     scales, skipped, final = scaler_trajectory(
-        lambda i, scale: peaks[i] * scale >= fmt.overflow_threshold, len(chosen), init_scale=init_scale,
-        growth_factor=growth_factor, backoff_factor=backoff_factor, growth_interval=growth_interval,
-        hysteresis=hysteresis, min_scale=min_scale, max_scale=max_scale)
+        lambda i, scale: peaks[i] * scale >= fmt.overflow_threshold, len(chosen), hysteresis=hysteresis,
+        min_scale=min_scale, max_scale=max_scale, **settings)
     return GradScalerSimulation(fmt, tuple(chosen), tuple(scales), tuple(skipped), final, approximate)
+
+
+_TORCH_DEFAULTS: dict[str, Any] = {"init_scale": 2.0**16, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                   "growth_interval": 2000}
+
+
+def recorded_settings(run: Run) -> dict[str, Any]:
+    """The settings of the GradScaler the run was recorded under (``diagnose(scaler=...)``), or {}."""
+    recorded = (run.meta.get("environment") or {}).get("grad_scaler") or {}
+    return {k: recorded[k] for k in _TORCH_DEFAULTS if recorded.get(k) is not None}
 
 
 def _times(scale: np.float32, factor: float) -> np.float32:

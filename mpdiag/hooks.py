@@ -21,6 +21,7 @@ from torch import nn
 
 from mpdiag import distributed
 from mpdiag._accumulate import SKIP_REASONS, Observation, SiteAccumulator, measure, read_with_extras, skip_reason
+from mpdiag._names import display_name
 from mpdiag.anomaly import AnomalyWatch
 from mpdiag.environment import autocast_dtype
 from mpdiag.nonfinite import EventLog, NonFiniteEvent
@@ -100,6 +101,8 @@ class Recorder:
         self.group = group  # torch.distributed: statistics are reduced across it when a step closes
         self.replicated = replicated or set()  # sites every rank holds whole: not summed
         self.recording = True
+        self.evaluating = False  # the model's forward runs with autograd off (evaluation, generate()): not training
+        self.trained = False  # a backward pass was seen, ever: from then on, forwards without autograd are evaluation
         self.active = False  # a hook observed something since the last reset
         self.saw_backward = False  # a gradient arrived since the last reset (recorded or not)
         self.on_first_backward: Callable[[], None] | None = None  # called once per step, at its first gradient
@@ -124,7 +127,7 @@ class Recorder:
         if reason is not None:
             if (site, reason) not in self._warned:
                 self._warned.add((site, reason))
-                log.info("mpdiag: not recording a tensor at %s (%s): %s", site.name or "<root>", site.kind,
+                log.info("mpdiag: not recording a tensor at %s (%s): %s", display_name(site.name), site.kind,
                          SKIP_REASONS[reason])
             return
         obs = self._measure_once(tensor)
@@ -155,14 +158,14 @@ class Recorder:
         # The one part torch.compile traces: a flag read. Dynamo guards on it, so the steps ``every=``
         # leaves unrecorded compile into graphs without the breaks that the untraced body costs. (Anomaly
         # mode's per-module tags are for eager autograd nodes; asking for it breaks a graph.)
-        if self.recording or (not _is_compiling() and torch.is_anomaly_enabled()):
+        if (self.recording and not self.evaluating) or (not _is_compiling() and torch.is_anomaly_enabled()):
             self._on_forward(name, output)
 
     @untraced
     def _on_forward(self, name: str, output: Any) -> None:
         if self.anomaly is not None and torch.is_anomaly_enabled():
             self.anomaly.tag(name, [t.grad_fn for t in floating_tensors(output) if t.grad_fn is not None])
-        if not self.recording:
+        if not self.recording or self.evaluating:
             return
         # A forward that runs inside backward is activation checkpointing recomputing what the first
         # forward already produced (and this hook already counted): counting it again would double the
@@ -187,6 +190,7 @@ class Recorder:
                 tensor.register_hook(functools.partial(self.on_activation_grad, name))
 
     def _backward_seen(self) -> None:
+        self.trained = True
         if not self.saw_backward:
             self.saw_backward = True
             if self.on_first_backward is not None:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mpdiag._names import display_name
 from mpdiag.errors import MpdiagError
 
 __all__ = ["NonFiniteEvent", "NonFiniteError", "PHASES"]
@@ -60,7 +61,7 @@ class NonFiniteEvent:
                                                             (self.neginf, "-inf")) if n)
         role = "first seen here" if self.produced else "received from upstream"
         where = f", rank{'s' if len(self.ranks) > 1 else ''} {', '.join(map(str, self.ranks))}" if self.ranks else ""
-        return f"step {self.step}, {self.phase}: {counts} in {self.kind} of {self.name or '<root>'} ({role}{where})"
+        return f"step {self.step}, {self.phase}: {counts} in {self.kind} of {display_name(self.name)} ({role}{where})"
 
 
 class NonFiniteError(MpdiagError):
@@ -82,7 +83,7 @@ class NonFiniteError(MpdiagError):
         amax = ", ".join(f"step {s}: {st.amax:.3g}" for s, st in trail[-4:])
         super().__init__(
             f"non-finite values at {event}; {len(self.events)} site(s) affected in this step. "
-            f"amax of {event.kind} of {event.name or '<root>'} over the recorded steps before: {amax or 'none'}")
+            f"amax of {event.kind} of {display_name(event.name)} over the recorded steps before: {amax or 'none'}")
 
 
 def order(events: Sequence[NonFiniteEvent]) -> list[NonFiniteEvent]:

@@ -6,6 +6,7 @@ import math
 import textwrap
 from collections.abc import Sequence
 
+from mpdiag._names import display_name
 from mpdiag.run import Run
 from mpdiag.summary import SiteRisk, riskiest
 from mpdiag.verdict import nonfinite_verdict, skips_verdict, verdicts
@@ -23,7 +24,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -
 
 
 def _site(risk: SiteRisk) -> str:
-    name = f"{risk.name or '<root>'} {risk.kind.replace('activation', 'act').replace('param', 'prm')}"
+    name = f"{display_name(risk.name)} {risk.kind.replace('activation', 'act').replace('param', 'prm')}"
     return name if len(name) <= _NAME_WIDTH else "..." + name[-(_NAME_WIDTH - 3):]
 
 
@@ -41,6 +42,9 @@ def summary(run: Run, n: int = 6) -> str:
     parts += ["", f"The {n} riskiest sites per format. head: bits from the largest value to the",
               "format's max; foot: bits from the smallest non-zero value to its smallest normal",
               "(negative: past max / subnormal)."]
+    if run.loss_scales:
+        parts.append("Gradients are shown as recorded, scaled by the run's GradScaler; the verdicts above judge them "
+                     "unscaled.")
     for fmt in run.formats:
         rows = [(_site(r), f"{r.amax:.3g}", _bits(r.headroom_bits), _bits(r.footroom_bits), f"{100 * r.underflow:.2f}",
                  str(r.overflow), str(r.nonfinite)) for r in riskiest(run, fmt, n)]

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mpdiag._names import display_name
 from mpdiag._nodes import MODULE_KEY, claim_nodes
 from mpdiag._rerun import preserved
 from mpdiag.errors import MpdiagError
@@ -62,7 +63,7 @@ class NonFiniteOrigin:
     inputs_finite: bool
 
     def __str__(self) -> str:
-        where = "outside the model" if self.module is None else f"in module {self.module or '<root>'}"
+        where = "outside the model" if self.module is None else f"in module {display_name(self.module)}"
         counts = ", ".join(f"{n} {label}" for n, label in ((self.nans, "NaN"), (self.posinf, "+inf"),
                                                             (self.neginf, "-inf")) if n)
         source = "" if self.inputs_finite else " (its inputs were already non-finite)"

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpdiag import formats as _formats
+from mpdiag._names import display_name, shown as _shown
 from mpdiag.errors import MpdiagError
 from mpdiag.formats import Format
 from mpdiag.run import Kind, Run, Site, step_ranges
@@ -65,7 +66,7 @@ class Verdict:
 
 def site_label(name: str, kind: str | Kind) -> str:
     """How a site is named to people: 'blocks.0.attn (activation_grad)'."""
-    return f"{name or '<root>'} ({Kind.parse(kind).value})"
+    return f"{display_name(name)} ({Kind.parse(kind).value})"
 
 
 def percent(share: float) -> str:
@@ -169,7 +170,7 @@ def _verdict(run: Run, fmt: Format, adv: LossScaleAdvice | None) -> Verdict:
                 level = _worse(level, "warn")
             else:
                 parts.append(f"no loss scale avoids both overflow and underflow (overflow first in "
-                             f"{adv.overflow_limiter}, underflow worst in {adv.underflow_limiter})")
+                             f"{_shown(adv.overflow_limiter)}, underflow worst in {_shown(adv.underflow_limiter)})")
                 level = "fail"
     if activation_underflow > TOLERATED_UNDERFLOW:
         parts.append(f"{percent(activation_underflow)} of activations flush to zero")

@@ -219,6 +219,21 @@ def test_a_skipped_step_closes_when_the_scaler_updates_whatever_the_order(order:
     assert diag.run.loss_scales == {0: 16.0, 1: 16.0, 2: 8.0}
 
 
+def test_skipped_steps_without_scaler_and_with_zeroed_gradients_are_warned_about() -> None:
+    # Without scaler=, a skipped step is seen to end only when the gradients are set to None; zeroed in
+    # place they look like gradient accumulation, so the steps merge: mpdiag says so and what to pass.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    with pytest.warns(mpdiag.MpdiagWarning, match=r"pass it as diagnose\(\.\.\., scaler=\)"):
+        with mpdiag.diagnose(model, optimizer=opt):
+            for _ in range(3):
+                opt.zero_grad(set_to_none=False)
+                scaler.scale(model(torch.full((4, 6), 1e38)).pow(2).mean()).backward()  # every step overflows
+                scaler.step(opt)
+                scaler.update()
+
+
 def _closure_training(use_closure: bool, accumulate: int = 1) -> tuple[mpdiag.Run, list[torch.Tensor]]:
     torch.manual_seed(0)
     model = mlp()
@@ -549,9 +564,34 @@ def test_forward_under_inference_mode_then_training() -> None:
     model = mlp()
     with mpdiag.diagnose(model) as diag:
         with torch.inference_mode():
-            model(torch.randn(2, 6))
+            model(torch.randn(2, 6))  # before any training: recorded (inference is what is diagnosed)
         train_step(model, torch.randn(2, 6), diag)
     assert diag.run.stats("0", "activation", step=0).calls == 2
+
+
+@pytest.mark.parametrize("evaluate", ["no_grad", "inference_mode"])
+def test_evaluation_forwards_of_the_whole_model_are_not_training(evaluate: str) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    context = torch.no_grad if evaluate == "no_grad" else torch.inference_mode
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 6)).pow(2).mean().backward()
+            opt.step()
+            with context():  # evaluation after each step, as the HF Trainer and Lightning do
+                model(torch.randn(8, 6))
+    assert diag.run.steps == [0, 1, 2]  # and no fourth step made of the last evaluation
+    assert [diag.run.stats("0", "activation", step=s).calls for s in diag.run.steps] == [1, 1, 1]
+
+
+def test_forwards_without_autograd_are_recorded_where_no_training_is_diagnosed() -> None:
+    model = mlp()
+    with mpdiag.diagnose(model) as diag, torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, 6))
+            diag.step()
+    assert diag.run.steps == [0, 1] and diag.run.stats("2", "activation").calls == 2
 
 
 def test_nonfinite_values_are_counted_not_fatal() -> None:

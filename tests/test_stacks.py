@@ -37,6 +37,24 @@ def test_loss_inside_or_outside_the_model_gives_the_same_advice(with_scaler: boo
     assert [v.sentence for v in verdicts(inside)] == [v.sentence for v in verdicts(outside)]
 
 
+def test_generate_and_evaluation_between_steps_are_not_recorded() -> None:
+    model = tiny_gpt2(pad_token_id=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        for ids in token_batches(3):
+            opt.zero_grad()
+            lm_loss(model, ids).backward()
+            opt.step()
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.generate(ids[:, :4], max_new_tokens=3, do_sample=False)  # no_grad inside, several forwards
+            model.train()
+    run = diag.run
+    assert run.steps == [0, 1, 2]
+    assert {run.stats("transformer.h.0.mlp.c_fc", "activation", step=s).calls for s in run.steps} == {1}
+
+
 # -- gradient checkpointing -----------------------------------------------------------------------------
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_records_the_same_statistics(reentrant: bool) -> None:
@@ -85,10 +103,8 @@ def test_a_grad_scaler_that_skips_steps_is_followed_not_called_nan() -> None:
     run, real = train_gpt2(steps=30, scaler=scaler, autocast=torch.float16)
     real_skips = [step for step, skipped in enumerate(real) if skipped]
     assert len(real_skips) > 5 and len(real_skips) < len(real)
-    settings = run.meta["environment"]["grad_scaler"]
-    sim = mpdiag.simulate_grad_scaler(run, init_scale=settings["init_scale"],
-                                      growth_interval=settings["growth_interval"])
-    assert sim.skipped_steps == real_skips
+    sim = mpdiag.simulate_grad_scaler(run)  # from the run's own scaler settings, as recorded
+    assert sim.scales[0] == 2.0**40 and sim.skipped_steps == real_skips
     adv = mpdiag.advise(run, "fp16")
     assert adv.skipped_steps == tuple(real_skips) and adv.nonfinite_steps == ()
     # What a skip says: its scale overflowed, and so does every larger one. Below it, only finite values count.
@@ -264,6 +280,20 @@ def test_steps_left_unrecorded_compile_without_graph_breaks() -> None:
         assert sum(breaks.values()) == 1 and "Diagnosis._before_model_forward" in next(iter(breaks))
         step(*batches[2])
     assert diag.run.steps == [0, 2]
+
+
+def test_attaching_after_the_first_compiled_call_is_warned_about() -> None:
+    torch._dynamo.reset()
+    model = small_convnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    compiled = torch.compile(model, backend="aot_eager")
+    batches = list(image_batches(2))
+    nn.functional.cross_entropy(compiled(batches[0][0]), batches[0][1]).backward()  # compiled without hooks
+    with pytest.warns(mpdiag.MpdiagWarning, match="attach before the first compiled call"):
+        with mpdiag.diagnose(model, optimizer=opt):
+            opt.zero_grad()
+            nn.functional.cross_entropy(compiled(batches[1][0]), batches[1][1]).backward()
+            opt.step()
 
 
 def test_fullgraph_compilation_is_refused_with_a_reason_that_says_what_to_do() -> None:

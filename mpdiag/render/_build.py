@@ -14,7 +14,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 import mpdiag
-from mpdiag.grad_scaler import simulate_grad_scaler
+from mpdiag.grad_scaler import recorded_settings, simulate_grad_scaler
 from mpdiag.render import figures as fig
 from mpdiag.render.page import EmbeddedFigure, render_page
 from mpdiag.render.table import columns, site_rows
@@ -157,10 +157,10 @@ def _scaling_section(run: Run, advice: LossScaleAdvice | None,
     save("loss_scale", fig.loss_scale_curves(advice, demanding),
          f"Share of gradients that {advice.fmt.name} flushes to zero at each loss scale 2^k: all gradients "
          f"(black) and the {len(demanding)} sites that need the largest scale.")
-    settings = _recorded_scaler_settings(run)
+    settings = recorded_settings(run)
     with warnings.catch_warnings(record=True) as caught:  # an every>1 run warns: the page says so instead
         warnings.simplefilter("always")
-        simulation = simulate_grad_scaler(run, advice.fmt, **settings)
+        simulation = simulate_grad_scaler(run, advice.fmt)  # from the run's own settings, where recorded
     lost = underflow_per_step(run, advice.fmt, dict(zip(simulation.steps, simulation.scales)))
     save("grad_scaler", fig.grad_scaler_trajectory(simulation, run.loss_scales, lost),
          "The loss scale a dynamic GradScaler would use at each recorded step"
@@ -169,12 +169,6 @@ def _scaling_section(run: Run, advice: LossScaleAdvice | None,
            "flushed to zero at the simulated scale.")
     text = str(simulation) + "".join(f"\nNB: {w.message}" for w in caught)
     return {"reason": None, "advice": str(advice), "simulation": text}
-
-
-def _recorded_scaler_settings(run: Run) -> dict[str, Any]:
-    recorded = (run.meta.get("environment") or {}).get("grad_scaler") or {}
-    keys = ("init_scale", "growth_factor", "backoff_factor", "growth_interval")
-    return {k: recorded[k] for k in keys if recorded.get(k) is not None}
 
 
 def _nonfinite_section(run: Run, origin: NonFiniteOrigin | None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mpdiag import formats as _formats
+from mpdiag._names import display_name
 from mpdiag.run import Run, Site
 from mpdiag.stats import TensorStats
 from mpdiag.summary import footroom_bits, headroom_bits
@@ -61,7 +62,7 @@ def site_rows(run: Run, sites: Sequence[Site] | None = None) -> list[list[Cell]]
 
 
 def _row(site: Site, s: TensorStats, formats: Sequence[str]) -> list[Cell]:
-    cells = [Cell(site.name or "<root>", site.name), Cell(site.kind.value, site.kind.value),
+    cells = [Cell(display_name(site.name), site.name), Cell(site.kind.value, site.kind.value),
              Cell(", ".join(sorted(s.dtypes)) or "-", ",".join(sorted(s.dtypes))),
              _number(s.amax if s.finite_nonzero else math.nan),
              _number(s.amin_nonzero if s.finite_nonzero else math.nan),
