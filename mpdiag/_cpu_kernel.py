@@ -105,7 +105,11 @@ class KernelTables:
 
 if numba is not None:
     # Not numba's cache=True, which writes beside this file, into the installed package.
-    from mpdiag._kernel_cache import cached
+    try:
+        from mpdiag._kernel_cache import cached
+    except ImportError:  # numba internals the cache relies on moved: compile in each process instead
+        def cached(dispatcher):  # noqa: ANN001, ANN202
+            return dispatcher
 
     def _key_shift(bits):  # noqa: ANN001, ANN202 - typed by the overload below
         raise NotImplementedError("only callable from compiled code")

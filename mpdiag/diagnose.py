@@ -113,16 +113,18 @@ def suspended(model: nn.Module) -> Iterator[None]:
     """Inside, a Diagnosis attached to ``model`` (or to any of its modules) records nothing and closes
     no step; for mpdiag's own re-runs of a batch, which must not count as training."""
     diagnoses = {entry[0] for m in model.modules() if (entry := _ATTACHED.get(m)) is not None}
-    saved = [(d, d._suspended, d._recorder.recording, d._recorder.active, d._recorder.saw_backward)
-             for d in diagnoses]
+    # Everything a re-run's forward and backward would touch: mpdiag's own probes are not training.
+    kept = ("recording", "active", "saw_backward", "trained", "evaluating", "in_model_forward")
+    saved = [(d, d._suspended, {k: getattr(d._recorder, k) for k in kept}) for d in diagnoses]
     for d in diagnoses:
         d._suspended, d._recorder.recording = True, False
     try:
         yield
     finally:
-        for d, was_suspended, recording, active, saw_backward in saved:
-            d._suspended, d._recorder.recording = was_suspended, recording
-            d._recorder.active, d._recorder.saw_backward = active, saw_backward
+        for d, was_suspended, state in saved:
+            d._suspended = was_suspended
+            for k, v in state.items():
+                setattr(d._recorder, k, v)
 
 
 def _globs(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | None:
@@ -337,6 +339,7 @@ class Diagnosis:
         if self._suspended:
             return
         if closure_of(args, kwargs) is None:
+            self._in_optimizer_step = False  # a closure step whose closure raised never reached its post-hook
             self._close_step()
             return
         self._in_optimizer_step = True
@@ -357,6 +360,7 @@ class Diagnosis:
         self._recorder.evaluating = self._recorder.trained and not torch.is_grad_enabled()
         if self._recorder.evaluating or self._suspended or in_backward():
             return
+        self._recorder.in_model_forward = True
         if not self._in_optimizer_step:
             self._at_step_boundary(model)
         self._forwards += 1
@@ -380,7 +384,7 @@ class Diagnosis:
 
     @inlined_only
     def _after_model_forward(self, model: nn.Module, args: Any, output: Any) -> None:
-        self._recorder.evaluating = False
+        self._recorder.evaluating = self._recorder.in_model_forward = False
 
     def _step_was_skipped(self, model: nn.Module) -> bool:
         # A GradScaler that finds inf/NaN skips optimizer.step(), so its hooks never fire; backward ran and

@@ -113,8 +113,10 @@ def simulate_grad_scaler(run: Run, fmt: str | torch.dtype | Format = "fp16", *, 
     """Replay a dynamic loss scaler over the recorded steps' true gradients.
 
     The four settings of torch's GradScaler default to those of the run's own scaler where one was
-    recorded (``diagnose(scaler=...)``: the replay then skips exactly the steps it skipped), else to
-    torch's defaults (init_scale 2^16, growth_factor 2, backoff_factor 0.5, growth_interval 2000).
+    recorded (``diagnose(scaler=...)``; ``init_scale``: the scale it had at the first step replayed),
+    else to torch's defaults (init_scale 2^16, growth_factor 2, backoff_factor 0.5, growth_interval 2000).
+    From the run's own settings the replay skips the steps the real scaler skipped, as long as its
+    growth counter started with the replay (attached when training began: mpdiag cannot read it).
 
     Warns (MpdiagWarning) when the run did not record every step: the scaler then also reacts to steps
     mpdiag did not see, and the trajectory is approximate.
@@ -142,7 +144,10 @@ def simulate_grad_scaler(run: Run, fmt: str | torch.dtype | Format = "fp16", *, 
                       "record with every=1 to replay it exactly", MpdiagWarning, stacklevel=2)
     given = {"init_scale": init_scale, "growth_factor": growth_factor, "backoff_factor": backoff_factor,
              "growth_interval": growth_interval}
-    settings = {**_TORCH_DEFAULTS, **recorded_settings(run), **{k: v for k, v in given.items() if v is not None}}
+    recorded = recorded_settings(run)
+    if chosen[0] in run.loss_scales:  # the scale the run's own scaler had at the first step replayed
+        recorded["init_scale"] = run.loss_scale(chosen[0])
+    settings = {**_TORCH_DEFAULTS, **recorded, **{k: v for k, v in given.items() if v is not None}}
     overflowed = scaler_overflows(run, chosen)  # steps the run's own GradScaler skipped
     peaks = [_largest_true_gradient(run, step, sites, overflowed.get(step, math.inf)) for step in chosen]
     scales, skipped, final = scaler_trajectory(

@@ -103,6 +103,7 @@ class Recorder:
         self.recording = True
         self.evaluating = False  # the model's forward runs with autograd off (evaluation, generate()): not training
         self.trained = False  # a backward pass was seen, ever: from then on, forwards without autograd are evaluation
+        self.in_model_forward = False  # a training forward of the whole model is running
         self.active = False  # a hook observed something since the last reset
         self.saw_backward = False  # a gradient arrived since the last reset (recorded or not)
         self.on_first_backward: Callable[[], None] | None = None  # called once per step, at its first gradient
@@ -156,7 +157,8 @@ class Recorder:
     @inlined_only
     def on_forward(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         # The one part torch.compile traces: a flag read. Dynamo guards on it, so the steps ``every=``
-        # leaves unrecorded compile into graphs without the breaks that the untraced body costs. (Anomaly
+        # leaves unrecorded compile into graphs without the breaks that the untraced body costs (one is
+        # left, where the model's forward begins and the step boundary is checked). (Anomaly
         # mode's per-module tags are for eager autograd nodes; asking for it breaks a graph.)
         if (self.recording and not self.evaluating) or (not _is_compiling() and torch.is_anomaly_enabled()):
             self._on_forward(name, output)
@@ -167,6 +169,8 @@ class Recorder:
             self.anomaly.tag(name, [t.grad_fn for t in floating_tensors(output) if t.grad_fn is not None])
         if not self.recording or self.evaluating:
             return
+        if self.trained and not self.in_model_forward and not torch.is_grad_enabled() and not in_backward():
+            return  # a part of the model run on its own without autograd (generate()'s encoder): evaluation
         # A forward that runs inside backward is activation checkpointing recomputing what the first
         # forward already produced (and this hook already counted): counting it again would double the
         # checkpointed modules. Its outputs still get gradient hooks: under reentrant checkpointing the

@@ -103,8 +103,8 @@ class LossScaleAdvice:
         exponents: k of every replayed scale 2^k, ascending.
         recommended: the largest 2^k that stays ``margin_bits`` below overflow at every recorded step
             with finite gradients (and below the scale of every step a GradScaler skipped); 1.0 in a
-            format with fp32's exponent range (bf16) when unscaled gradients neither overflow nor flush
-            to zero (no loss scaling needed); None when there is none.
+            format with fp32's exponent range (bf16) when scale 1 is in the window (no loss scaling
+            needed); None when there is none.
         window: (low, high): the scales at which nothing overflows and at most ``max_underflow`` of the
             gradients underflow; None when no scale does both (the gradients' dynamic range exceeds
             the format): ``limiting_sites`` then says who is responsible.
@@ -257,9 +257,9 @@ def advise(run: Run, fmt: str | torch.dtype | Format = "fp16", *, steps: Sequenc
     finite_curves = curves_of([s for s in chosen if s not in nonfinite_steps])  # a skip still bounds the scale
     recommended = _recommend(finite_curves, exponents, margin_bits, fmt)
     window, underflow_limiter = _window(finite_curves, exponents, fmt, max_underflow)
-    if _needs_no_scaling(finite_curves, fmt):
+    if _needs_no_scaling(finite_curves, fmt, max_underflow):
         recommended = 1.0
-    with_values = np.flatnonzero(curves.nonzero)
+    with_values = np.flatnonzero(curves.amax > 0)
     largest = with_values[np.argmax(curves.amax[with_values])] if with_values.size else None
     return LossScaleAdvice(
         fmt=fmt, steps=tuple(chosen), margin_bits=margin_bits, max_underflow=max_underflow, exponents=exponents,
@@ -297,9 +297,10 @@ def scaler_overflows(run: Run, steps: Iterable[int] | None = None) -> dict[int, 
 _SCALED_DTYPES = {"float16", "bfloat16", "float32"}  # gradient dtypes a GradScaler's overflow can happen in
 
 
-def _needs_no_scaling(curves: _Curves, fmt: Format) -> bool:
-    """A format with fp32's exponent range (bf16) in which, unscaled, nothing overflows and no non-zero
-    gradient flushes to zero: scaling would only move the gradients within a range they already fit.
+def _needs_no_scaling(curves: _Curves, fmt: Format, max_underflow: float) -> bool:
+    """A format with fp32's exponent range (bf16) in which, unscaled, nothing overflows and at most
+    ``max_underflow`` of the gradients flush to zero: scale 1 is in the window, and a larger scale would
+    only move the gradients within a range they already fit.
 
     NB: fp16 keeps the largest safe scale even then: its range is narrow, and the headroom below is what
     protects gradients that shrink later in training (what a GradScaler keeps by growing its scale).
@@ -307,7 +308,7 @@ def _needs_no_scaling(curves: _Curves, fmt: Format) -> bool:
     if fmt.min_normal != _formats.FP32.min_normal:
         return False
     unscaled = _outcome(curves, 0, fmt)
-    return bool(curves.nonzero.sum()) and not unscaled.overflow and unscaled.underflow == 0.0
+    return bool(curves.nonzero.sum()) and not unscaled.overflow and unscaled.underflow <= max_underflow
 
 
 def underflow_per_step(run: Run, fmt: str | torch.dtype | Format, scales: Mapping[int, float]) -> dict[int, float]:
@@ -409,7 +410,9 @@ def _worst_underflow(curves: _Curves, under: np.ndarray) -> str | None:
 
 def _recommend(curves: _Curves, exponents: np.ndarray, margin_bits: int, fmt: Format) -> float | None:
     """The largest 2^k with amax * 2^(k + margin) below the overflow threshold for every finite site."""
-    finite = curves.amax[np.isfinite(curves.amax) & (curves.nonzero > 0)]
+    # amax > 0, not "has non-zero finite values": a step a GradScaler skipped can leave a site all inf,
+    # and the bound its skip gives (in amax) still limits the scale.
+    finite = curves.amax[np.isfinite(curves.amax) & (curves.amax > 0)]
     if not finite.size:
         return None
     largest = float(finite.max())

@@ -19,6 +19,7 @@ import mpdiag.anomaly
 import mpdiag.runfile
 from mpdiag import _accumulate
 from mpdiag import Kind, TensorStats
+from mpdiag.diagnose import suspended
 from mpdiag.errors import AttachError, MpdiagError, UnknownFormatError
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
@@ -583,6 +584,16 @@ def test_evaluation_forwards_of_the_whole_model_are_not_training(evaluate: str) 
                 model(torch.randn(8, 6))
     assert diag.run.steps == [0, 1, 2]  # and no fourth step made of the last evaluation
     assert [diag.run.stats("0", "activation", step=s).calls for s in diag.run.steps] == [1, 1, 1]
+
+
+def test_mpdiags_own_re_runs_do_not_count_as_training_seen() -> None:
+    model = mlp()
+    with mpdiag.diagnose(model) as diag, torch.no_grad():
+        model(torch.randn(4, 6))
+        with torch.enable_grad(), suspended(model):  # as replay and trace do
+            model(torch.randn(4, 6)).sum().backward()
+        model(torch.randn(4, 6))  # still inference being diagnosed, not evaluation after training
+    assert diag.run.stats("2", "activation").calls == 2
 
 
 def test_forwards_without_autograd_are_recorded_where_no_training_is_diagnosed() -> None:

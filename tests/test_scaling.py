@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mpdiag
+from test_replay import _cpu_fp16_autocast
 from mpdiag.errors import MpdiagError
 from mpdiag.scaling import advise
 
@@ -135,6 +136,34 @@ def test_bf16_needs_no_scaling_for_ordinary_gradients() -> None:
     run = record([torch.randn(1000) * 1e-6])
     adv = advise(run, "bf16")
     assert adv.at(1.0).underflow == 0.0 and adv.window[0] <= 1.0 <= adv.window[1]
+
+
+def test_bf16_needs_no_scaling_while_scale_1_is_in_the_window() -> None:
+    grads = torch.full((16384,), 1e-3)
+    grads[0] = 1e-42  # one gradient past even bf16's range: within the tolerated underflow
+    adv = advise(record([grads]), "bf16")
+    assert 0 < adv.at(1.0).underflow <= adv.max_underflow and adv.recommended == 1.0
+
+
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler('cpu') needs torch >= 2.3")
+def test_steps_a_grad_scaler_skipped_bound_the_advice_even_when_every_gradient_was_inf() -> None:
+    if not _cpu_fp16_autocast():
+        pytest.skip("this torch has no fp16 autocast on CPU")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)  # 0.5 * 2^20 overflows fp16 at the seed
+    with mpdiag.diagnose(model, optimizer=opt, scaler=scaler) as diag:
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = model(torch.randn(4, 8))
+            scaler.scale((out.float() * 0.5).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    adv = advise(diag.run, "fp16")
+    assert adv.skipped_steps == (0, 1, 2) and adv.nonfinite_steps == ()
+    assert adv.recommended is not None and adv.recommended < min(diag.run.loss_scales.values())
 
 
 def test_per_site_outcomes_and_curves() -> None:

@@ -55,6 +55,25 @@ def test_generate_and_evaluation_between_steps_are_not_recorded() -> None:
     assert {run.stats("transformer.h.0.mlp.c_fc", "activation", step=s).calls for s in run.steps} == {1}
 
 
+def test_an_encoder_decoder_generating_between_steps_adds_no_step() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+    model = transformers.T5ForConditionalGeneration(config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ids = torch.randint(2, 32, (2, 6))
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        for _ in range(2):
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            model.generate(ids, max_new_tokens=2, do_sample=False)  # runs the encoder on its own, no grad
+    run = diag.run
+    assert run.steps == [0, 1]
+    assert run.records[0][mpdiag.Site("encoder.block.0", mpdiag.Kind.ACTIVATION)] == \
+        run.records[1][mpdiag.Site("encoder.block.0", mpdiag.Kind.ACTIVATION)]  # same batch, lr 0: same values
+
+
 # -- gradient checkpointing -----------------------------------------------------------------------------
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_records_the_same_statistics(reentrant: bool) -> None:
@@ -255,7 +274,7 @@ def test_compiled_training_records_exactly_what_eager_records(order: str, monkey
     assert traced and not any(traced)
 
 
-def test_steps_left_unrecorded_compile_without_graph_breaks() -> None:
+def test_steps_left_unrecorded_compile_with_one_graph_break_only() -> None:
     torch.manual_seed(0)
     model = small_convnet()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
