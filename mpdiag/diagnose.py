@@ -32,14 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpdiag import distributed
+from mpdiag import _dynamo, distributed
+from mpdiag._dynamo import inlined_only, untraced
 from mpdiag._loss_scale import LossScaleSnapshot
 from mpdiag._optimizer import closure_of, is_grad_scaler, unwrap_optimizer
 from mpdiag.anomaly import AnomalyWatch
 from mpdiag.environment import describe
 from mpdiag.errors import AttachError, MpdiagError, MpdiagWarning
-from mpdiag.hooks import Recorder, in_backward, inlined_only
-from mpdiag.hooks import untraced as _untraced
+from mpdiag.hooks import Recorder, in_backward
 from mpdiag.nonfinite import NonFiniteError, NonFiniteEvent
 from mpdiag.render import Report, report
 from mpdiag.run import Kind, Run, Site
@@ -165,6 +165,7 @@ class Diagnosis:
                  scaler: torch.amp.GradScaler | None = None, on_nonfinite: str = "record",
                  run_file: str | os.PathLike[str] | None = None, group: Any = None) -> None:
         _check_arguments(model, every, scaler)
+        _dynamo.prepare(Recorder, Diagnosis)
         optimizer, wrapper_scaler = unwrap_optimizer(optimizer) if optimizer is not None else (None, None)
         scaler = scaler if scaler is not None else wrapper_scaler  # accelerate's optimizer steps through one
         self._group = distributed.active_group(group)
@@ -334,7 +335,7 @@ class Diagnosis:
     # in its pre-hook, while the parameters are still those the forward used. With a closure
     # (Lightning, LBFGS), forward and backward run inside step(): the parameters are observed in the
     # pre-hook, and the step closes in the post-hook, after the closure's backward.
-    @_untraced
+    @untraced
     def _before_optimizer_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._suspended:
             return
@@ -345,13 +346,13 @@ class Diagnosis:
         self._in_optimizer_step = True
         self._recorder.observe_params()
 
-    @_untraced
+    @untraced
     def _after_optimizer_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._in_optimizer_step:
             self._in_optimizer_step = False
             self._close_step()
 
-    @_untraced
+    @untraced
     def _before_model_forward(self, model: nn.Module, args: Any) -> None:
         # Once training has been seen, a forward of the whole model with autograd off is evaluation or
         # generate(): neither recorded nor part of a step. (Before any backward, it is what is being
@@ -468,10 +469,9 @@ _HISTORY = 8  # recorded steps of history a NonFiniteError carries for each site
 
 
 def _bind(method: Any, name: str) -> Any:
-    @inlined_only
     def hook(*args: Any) -> None:
         method(name, *args)
-    return hook
+    return _dynamo.skip_own_frames(hook)
 
 
 def _version_of_a_weight(params: dict[str, nn.Parameter]) -> int | None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mpdiag import distributed
+from mpdiag._dynamo import inlined_only, untraced
 from mpdiag._accumulate import SKIP_REASONS, Observation, SiteAccumulator, measure, read_with_extras, skip_reason
 from mpdiag._names import display_name
 from mpdiag.anomaly import AnomalyWatch
@@ -34,36 +35,7 @@ _MAX_NESTING = 32  # outputs nest a few levels at most; the cap guards against s
 _RECENT = 4  # measurements remembered for reuse; the same tensor reaches nested modules back to back
 
 
-def untraced(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Keep a hook body out of torch.compile's tracing: dynamo calls it eagerly, at a graph break.
-
-    Deliberately, not by accident: a body does Python bookkeeping and (on CPU) calls a numba kernel,
-    which dynamo would otherwise try to trace into (and fail in numba's dispatcher). The cost is a
-    graph break wherever a body runs inside a compiled region (docs/how-to/stacks.md says how much),
-    which ``torch.compile(..., fullgraph=True)`` refuses: the reason says what to do.
-    """
-    try:
-        return torch.compiler.disable(fn, reason=_UNTRACED_REASON)
-    except TypeError:  # torch < 2.6 takes no reason
-        return torch.compiler.disable(fn)
-
-
-_UNTRACED_REASON = ("mpdiag's hooks record tensors eagerly, between compiled graphs; compile without "
-                    "fullgraph=True while mpdiag.diagnose() is attached")
-
-
-def inlined_only(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Let dynamo trace ``fn`` where a compiled region calls it, but never compile it as a frame of its
-    own. A hook's light part is traced with the model, so that it costs nothing in the compiled graph;
-    where the graph breaks at the untraced body, dynamo would otherwise compile the hook's frame once per
-    module (it specialises on each), hit its recompile limit and warn about it."""
-    skip_code = getattr(torch._dynamo.eval_frame, "skip_code", None)  # private: absent, only the warning is lost
-    if skip_code is not None:
-        skip_code(fn.__code__)
-    return fn
-
-
-_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling  # torch < 2.3
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: torch._dynamo.is_compiling())  # torch < 2.3
 
 
 def in_backward() -> bool:

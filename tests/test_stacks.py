@@ -4,6 +4,8 @@ state, and checks it with the real library (models from configs, random weights,
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -313,6 +315,12 @@ def test_attaching_after_the_first_compiled_call_is_warned_about() -> None:
             opt.zero_grad()
             nn.functional.cross_entropy(compiled(batches[1][0]), batches[1][1]).backward()
             opt.step()
+
+
+def test_importing_mpdiag_leaves_dynamo_unimported() -> None:
+    # Dynamo costs about a second to import: the marks on the hooks are applied when a diagnosis attaches.
+    code = "import sys, mpdiag; print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 def test_fullgraph_compilation_is_refused_with_a_reason_that_says_what_to_do() -> None:
