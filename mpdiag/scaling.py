@@ -74,14 +74,15 @@ class _Curves:
     below: np.ndarray  # (sites, bins + 1): below[:, i] = values in histogram bins before HIST_EXPONENTS[i]
 
     @classmethod
-    def of(cls, per_site: Mapping[Site, Sequence[tuple[TensorStats, float]]]) -> _Curves:
-        """From each site's (true statistics, what its NaN/inf imply about its largest value) per step:
-        inf for NaN/inf of the model (every scale overflows), the smallest overflowing true gradient for a
-        step a GradScaler skipped (scales from that step's on overflow; nothing is known below it)."""
-        hists = np.array([np.sum([s.hist for s, _ in stats], axis=0) if stats else np.zeros(len(HIST_EXPONENTS))
+    def of(cls, per_site: Mapping[Site, Sequence[TensorStats]], implied: Mapping[Site, float]) -> _Curves:
+        """From each site's true statistics per step and, for sites that held NaN/inf, the largest value
+        those imply (``_implied_peaks``): inf for NaN/inf of the model (every scale overflows), the
+        smallest overflowing true gradient for a step a GradScaler skipped (scales from that step's on
+        overflow; nothing is known below it)."""
+        hists = np.array([np.sum([s.hist for s in stats], axis=0) if stats else np.zeros(len(HIST_EXPONENTS))
                           for stats in per_site.values()], dtype=np.int64).reshape(len(per_site), len(HIST_EXPONENTS))
-        amax = [max((max(s.amax, bound) if s.nonfinite else s.amax for s, bound in stats), default=0.0)
-                for stats in per_site.values()]
+        amax = [max(max((s.amax for s in stats), default=0.0), implied.get(site, 0.0))
+                for site, stats in per_site.items()]
         below = np.concatenate([np.zeros((len(per_site), 1), dtype=np.int64), np.cumsum(hists, axis=1)], axis=1)
         return cls(tuple(per_site), hists.sum(axis=1), np.array(amax, dtype=np.float64), below)
 
@@ -249,12 +250,12 @@ def advise(run: Run, fmt: str | torch.dtype | Format = "fp16", *, steps: Sequenc
                             if s not in skipped and any(v.nonfinite for v in stats.values()))
     exponents = _exponent_range(per_step.values(), fmt)
 
-    def curves_of(steps: Sequence[int]) -> _Curves:
-        return _Curves.of({site: [(per_step[s][site], skipped.get(s, math.inf)) for s in steps if site in per_step[s]]
-                           for site in sites})
-
-    curves = curves_of(chosen)
-    finite_curves = curves_of([s for s in chosen if s not in nonfinite_steps])  # a skip still bounds the scale
+    implied = _implied_peaks({s: per_step[s] for s in nonfinite_steps}, skipped)
+    bounds = _implied_peaks({s: per_step[s] for s in skipped}, skipped)  # a skip still bounds the scale
+    curves = _Curves.of({site: [v[site] for v in per_step.values() if site in v] for site in sites},
+                        {site: max(implied.get(site, 0.0), bounds.get(site, 0.0)) for site in implied.keys() | bounds})
+    finite_steps = [v for s, v in per_step.items() if s not in nonfinite_steps]
+    finite_curves = _Curves.of({site: [v[site] for v in finite_steps if site in v] for site in sites}, bounds)
     recommended = _recommend(finite_curves, exponents, margin_bits, fmt)
     window, underflow_limiter = _window(finite_curves, exponents, fmt, max_underflow)
     if _needs_no_scaling(finite_curves, fmt, max_underflow):
@@ -269,6 +270,17 @@ def advise(run: Run, fmt: str | torch.dtype | Format = "fp16", *, steps: Sequenc
         _curves=curves)
 
 
+def _implied_peaks(per_step: Mapping[int, Mapping[Site, TensorStats]], skipped: Mapping[int, float]) -> dict[Site, float]:
+    """For each site that held NaN/inf in some step, the largest true |gradient| that implies: the bound
+    of a step a GradScaler skipped, inf for NaN/inf of the model's own."""
+    implied: dict[Site, float] = {}
+    for step, stats in per_step.items():
+        for site, v in stats.items():
+            if v.nonfinite:
+                implied[site] = max(implied.get(site, 0.0), skipped.get(step, math.inf))
+    return implied
+
+
 def scaler_overflows(run: Run, steps: Iterable[int] | None = None) -> dict[int, float]:
     """The recorded steps a GradScaler skipped because its scaled gradients overflowed, each with the
     smallest true |gradient| that overflow implies: the overflow threshold of the narrowest dtype the
@@ -281,11 +293,14 @@ def scaler_overflows(run: Run, steps: Iterable[int] | None = None) -> dict[int, 
     NB: the narrowest dtype, not the dtype of the sites that held inf: under autocast an fp32 parameter's
     gradient is reduced in fp16 (and overflows there) before it is cast to fp32.
     """
-    out = {}
+    out: dict[int, float] = {}
+    ever_held = [site for site in run.sites if run.stats(site.name, site.kind).nonfinite]  # merged: cached
+    if not ever_held or not run.loss_scales:
+        return out
     for step in run.steps if steps is None else steps:
         scale = run.loss_scale(step)
         records = run.records[step]
-        held = [site for site, stats in records.items() if stats.nonfinite]
+        held = [site for site in ever_held if site in records and records[site].nonfinite]
         if scale <= 1.0 or not held or any(site.kind not in GRADIENT_KINDS for site in held):
             continue
         dtypes = {d for site, stats in records.items() if site.kind in GRADIENT_KINDS for d in stats.dtypes}
