@@ -214,20 +214,22 @@ class Diagnosis:
             self._install(wrapper, modules, optimizer)
             self._anomaly.install()
         except BaseException:
-            self._undo_attach(wrapper)
+            if self._writer is not None:  # the file this attach created, with nothing recorded in it
+                self._writer.close()
+                self._writer.path.unlink(missing_ok=True)
+            self._detach()
             raise
 
-    def _undo_attach(self, model: nn.Module) -> None:
+    def _detach(self) -> None:
+        """Remove every hook and the anomaly watch and free the model: after a close or a failed attach."""
+        self._closed = True
         self._anomaly.uninstall()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer.path.unlink(missing_ok=True)
-            self._writer = None
-        self._release(model)
-        self._closed = True
+        model = self._model_ref()
+        if model is not None:
+            self._release(model)
 
     # -- public API -------------------------------------------------------------------------------
     @property
@@ -277,17 +279,10 @@ class Diagnosis:
             if self._recorder.active and not (body_failed and self._group is not None):
                 self._close_step(report=report)
         finally:
-            self._closed = True
-            self._anomaly.uninstall()
             if self._writer is not None:
                 self._write_anomalies()
                 self._writer.close()
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
-            model = self._model_ref()
-            if model is not None:
-                self._release(model)
+            self._detach()
 
     def __enter__(self) -> Diagnosis:
         return self
@@ -393,12 +388,12 @@ class Diagnosis:
         # present without an update mean gradient accumulation, which continues the step.
         if self._scale_seen is not None and self._scale_seen.updated_since_taken():
             return True
-        return all(p.grad is None for p in model.parameters())
+        return _gradients_cleared(model)
 
     def _step_looks_over(self, model: nn.Module) -> bool:
         version = _version_of_a_weight(self._recorder.params)
         weights_changed = version is not None and version != self._weights_version
-        return weights_changed or all(p.grad is None for p in model.parameters())
+        return weights_changed or _gradients_cleared(model)
 
     def _close_step(self, report: bool = True) -> None:
         rec = self._recorder
@@ -431,20 +426,24 @@ class Diagnosis:
     def _check_recorded(self, step: int, stats: dict[Site, TensorStats], events: list[NonFiniteEvent],
                         saw_backward: bool) -> None:
         """Warn, once each, about a recorded step that says the recording is not seeing training whole."""
-        if saw_backward and not any(site.kind is Kind.ACTIVATION for site in stats) and "hooks" not in self._warned:
+        if "hooks" not in self._warned and saw_backward and not any(s.kind is Kind.ACTIVATION for s in stats):
             self._warned.add("hooks")
             warnings.warn(f"mpdiag: step {step} ran backward but no module's forward hook ran: a model compiled with "
                           f"torch.compile and called before diagnose() was attached keeps running its compiled "
                           f"graph without the hooks (dynamo does not guard on hooks added later); attach before "
                           f"the first compiled call", MpdiagWarning, stacklevel=4)
-        gradients_nonfinite = any(e.kind in ("activation_grad", "param_grad") for e in events)
-        if (self._scale_seen is None and self._optimizer is not None and self._forwards > 1 and gradients_nonfinite
-                and "scaler" not in self._warned):
+        if "scaler" not in self._warned and self._skips_may_be_merged(events):
             self._warned.add("scaler")
             warnings.warn(f"mpdiag: step {step} held NaN/inf gradients over {self._forwards} forward passes without "
                           f"an optimizer step; if a GradScaler skipped steps, pass it as diagnose(..., scaler=) so that "
                           f"each skipped step closes on its own and gradients are judged unscaled",
                           MpdiagWarning, stacklevel=4)
+
+    def _skips_may_be_merged(self, events: list[NonFiniteEvent]) -> bool:
+        """Several forwards in one step and NaN/inf gradients, with no GradScaler to tell skips by: steps a
+        scaler skipped merge when their gradients are zeroed in place (they look like accumulation)."""
+        gradients_nonfinite = any(e.kind in (Kind.ACTIVATION_GRAD.value, Kind.PARAM_GRAD.value) for e in events)
+        return self._scale_seen is None and self._optimizer is not None and self._forwards > 1 and gradients_nonfinite
 
     def _write_anomalies(self) -> None:
         for record in self._anomaly.records[self._anomalies_written:]:
@@ -472,6 +471,11 @@ def _bind(method: Any, name: str) -> Any:
     def hook(*args: Any) -> None:
         method(name, *args)
     return _dynamo.skip_own_frames(hook)
+
+
+def _gradients_cleared(model: nn.Module) -> bool:
+    """No parameter holds a gradient: zero_grad() (set to None) ran since the last backward."""
+    return all(p.grad is None for p in model.parameters())
 
 
 def _version_of_a_weight(params: dict[str, nn.Parameter]) -> int | None:
