@@ -22,7 +22,7 @@ from torch import nn
 from mpdiag import distributed
 from mpdiag._dynamo import inlined_only, untraced
 from mpdiag._accumulate import SKIP_REASONS, Observation, SiteAccumulator, measure, read_with_extras, skip_reason
-from mpdiag._names import display_name
+from mpdiag._text import display_name
 from mpdiag.anomaly import AnomalyWatch
 from mpdiag.environment import autocast_dtype
 from mpdiag.nonfinite import EventLog, NonFiniteEvent

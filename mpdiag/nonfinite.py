@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpdiag._names import display_name
+from mpdiag._text import display_name
 from mpdiag.errors import MpdiagError
 
 __all__ = ["NonFiniteEvent", "NonFiniteError", "PHASES"]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mpdiag import formats as _formats
-from mpdiag._names import display_name, shown as _shown
+from mpdiag._text import display_name, percent, shown as _shown
 from mpdiag.errors import MpdiagError
 from mpdiag.formats import Format
 from mpdiag.run import Kind, Run, Site, step_ranges
@@ -174,16 +174,16 @@ class LossScaleAdvice:
         else:
             at = self.at(self.recommended)
             lines.append(f"  recommended scale 2^{exponent_of(self.recommended)} ({self.margin_bits} bit(s) below "
-                         f"overflow): {_share(at.underflow)} of gradients underflow, {_share(at.subnormal)} subnormal")
+                         f"overflow): {percent(at.underflow)} of gradients underflow, {percent(at.subnormal)} subnormal")
         if self.window is None:
-            lines.append(f"  no scale keeps underflow at or below {_share(self.max_underflow)} without overflowing: "
+            lines.append(f"  no scale keeps underflow at or below {percent(self.max_underflow)} without overflowing: "
                          f"the gradients span more than {self.fmt.name} represents "
                          f"(overflow first in {_shown(self.overflow_limiter)}, underflow worst in {_shown(self.underflow_limiter)})")
         else:
             low, high = (exponent_of(v) for v in self.window)
-            lines.append(f"  window 2^{low} .. 2^{high}: no overflow and at most {_share(self.max_underflow)} underflow")
+            lines.append(f"  window 2^{low} .. 2^{high}: no overflow and at most {percent(self.max_underflow)} underflow")
         without = self.at(1.0)
-        lines.append(f"  without scaling: {_share(without.underflow)} underflow"
+        lines.append(f"  without scaling: {percent(without.underflow)} underflow"
                      + (", overflow" if without.overflow else ""))
         if self.overflow_limiter:
             lines.append(f"  overflows first: {display_name(self.overflow_limiter)}")
@@ -193,11 +193,6 @@ class LossScaleAdvice:
         if self.nonfinite_steps:
             lines.append(f"  steps with NaN/inf gradients before any scaling: {list(self.nonfinite_steps)}")
         return "\n".join(lines)
-
-
-def _share(fraction: float) -> str:
-    # Three significant digits: a fixed two decimals would print 0.102% (over a 0.1% limit) as 0.10%.
-    return f"{100 * fraction:.3g}%"
 
 
 def gradient_sites(run: Run) -> list[Site]:

@@ -6,7 +6,7 @@ import math
 import textwrap
 from collections.abc import Sequence
 
-from mpdiag._names import display_name
+from mpdiag._text import display_name
 from mpdiag.run import Run
 from mpdiag.summary import SiteRisk, riskiest
 from mpdiag.verdict import nonfinite_verdict, skips_verdict, verdicts

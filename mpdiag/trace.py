@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mpdiag._names import display_name
+from mpdiag._text import display_name
 from mpdiag._nodes import MODULE_KEY, claim_nodes
 from mpdiag._rerun import preserved
 from mpdiag.errors import MpdiagError

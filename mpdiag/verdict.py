@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpdiag import formats as _formats
-from mpdiag._names import display_name, shown as _shown
+from mpdiag._text import display_name, percent, shown as _shown
 from mpdiag.errors import MpdiagError
 from mpdiag.formats import Format
 from mpdiag.run import Kind, Run, Site, step_ranges
@@ -67,15 +67,6 @@ class Verdict:
 def site_label(name: str, kind: str | Kind) -> str:
     """How a site is named to people: 'blocks.0.attn (activation_grad)'."""
     return f"{display_name(name)} ({Kind.parse(kind).value})"
-
-
-def percent(share: float) -> str:
-    """A share as a short percentage that never rounds a loss away: 0.00003 -> '<0.01%'."""
-    if share == 0:
-        return "0%"
-    if share < 1e-4:
-        return "<0.01%"
-    return f"{100 * share:.3g}%"
 
 
 def verdicts(run: Run, advice: Mapping[str, LossScaleAdvice] | None = None) -> list[Verdict]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mpdiag import formats as _formats
-from mpdiag._names import display_name
+from mpdiag._text import display_name
 from mpdiag.run import Run, Site
 from mpdiag.stats import TensorStats
 from mpdiag.summary import footroom_bits, headroom_bits
