@@ -27,7 +27,7 @@ import torch
 from _timing import Variant, interleaved_rounds
 
 import mpdiag
-from mpdiag import _cpu_kernel
+from mpdiag.record import _cpu_kernel
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
 

@@ -27,9 +27,9 @@ import torch
 from _timing import Variant, interleaved_rounds
 
 import mpdiag
-from mpdiag._layout import layout_for
-from mpdiag.hooks import floating_tensors
-from mpdiag.stats import DEFAULT_FORMATS
+from mpdiag.record._layout import layout_for
+from mpdiag.record.hooks import floating_tensors
+from mpdiag.core.stats import DEFAULT_FORMATS
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
 

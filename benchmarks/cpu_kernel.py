@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from mpdiag import _accumulate, _cpu_kernel
+from mpdiag.record import _accumulate
+from mpdiag.record import _cpu_kernel
 
 FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
 

@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 
 import mpdiag
-from mpdiag import distributed
+from mpdiag.record import distributed
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
 

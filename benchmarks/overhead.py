@@ -26,7 +26,7 @@ import torch
 from _timing import interleaved_rounds
 
 import mpdiag
-from mpdiag import _cpu_kernel
+from mpdiag.record import _cpu_kernel
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
 

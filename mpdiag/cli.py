@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from collections.abc import Sequence
 
-from mpdiag import formats as _formats
-from mpdiag.errors import MpdiagError
+from mpdiag.core import formats as _formats
+from mpdiag.core.errors import MpdiagError
 
 
 def _format_table() -> str:
@@ -44,8 +44,8 @@ def _progress(step: int, total: int, loss: float) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mpdiag.demo import run_demo
     from mpdiag.render import report
-    from mpdiag.runfile import load
-    from mpdiag.terminal import summary
+    from mpdiag.io.runfile import load
+    from mpdiag.render.terminal import summary
 
     out = Path(args.out)
     path = run_demo(out, steps=args.steps, dtype=args.dtype, device=args.device, unstable=args.unstable,
@@ -59,7 +59,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from mpdiag.render import report
-    from mpdiag.runfile import load
+    from mpdiag.io.runfile import load
 
     run = load(args.run)
     out = Path(args.out) if args.out else Path(args.run).with_name(Path(args.run).stem + "-report")
@@ -72,8 +72,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from mpdiag.runfile import load
-    from mpdiag.terminal import summary
+    from mpdiag.io.runfile import load
+    from mpdiag.render.terminal import summary
 
     print(summary(load(args.run), n=args.top))
     return 0

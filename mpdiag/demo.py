@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 import mpdiag
-from mpdiag.environment import check_autocast
-from mpdiag.errors import MpdiagError
+from mpdiag.record.environment import check_autocast
+from mpdiag.core.errors import MpdiagError
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

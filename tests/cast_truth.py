@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mpdiag.casting import Category, cast, source_dtype
-from mpdiag.formats import Format
+from mpdiag.core.casting import Category, cast, source_dtype
+from mpdiag.core.formats import Format
 
 INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
             torch.bfloat16: torch.int16}
@@ -57,8 +57,8 @@ def fp32_values_near_every_threshold() -> list[float]:
     """Every tracked format's fp32 cast thresholds and constants with their fp32 neighbours."""
     import math
 
-    from mpdiag import formats
-    from mpdiag.casting import thresholds
+    from mpdiag.core import formats
+    from mpdiag.core.casting import thresholds
 
     values: list[float] = []
     for fmt in formats.all_formats():

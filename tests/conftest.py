@@ -23,7 +23,8 @@ def _seed() -> None:
 @pytest.fixture(params=["torch-ops", "cpu-kernel"])
 def stats_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test on both ways of measuring CPU tensors: torch ops (as on GPUs) and the numba kernel."""
-    from mpdiag import _accumulate, _cpu_kernel
+    from mpdiag.record import _accumulate
+    from mpdiag.record import _cpu_kernel
 
     if request.param == "cpu-kernel" and not _cpu_kernel.available():
         pytest.skip("numba is not installed")

@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cast_truth import from_bits, fp32_values_near_every_threshold, neighbours, real_categories
-from mpdiag import formats
-from mpdiag.casting import Category, classify, round_to, thresholds
-from mpdiag.errors import MpdiagError
+from mpdiag.core import formats
+from mpdiag.core.casting import Category, classify, round_to, thresholds
+from mpdiag.core.errors import MpdiagError
 
 ALL = formats.all_formats()
 WITH_DTYPE = [f for f in ALL if f.dtype is not None]

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from mpdiag import cli, formats
+from mpdiag import cli
+from mpdiag.core import formats
 
 
 def mpdiag_cli(*args: str) -> subprocess.CompletedProcess[str]:

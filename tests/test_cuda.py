@@ -11,6 +11,7 @@ from torch import nn
 
 import mpdiag
 from mpdiag import TensorStats
+from mpdiag.record._accumulate import tensor_stats
 from test_diagnose import CountHostReads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -22,7 +23,7 @@ def test_statistics_on_the_gpu_equal_those_on_the_cpu(dtype: torch.dtype) -> Non
     x[::101] = float("nan")
     x[1::103] = float("inf")
     x[2::107] = 0.0
-    assert TensorStats.of(x.cuda()) == TensorStats.of(x)
+    assert tensor_stats(x.cuda()) == tensor_stats(x)
 
 
 def test_diagnose_under_fp16_autocast_on_the_gpu_reads_the_host_once_per_step() -> None:

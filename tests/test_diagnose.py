@@ -15,13 +15,14 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpdiag
-import mpdiag.anomaly
-import mpdiag.runfile
-from mpdiag import _accumulate
+import mpdiag.record.anomaly
+import mpdiag.io.runfile
+from mpdiag.record import _accumulate
 from mpdiag import Kind, TensorStats
-from mpdiag.diagnose import suspended
-from mpdiag.errors import AttachError, MpdiagError, UnknownFormatError
+from mpdiag.record.recording import paused
+from mpdiag.core.errors import AttachError, MpdiagError, UnknownFormatError
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
+from mpdiag.record._accumulate import tensor_stats
 
 
 def mlp() -> nn.Sequential:
@@ -70,11 +71,11 @@ def test_statistics_are_those_of_the_real_tensors() -> None:
         train_step(model, x, diag)
     run = diag.run
     for name, out in seen.items():
-        assert run.stats(name, "activation", step=0) == TensorStats.of(out.detach())
-        assert run.stats(name, "activation_grad", step=0) == TensorStats.of(out.grad)
+        assert run.stats(name, "activation", step=0) == tensor_stats(out.detach())
+        assert run.stats(name, "activation_grad", step=0) == tensor_stats(out.grad)
     for name, p in model.named_parameters():
-        assert run.stats(name, "param", step=0) == TensorStats.of(p.detach())
-        assert run.stats(name, "param_grad", step=0) == TensorStats.of(p.grad)
+        assert run.stats(name, "param", step=0) == tensor_stats(p.detach())
+        assert run.stats(name, "param_grad", step=0) == tensor_stats(p.grad)
 
 
 @dataclasses.dataclass
@@ -156,11 +157,11 @@ def test_optimizer_closes_steps_and_records_grads_before_the_update() -> None:
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
             opt.step()
             for n in before:
-                assert diag.run.stats(n, "param", step=diag.step_index - 1) == TensorStats.of(before[n])
+                assert diag.run.stats(n, "param", step=diag.step_index - 1) == tensor_stats(before[n])
     assert diag.run.steps == [0, 1, 2]
     for step, g in enumerate(grads):
         for n, grad in g.items():
-            assert diag.run.stats(n, "param_grad", step=step) == TensorStats.of(grad)
+            assert diag.run.stats(n, "param_grad", step=step) == tensor_stats(grad)
 
 
 def test_gradient_accumulation_is_one_step_with_the_accumulated_gradient() -> None:
@@ -175,7 +176,7 @@ def test_gradient_accumulation_is_one_step_with_the_accumulated_gradient() -> No
             opt.step()
     assert diag.run.steps == [0, 1]
     assert diag.run.stats("0", "activation", step=1).calls == 3
-    assert diag.run.stats("0.weight", "param_grad", step=1) == TensorStats.of(final)
+    assert diag.run.stats("0.weight", "param_grad", step=1) == tensor_stats(final)
 
 
 @pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler('cpu') needs torch >= 2.3")
@@ -269,7 +270,7 @@ def test_a_closure_step_records_the_same_as_a_plain_step(accumulate: int) -> Non
     assert with_closure.steps == plain.steps == [0, 1, 2]
     for step in with_closure.steps:  # that step's forward and backward, with the weights that forward used
         assert with_closure.stats("0", "activation", step=step).calls == accumulate
-        assert with_closure.stats("0.weight", "param", step=step) == TensorStats.of(weights[step])
+        assert with_closure.stats("0.weight", "param", step=step) == tensor_stats(weights[step])
         assert with_closure.records[step] == plain.records[step]
 
 
@@ -291,7 +292,7 @@ def test_lbfgs_evaluates_its_closure_many_times_within_one_recorded_step() -> No
         for _ in range(2):
             before = model[0].weight.detach().clone()
             opt.step(closure)
-            assert diag.run.stats("0.weight", "param", step=diag.step_index - 1) == TensorStats.of(before)
+            assert diag.run.stats("0.weight", "param", step=diag.step_index - 1) == tensor_stats(before)
     assert diag.run.steps == [0, 1] and len(evaluations) > 2
     assert sum(diag.run.stats("0", "activation", step=s).calls for s in diag.run.steps) == len(evaluations)
 
@@ -395,7 +396,7 @@ def test_every_hook_is_removed_on_exit_even_when_the_body_raises() -> None:
 
 _ATTACH_STEPS = [(nn.Module, "register_forward_hook"), (nn.Module, "register_forward_pre_hook"),
                  (torch.Tensor, "register_post_accumulate_grad_hook"), (torch.optim.Optimizer, "register_step_pre_hook"),
-                 (torch.optim.Optimizer, "register_step_post_hook"), (mpdiag.anomaly.AnomalyWatch, "install")]
+                 (torch.optim.Optimizer, "register_step_post_hook"), (mpdiag.record.anomaly.AnomalyWatch, "install")]
 
 
 def _failing_at(n: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -412,7 +413,7 @@ def _failing_at(n: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
         monkeypatch.setattr(owner, name, step)
     # the run file's first write is its metadata, in RunWriter.__init__: make that a countable step too
-    original_init = mpdiag.runfile.RunWriter.__init__
+    original_init = mpdiag.io.runfile.RunWriter.__init__
 
     def init(self: object, *args: object, **kwargs: object) -> None:
         calls[0] += 1
@@ -420,7 +421,7 @@ def _failing_at(n: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
             raise mpdiag.RunFileError("cannot create run file")
         original_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(mpdiag.runfile.RunWriter, "__init__", init)
+    monkeypatch.setattr(mpdiag.io.runfile.RunWriter, "__init__", init)
     return calls
 
 
@@ -590,7 +591,7 @@ def test_mpdiags_own_re_runs_do_not_count_as_training_seen() -> None:
     model = mlp()
     with mpdiag.diagnose(model) as diag, torch.no_grad():
         model(torch.randn(4, 6))
-        with torch.enable_grad(), suspended(model):  # as replay and trace do
+        with torch.enable_grad(), paused(model):  # as replay and trace do
             model(torch.randn(4, 6)).sum().backward()
         model(torch.randn(4, 6))  # still inference being diagnosed, not evaluation after training
     assert diag.run.stats("2", "activation").calls == 2

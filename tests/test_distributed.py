@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 import mpdiag
-from mpdiag.run import Kind
-from mpdiag.stats import TensorStats
+from mpdiag.core.run import Kind
+from mpdiag.core.stats import TensorStats
+from mpdiag.record._accumulate import tensor_stats
 
 WORLD = 2
 STEPS = 2
@@ -116,7 +117,7 @@ def run_scenario(scenario: str, rank: int, out: Path) -> dict:
             if rank == 1:
                 y = model["extra"](y)
             y.sum().backward()
-        return {"run": diag.run, "extra": TensorStats.of(y.detach(), mpdiag.stats.DEFAULT_FORMATS) if rank else None}
+        return {"run": diag.run, "extra": tensor_stats(y.detach(), mpdiag.core.stats.DEFAULT_FORMATS) if rank else None}
     if scenario == "rank_dies":
         model = nn.parallel.DistributedDataParallel(make_model())
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -174,7 +175,7 @@ def reference(how: str) -> tuple[mpdiag.Run, dict[int, dict[str, TensorStats]]]:
                 model(chunk(batch, rank)).pow(2).mean().backward()
             for p in model.parameters():
                 p.grad /= WORLD  # exact: a power of two
-            grads[step] = {n: TensorStats.of(p.grad, FORMATS) for n, p in model.named_parameters()}
+            grads[step] = {n: tensor_stats(p.grad, FORMATS) for n, p in model.named_parameters()}
             opt.step()
     return diag.run, grads
 
@@ -231,8 +232,8 @@ def test_a_rank_that_dies_does_not_hang_the_others_or_spoil_the_run_file(tmp_pat
 
 
 def test_without_a_process_group_everything_is_single_process() -> None:
-    from mpdiag import distributed
-    from mpdiag.errors import AttachError
+    from mpdiag.record import distributed
+    from mpdiag.core.errors import AttachError
 
     assert distributed.active_group(None) is None and distributed.rank_of(None) == 0
     with pytest.raises(AttachError, match="no torch.distributed process group is initialised"):
@@ -240,8 +241,8 @@ def test_without_a_process_group_everything_is_single_process() -> None:
 
 
 def test_wrapper_levels_leave_the_names_and_flattened_parameters_are_refused() -> None:
-    from mpdiag.distributed import clean_name, unwrap
-    from mpdiag.errors import AttachError
+    from mpdiag.record.distributed import clean_name, unwrap
+    from mpdiag.core.errors import AttachError
 
     assert clean_name("layers.0._fsdp_wrapped_module.attn") == "layers.0.attn"
     assert clean_name("_orig_mod.encoder._checkpoint_wrapped_module.ffn.weight") == "encoder.ffn.weight"

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from mpdiag import formats
-from mpdiag.errors import MpdiagError, UnknownFormatError
-from mpdiag.formats import Overflow
+from mpdiag.core import formats
+from mpdiag.core.errors import MpdiagError, UnknownFormatError
+from mpdiag.core.formats import Overflow
 
 DTYPE_FORMATS = [f for f in formats.all_formats() if f.dtype is not None]
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mpdiag
-from mpdiag.errors import MpdiagError, MpdiagWarning
-from mpdiag.grad_scaler import scaler_trajectory, simulate_grad_scaler
+from mpdiag.core.errors import MpdiagError, MpdiagWarning
+from mpdiag.analyse.grad_scaler import scaler_trajectory, simulate_grad_scaler
 
 needs_cpu_scaler = pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"),
                                       reason="torch.amp.GradScaler('cpu') needs torch >= 2.3")

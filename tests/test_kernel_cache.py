@@ -23,12 +23,12 @@ KERNELS = ("_bucket", "_extremes", "_key_histogram", "_count", "_count_parallel"
 # own, with numba's cache=True, shows where numba caches everything that is not mpdiag's.
 SCRIPT = textwrap.dedent("""
     import json, sys, torch
-    from mpdiag import _cpu_kernel
-    from mpdiag.stats import TensorStats
+    from mpdiag.record import _cpu_kernel
+    from mpdiag import tensor_stats
 
     assert _cpu_kernel.available()
-    TensorStats.of(torch.randn(1000))
-    TensorStats.of(torch.randn(100_000))
+    tensor_stats(torch.randn(1000))
+    tensor_stats(torch.randn(100_000))
     sys.path.insert(0, sys.argv[1])
     import user_code
     user_code.double(2.0)
@@ -93,7 +93,7 @@ def test_the_package_stays_untouched_whatever_the_settings(tmp_path: Path, setti
 
 
 def test_the_default_directory_is_the_users_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from mpdiag._kernel_cache import cache_dir
+    from mpdiag.record._kernel_cache import cache_dir
 
     monkeypatch.delenv("MPDIAG_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -10,7 +10,7 @@ from torch import nn
 
 import mpdiag
 from mpdiag import NonFiniteError
-from mpdiag.errors import MpdiagError, MpdiagWarning
+from mpdiag.core.errors import MpdiagError, MpdiagWarning
 
 
 @pytest.fixture(autouse=True)

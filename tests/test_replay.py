@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import mpdiag
-from mpdiag.errors import MpdiagError
-from mpdiag.replay import replay_loss_scale
-from mpdiag.scaling import advise
+from mpdiag.core.errors import MpdiagError
+from mpdiag.probe.replay import replay_loss_scale
+from mpdiag.analyse.scaling import advise
 
 
 def _cpu_fp16_autocast() -> bool:

@@ -19,11 +19,11 @@ from torch import nn
 import mpdiag
 from browser import chromium
 from test_anomaly import sqrt_model
-from mpdiag.errors import MpdiagError, UnknownFormatError
+from mpdiag.core.errors import MpdiagError, UnknownFormatError
 from mpdiag.render import figures
-from mpdiag.scaling import advise
-from mpdiag.stats import HIST_EXPONENTS
-from mpdiag.verdict import percent
+from mpdiag.analyse.scaling import advise
+from mpdiag.core.stats import HIST_EXPONENTS
+from mpdiag.analyse.verdict import percent
 
 XSS = "<script>alert(1)</script>"
 SECTIONS = ("verdict", "environment", "ranges", "heatmap", "time", "scaling", "nonfinite", "sites")

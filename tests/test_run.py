@@ -10,7 +10,7 @@ from torch import nn
 
 import mpdiag
 from mpdiag import Kind, Site, TensorStats
-from mpdiag.errors import MpdiagError, UnknownSiteError
+from mpdiag.core.errors import MpdiagError, UnknownSiteError
 
 
 @pytest.fixture(scope="module")

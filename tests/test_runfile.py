@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import mpdiag
-from mpdiag.runfile import SCHEMA_VERSION, RunFileError
+from mpdiag.io.runfile import SCHEMA_VERSION, RunFileError
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
 

@@ -13,8 +13,8 @@ from torch import nn
 
 import mpdiag
 from test_replay import _cpu_fp16_autocast
-from mpdiag.errors import MpdiagError
-from mpdiag.scaling import advise
+from mpdiag.core.errors import MpdiagError
+from mpdiag.analyse.scaling import advise
 
 
 def backward_and_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
@@ -210,7 +210,7 @@ def test_most_demanding_sites_need_the_largest_scale() -> None:
 
 @given(st.lists(st.floats(-40, 10), min_size=1, max_size=48), st.integers(-10, 30), st.integers(0, 12))
 def test_underflow_per_step_agrees_with_casting_at_each_scale(log2_magnitudes: list[float], k: int, shift: int) -> None:
-    from mpdiag.scaling import underflow_per_step
+    from mpdiag.analyse.scaling import underflow_per_step
 
     grads = torch.tensor([2.0**e for e in log2_magnitudes], dtype=torch.float32)
     run = record_sites({"w": grads}, scale=2.0**shift)  # recorded under a GradScaler: true gradients are /2^shift

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 import mpdiag
-import mpdiag.hooks
+import mpdiag.record.hooks
 from models import (cpu_fp16_autocast, image_batches, lm_loss, sites_that_differ, small_convnet, tiny_gpt2,
                     token_batches, train_gpt2)
-from mpdiag.verdict import skips_verdict, verdicts
+from mpdiag.analyse.verdict import skips_verdict, verdicts
+from mpdiag.record._accumulate import tensor_stats
 
 
 # -- the loss inside the model or outside it ------------------------------------------------------------
@@ -168,7 +169,7 @@ def test_accelerate_optimizer_steps_align_with_its_accumulation_and_autocast() -
     assert run.steps == [0, 1, 2]  # six micro-batches, three optimizer steps
     assert {run.stats("transformer.h.0.mlp.c_fc", "activation", step=s).calls for s in run.steps} == {2}
     for step, weights in enumerate(weights_before):  # tied to the token embedding, recorded under its name
-        assert run.stats("transformer.wte.weight", "param", step=step) == mpdiag.TensorStats.of(weights, run.formats)
+        assert run.stats("transformer.wte.weight", "param", step=step) == mpdiag.tensor_stats(weights, run.formats)
     # accelerate applies autocast inside forward: the environment says what the activations were in
     assert run.meta["environment"]["autocast_dtype"] == "bfloat16"
     assert "bfloat16" in run.stats("transformer.h.0.mlp.c_fc", "activation").dtypes
@@ -228,7 +229,7 @@ def test_lightning_closures_record_one_step_per_optimizer_step(accumulate: int) 
     for step in run.steps:  # each recorded step holds its own micro-batches, with the weights they used
         assert run.stats("net.0", "activation", step=step).calls == accumulate
         used = module.seen_weights[step * accumulate]  # type: ignore[attr-defined]
-        assert run.stats("net.0.weight", "param", step=step) == mpdiag.TensorStats.of(used, run.formats)
+        assert run.stats("net.0.weight", "param", step=step) == mpdiag.tensor_stats(used, run.formats)
 
 
 # -- torch.compile ---------------------------------------------------------------------------------------
@@ -260,13 +261,13 @@ def test_compiled_training_records_exactly_what_eager_records(order: str, monkey
     torch._dynamo.reset()
     eager = _train_convnet("eager")
     traced = []  # whether dynamo was tracing when a tensor was measured: it must never be
-    measure = mpdiag.hooks.measure
+    measure = mpdiag.record.hooks.measure
 
     def watched(*args: object, **kwargs: object) -> object:
         traced.append(torch.compiler.is_compiling())
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(mpdiag.hooks, "measure", watched)
+    monkeypatch.setattr(mpdiag.record.hooks, "measure", watched)
     # aot_eager traces forward and backward as torch.compile does but runs them with eager kernels, so
     # the values are the same bit for bit and what is recorded must be too.
     compiled = _train_convnet(order, backend="aot_eager")
@@ -298,7 +299,7 @@ def test_steps_left_unrecorded_compile_with_one_graph_break_only() -> None:
         step(*batches[1])  # not recorded: the hooks only read a flag, traced into the graph
         breaks = torch._dynamo.utils.counters["graph_break"]
         # one break is left, before the model's forward begins: where the step boundary is checked
-        assert sum(breaks.values()) == 1 and "Diagnosis._before_model_forward" in next(iter(breaks))
+        assert sum(breaks.values()) == 1 and "Recording._before_model_forward" in next(iter(breaks))
         step(*batches[2])
     assert diag.run.steps == [0, 2]
 

@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 import mpdiag
 from cast_truth import from_bits, real_categories
-from mpdiag import formats
-from mpdiag.casting import INT_VIEW, Category
-from mpdiag.errors import MpdiagError
-from mpdiag.stats import HIST_EXPONENTS, TensorStats
+from mpdiag.core import formats
+from mpdiag.core.casting import INT_VIEW, Category
+from mpdiag.core.errors import MpdiagError
+from mpdiag.core.stats import HIST_EXPONENTS, TensorStats
+from mpdiag.record._accumulate import tensor_stats
 
 FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "tf32", "fp32")
 
@@ -47,7 +48,7 @@ def reference(x: torch.Tensor, names: tuple[str, ...] = FORMATS) -> dict[str, ob
 
 
 def assert_matches_reference(x: torch.Tensor, names: tuple[str, ...] = FORMATS) -> None:
-    got, want = TensorStats.of(x, names), reference(x, names)
+    got, want = tensor_stats(x, names), reference(x, names)
     for key, value in want.items():
         if isinstance(value, np.ndarray):
             assert np.array_equal(getattr(got, key), value), key
@@ -97,7 +98,7 @@ def test_any_fp64_values(values: list[float]) -> None:
 
 def test_thresholds_and_their_neighbours_in_one_tensor() -> None:
     from cast_truth import neighbours
-    from mpdiag.casting import thresholds
+    from mpdiag.core.casting import thresholds
     values = [0.0, -0.0, math.inf, -math.inf, math.nan]
     for name in FORMATS:
         t = thresholds(formats.get(name), torch.float32)
@@ -115,7 +116,7 @@ def test_realistic_activations_and_layouts() -> None:
     assert_matches_reference(x[:, ::3])
     assert_matches_reference(x.to(torch.float8_e4m3fn).float())
     assert_matches_reference(x.to(torch.float8_e5m2))  # fp8 tensors widen exactly
-    assert TensorStats.of(x.to(torch.float8_e5m2)).dtypes == {"float8_e5m2"}
+    assert tensor_stats(x.to(torch.float8_e5m2)).dtypes == {"float8_e5m2"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
@@ -127,15 +128,15 @@ def test_large_tensors_split_across_threads(dtype: torch.dtype) -> None:
 
 def test_merge_is_exact() -> None:
     a, b = torch.randn(100) * 1e3, torch.randn(50) * 1e-6
-    merged = TensorStats.of(a).merge(TensorStats.of(b))
-    whole = TensorStats.of(torch.cat([a, b]))
+    merged = tensor_stats(a).merge(tensor_stats(b))
+    whole = tensor_stats(torch.cat([a, b]))
     assert merged.hist.tolist() == whole.hist.tolist() and np.array_equal(merged.casts, whole.casts)
     assert (merged.numel, merged.amax, merged.amin_nonzero) == (whole.numel, whole.amax, whole.amin_nonzero)
     assert merged.calls == 2 and whole.calls == 1
 
 
 stats_strategy = st.lists(st.integers(0, 2**32 - 1), min_size=0, max_size=40).map(
-    lambda bits: TensorStats.of(from_bits(bits, torch.float32) if bits else torch.empty(0), ("fp16", "e4m3")))
+    lambda bits: tensor_stats(from_bits(bits, torch.float32) if bits else torch.empty(0), ("fp16", "e4m3")))
 
 
 @given(stats_strategy, stats_strategy, stats_strategy)
@@ -162,7 +163,7 @@ def test_merge_refuses_different_formats() -> None:
 
 
 def test_counts_add_up() -> None:
-    s = TensorStats.of(torch.tensor([0.0, 1e-9, 1e-6, 1.0, 1e5, math.nan, math.inf]), ("fp16",))
+    s = tensor_stats(torch.tensor([0.0, 1e-9, 1e-6, 1.0, 1e5, math.nan, math.inf]), ("fp16",))
     assert s.finite == 5 and s.finite_nonzero == 4 and s.nonfinite == 2
     assert (s.underflow("fp16"), s.subnormal("half"), s.normal(torch.float16), s.overflow("fp16")) == (1, 1, 1, 1)
     assert s.hist.sum() == s.finite_nonzero
@@ -172,7 +173,7 @@ def test_counts_add_up() -> None:
 
 @pytest.mark.parametrize("one", ["fp16", "half", torch.float16, formats.FP16], ids=["name", "alias", "dtype", "Format"])
 def test_one_format_is_taken_whole_not_as_its_characters(one: object) -> None:
-    assert TensorStats.of(torch.tensor([1e-9, 7e4]), formats=one).formats == ("fp16",)
+    assert tensor_stats(torch.tensor([1e-9, 7e4]), formats=one).formats == ("fp16",)
     model = torch.nn.Linear(2, 2)
     with mpdiag.diagnose(model, formats=one) as diag:
         model(torch.randn(1, 2)).sum().backward()
@@ -182,7 +183,7 @@ def test_one_format_is_taken_whole_not_as_its_characters(one: object) -> None:
 
 # -- tensors with no floating values to classify ------------------------------------------------------
 def test_empty_tensor_counts_a_call_and_nothing_else() -> None:
-    s = TensorStats.of(torch.empty(0, 3))
+    s = tensor_stats(torch.empty(0, 3))
     assert (s.numel, s.calls, s.amax, s.amin_nonzero) == (0, 1, 0.0, math.inf)
 
 
@@ -192,11 +193,11 @@ def test_empty_tensor_counts_a_call_and_nothing_else() -> None:
 ], ids=["int", "bool", "complex", "sparse", "meta"])
 def test_tensors_that_are_skipped(tensor: torch.Tensor) -> None:
     # Integer, bool, complex, sparse and meta tensors are skipped: no call is counted, nothing crashes.
-    s = TensorStats.of(tensor)
+    s = tensor_stats(tensor)
     assert (s.numel, s.calls) == (0, 0)
 
 
 def test_as_dict_is_flat_plain_data() -> None:
-    row = TensorStats.of(torch.tensor([1e-9, 7e4]), ("fp16",)).as_dict()
+    row = tensor_stats(torch.tensor([1e-9, 7e4]), ("fp16",)).as_dict()
     assert row["fp16_underflow"] == 1 and row["fp16_overflow"] == 1 and row["dtypes"] == "float32"
     assert all(isinstance(v, (int, float, str)) for v in row.values())

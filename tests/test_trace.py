@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import mpdiag
-from mpdiag.trace import trace_nonfinite
+from mpdiag.probe.trace import trace_nonfinite
 from test_nonfinite import InfInBackward, Log
 
 

@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mpdiag
-from mpdiag import formats
-from mpdiag.scaling import advise
-from mpdiag.stats import TensorStats
-from mpdiag.verdict import nonfinite_verdict, percent, scaled_underflow, verdicts
+from mpdiag.core import formats
+from mpdiag.analyse.scaling import advise
+from mpdiag.core.stats import TensorStats
+from mpdiag.analyse.verdict import nonfinite_verdict, percent, scaled_underflow, verdicts
+from mpdiag.record._accumulate import tensor_stats
 
 
 def train(model: nn.Module, inputs: list[torch.Tensor], loss_factor: float = 1.0,
@@ -83,7 +84,7 @@ def test_percent_never_rounds_a_loss_away(share: float, text: str) -> None:
 def test_scaled_underflow_agrees_with_scaling_and_casting(log2_magnitudes: list[float], name: str) -> None:
     fmt = formats.get(name)
     x = torch.tensor([2.0**e for e in log2_magnitudes], dtype=torch.float32)
-    stats = TensorStats.of(x, (name,))
+    stats = tensor_stats(x, (name,))
     # The scale per-tensor recipes use: the largest power of two keeping amax below the overflow threshold.
     k = max(k for k in range(-200, 200) if stats.amax * 2.0**k < fmt.overflow_threshold)
     scaled = x.double() * 2.0**k

@@ -1,6 +1,6 @@
 """MkDocs hooks: what the docs show about mpdiag is generated from mpdiag at build time, never typed in.
 
-- ``<!-- mpdiag:formats -->`` becomes the table of formats, from ``mpdiag.formats`` (the installed torch).
+- ``<!-- mpdiag:formats -->`` becomes the table of formats, from ``mpdiag.core.formats`` (the installed torch).
 - ``<!-- mpdiag:cli -->`` becomes the help of every ``mpdiag`` command, from the argparse parser.
 - ``img/report/*.png`` and ``img/report/report.html`` are a real report of the demo's unstable run,
   recorded and rendered while the site builds.
@@ -20,7 +20,7 @@ _REPORT_DIR = "img/report"
 
 
 def formats_table() -> str:
-    from mpdiag import formats
+    from mpdiag.core import formats
 
     rows = ["| format | torch dtype | exponent bits | mantissa bits | max | min normal | min subnormal | eps | "
             "range in bits | overflow becomes |", "|---|---|---|---|---|---|---|---|---|---|"]

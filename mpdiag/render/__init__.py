@@ -10,14 +10,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from mpdiag.errors import MpdiagError
-from mpdiag.run import Run
-from mpdiag.verdict import Verdict
+from mpdiag.core.errors import MpdiagError
+from mpdiag.core.events import NonFiniteOrigin
+from mpdiag.core.run import Run
+from mpdiag.analyse.verdict import Verdict
 
-if TYPE_CHECKING:  # trace imports diagnose, which imports this module
-    from mpdiag.trace import NonFiniteOrigin
 
 __all__ = ["report", "Report"]
 
@@ -80,7 +78,7 @@ def report(run: Run, out_dir: str | os.PathLike[str], *, top: int = 40, scale_fo
 
 
 def _scale_format(run: Run, requested: str | None) -> str:
-    from mpdiag import formats as _formats
+    from mpdiag.core import formats as _formats
 
     if requested is None:
         return "fp16" if "fp16" in run.formats else run.formats[0]

@@ -13,16 +13,16 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-import mpdiag
-from mpdiag.grad_scaler import recorded_settings, simulate_grad_scaler
+from mpdiag.core.version import __version__
+from mpdiag.analyse.grad_scaler import recorded_settings, simulate_grad_scaler
 from mpdiag.render import figures as fig
 from mpdiag.render.page import EmbeddedFigure, render_page
 from mpdiag.render.table import columns, site_rows
-from mpdiag.run import Kind, Run, Site, step_ranges
-from mpdiag.scaling import LossScaleAdvice, advise, gradient_sites, underflow_per_step
-from mpdiag.summary import SiteRisk, riskiest
-from mpdiag.trace import NonFiniteOrigin
-from mpdiag.verdict import Verdict, nonfinite_verdict, skips_verdict, verdicts
+from mpdiag.core.run import Kind, Run, Site, step_ranges
+from mpdiag.analyse.scaling import LossScaleAdvice, advise, gradient_sites, underflow_per_step
+from mpdiag.analyse.riskiest import SiteRisk, riskiest
+from mpdiag.core.events import NonFiniteOrigin
+from mpdiag.analyse.verdict import Verdict, nonfinite_verdict, skips_verdict, verdicts
 
 #: Sites drawn in the over-time figure and thin curves in the loss-scale figure.
 _LINES = 8
@@ -61,7 +61,7 @@ def build(run: Run, out: Path, *, top: int, scale_format: str, origin: NonFinite
         skips_text=skips_verdict(run),
         environment=environment_rows(run.meta), figures=saved, heatmaps=heatmaps, scaling=scaling,
         nonfinite=_nonfinite_section(run, origin), **_table_context(run),
-        version=mpdiag.__version__, generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
+        version=__version__, generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
     for stale in set(FIGURES) - set(saved):  # from an earlier report in the same directory: not this run's
         (out / f"{stale}.png").unlink(missing_ok=True)
     return render_page(**context), {name: out / f.file for name, f in saved.items()}, verdict_list

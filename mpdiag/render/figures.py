@@ -17,13 +17,13 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from mpdiag import formats as _formats
-from mpdiag.formats import Format
-from mpdiag.grad_scaler import GradScalerSimulation
-from mpdiag.run import Run, Site
-from mpdiag.scaling import LossScaleAdvice, flush_exponent
-from mpdiag.stats import HIST_EXPONENTS, TensorStats
-from mpdiag.verdict import site_label
+from mpdiag.core import formats as _formats
+from mpdiag.core.formats import Format
+from mpdiag.analyse.grad_scaler import GradScalerSimulation
+from mpdiag.core.run import Run, Site
+from mpdiag.analyse.scaling import LossScaleAdvice, flush_exponent
+from mpdiag.core.stats import HIST_EXPONENTS, TensorStats
+from mpdiag.analyse.verdict import site_label
 
 __all__ = ["range_chart", "exponent_heatmap", "over_time", "loss_scale_curves", "grad_scaler_trajectory",
            "FORMAT_COLOURS"]

@@ -10,12 +10,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mpdiag import formats as _formats
-from mpdiag._text import display_name
-from mpdiag.run import Run, Site
-from mpdiag.stats import TensorStats
-from mpdiag.summary import footroom_bits, headroom_bits
-from mpdiag.verdict import percent
+from mpdiag.core import formats as _formats
+from mpdiag.core.text import display_name
+from mpdiag.core.run import Run, Site
+from mpdiag.core.stats import TensorStats
+from mpdiag.analyse.riskiest import footroom_bits, headroom_bits
+from mpdiag.analyse.verdict import percent
 
 __all__ = ["Cell", "Column", "site_rows", "columns"]
 

@@ -14,7 +14,6 @@ own numba functions cache, is left as it is.
 
 from __future__ import annotations
 
-import importlib.metadata
 import inspect
 import logging
 import os
@@ -23,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mpdiag.core.version import __version__
 from numba.core.caching import (
     CompileResultCacheImpl,
     FunctionCache,
@@ -43,11 +43,7 @@ CACHE_DIR_ENV = "MPDIAG_CACHE_DIR"
 def cache_dir() -> Path:
     """The directory the compiled kernels of this mpdiag version are cached in."""
     root = os.environ.get(CACHE_DIR_ENV) or user_cache_dir("mpdiag", appauthor=False)
-    try:
-        version = importlib.metadata.version("mpdiag")
-    except importlib.metadata.PackageNotFoundError:  # a checkout on sys.path, never installed
-        version = "unversioned"
-    return Path(root) / "numba" / version
+    return Path(root) / "numba" / __version__
 
 
 class _UserCacheLocator(_SourceFileBackedLocatorMixin, _CacheLocator):

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpdiag._accumulate import SiteAccumulator, _Part, is_dtensor
-from mpdiag._layout import layout_for
-from mpdiag.errors import AttachError
-from mpdiag.nonfinite import PHASES, NonFiniteEvent
-from mpdiag.run import Kind, Site
+from mpdiag.record._accumulate import SiteAccumulator, _Part, is_dtensor
+from mpdiag.record._layout import layout_for
+from mpdiag.core.errors import AttachError
+from mpdiag.core.events import PHASES, NonFiniteEvent
+from mpdiag.core.run import Kind, Site
 
 __all__ = ["active_group", "rank_of", "unwrap", "clean_name", "is_sharded", "is_replicated", "replicated_sites",
            "grads_settle_late",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpdiag.errors import MpdiagError
+from mpdiag.core.errors import MpdiagError
 
 
 def describe(model: nn.Module, formats: tuple[str, ...], scaler: Any = None) -> dict[str, Any]:

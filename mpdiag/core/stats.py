@@ -8,9 +8,8 @@ each tracked format exact counts of the values a cast would flush to zero, make 
 Merging is exact, associative and commutative: sums of counts, max of amax, min of amin_nonzero.
 
 Examples:
-    >>> import torch
-    >>> from mpdiag.stats import TensorStats
-    >>> s = TensorStats.of(torch.tensor([0.0, 1e-8, 3.0, 7e4, float("inf")]), formats=("fp16", "bf16"))
+    >>> import torch, mpdiag
+    >>> s = mpdiag.tensor_stats(torch.tensor([0.0, 1e-8, 3.0, 7e4, float("inf")]), formats=("fp16", "bf16"))
     >>> s.numel, s.zeros, s.posinf, s.amax
     (5, 1, 1, 70000.0)
     >>> s.underflow("fp16"), s.overflow("fp16"), s.overflow("bf16")
@@ -27,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpdiag import formats as _formats
-from mpdiag.errors import MpdiagError
-from mpdiag.formats import Format
+from mpdiag.core import formats as _formats
+from mpdiag.core.errors import MpdiagError
+from mpdiag.core.formats import Format
 
 __all__ = ["TensorStats", "HIST_EXPONENTS", "DEFAULT_FORMATS"]
 
@@ -113,16 +112,6 @@ class TensorStats:
     @classmethod
     def empty(cls, formats: FormatSpecs = DEFAULT_FORMATS) -> TensorStats:
         return cls(formats=format_names(formats))
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor, formats: FormatSpecs = DEFAULT_FORMATS) -> TensorStats:
-        """Statistics of one tensor, computed now (this reads the result back to the host once)."""
-        from mpdiag._accumulate import SiteAccumulator  # the device-side kernel lives there
-
-        names = format_names(formats)
-        acc = SiteAccumulator(names)
-        acc.observe(tensor)
-        return acc.read()
 
     # -- per-format counts ------------------------------------------------------------------------
     def _row(self, fmt: str | torch.dtype | Format) -> np.ndarray:

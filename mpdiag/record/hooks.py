@@ -9,6 +9,7 @@ ops that follow the module).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -19,15 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpdiag import distributed
-from mpdiag._dynamo import inlined_only, untraced
-from mpdiag._accumulate import SKIP_REASONS, Observation, SiteAccumulator, measure, read_with_extras, skip_reason
-from mpdiag._text import display_name
-from mpdiag.anomaly import AnomalyWatch
-from mpdiag.environment import autocast_dtype
-from mpdiag.nonfinite import EventLog, NonFiniteEvent
-from mpdiag.run import Kind, Site
-from mpdiag.stats import TensorStats
+from mpdiag.record import distributed
+from mpdiag.record._dynamo import inlined_only, untraced
+from mpdiag.record._accumulate import SKIP_REASONS, Observation, SiteAccumulator, measure, read_with_extras, skip_reason
+from mpdiag.core.text import display_name
+from mpdiag.record.anomaly import AnomalyWatch
+from mpdiag.record.environment import autocast_dtype
+from mpdiag.core.events import NonFiniteEvent
+from mpdiag.record.event_log import EventLog
+from mpdiag.core.run import Kind, Site
+from mpdiag.core.stats import TensorStats
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +219,20 @@ class Recorder:
         if self.group is not None:
             events = distributed.gather_events(events, self.group, self.replicated)
         return stats, events
+
+    # What a re-run's forward and backward would change: mpdiag's own probes are not training.
+    _PAUSE_KEEPS = ("recording", "active", "saw_backward", "trained", "evaluating", "in_model_forward")
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside, nothing is recorded; afterwards the state of the step in progress is as it was."""
+        saved = {name: getattr(self, name) for name in self._PAUSE_KEEPS}
+        self.recording = False
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
 
     def reset(self) -> None:
         self._recent.clear()

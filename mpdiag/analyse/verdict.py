@@ -28,15 +28,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpdiag import formats as _formats
-from mpdiag._text import display_name, percent, shown as _shown
-from mpdiag.errors import MpdiagError
-from mpdiag.formats import Format
-from mpdiag.run import Kind, Run, Site, step_ranges
-from mpdiag.scaling import (LossScaleAdvice, advise, exponent_of, flush_exponent, flushed_per_step, gradient_sites,
+from mpdiag.core import formats as _formats
+from mpdiag.core.text import display_name, percent, shown as _shown
+from mpdiag.core.errors import MpdiagError
+from mpdiag.core.formats import Format
+from mpdiag.core.run import Kind, Run, Site, step_ranges
+from mpdiag.analyse.scaling import (LossScaleAdvice, advise, exponent_of, flush_exponent, flushed_per_step, gradient_sites,
                             scaler_overflows)
-from mpdiag.stats import HIST_EXPONENTS, TensorStats
-from mpdiag.summary import SiteRisk, riskiest
+from mpdiag.core.stats import HIST_EXPONENTS, TensorStats
+from mpdiag.analyse.riskiest import SiteRisk, riskiest
 
 __all__ = ["Verdict", "verdicts", "nonfinite_verdict", "skips_verdict", "scaled_underflow", "percent", "site_label"]
 

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpdiag import _cpu_kernel
-from mpdiag._layout import BucketLayout, layout_for
-from mpdiag.stats import TensorStats
+from mpdiag.record import _cpu_kernel
+from mpdiag.record._layout import BucketLayout, layout_for
+from mpdiag.core.stats import DEFAULT_FORMATS, FormatSpecs, TensorStats, format_names
 
 #: Why a tensor was not observed, for tensors that have no floating values to classify.
 SKIP_REASONS = {
@@ -197,6 +197,20 @@ class SiteAccumulator:
     def read(self) -> TensorStats:
         """This accumulator's statistics, read from the device now."""
         return read_many({None: self})[None]
+
+
+def tensor_stats(tensor: torch.Tensor, formats: FormatSpecs = DEFAULT_FORMATS) -> TensorStats:
+    """The statistics of one tensor, computed now (this reads the result back to the host once).
+
+    Examples:
+        >>> import torch, mpdiag
+        >>> s = mpdiag.tensor_stats(torch.tensor([0.0, 1e-8, 3.0, 7e4]), formats="fp16")
+        >>> s.zeros, s.underflow("fp16"), s.overflow("fp16")
+        (1, 1, 1)
+    """
+    acc = SiteAccumulator(format_names(formats))
+    acc.observe(tensor)
+    return acc.read()
 
 
 def read_many(accumulators: Mapping[Hashable, SiteAccumulator]) -> dict[Hashable, TensorStats]:

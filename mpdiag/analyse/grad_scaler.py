@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpdiag import formats as _formats
-from mpdiag.errors import MpdiagError, MpdiagWarning
-from mpdiag.formats import Format
-from mpdiag.run import Run
-from mpdiag.scaling import gradient_sites, scaler_overflows, true_gradient_steps
+from mpdiag.core import formats as _formats
+from mpdiag.core.errors import MpdiagError, MpdiagWarning
+from mpdiag.core.formats import Format
+from mpdiag.core.run import Run
+from mpdiag.analyse.scaling import gradient_sites, scaler_overflows, true_gradient_steps
 
 __all__ = ["simulate_grad_scaler", "GradScalerSimulation", "scaler_trajectory", "recorded_settings", "MpdiagWarning"]
 

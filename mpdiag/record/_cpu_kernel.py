@@ -35,7 +35,7 @@ import struct
 import numpy as np
 import torch
 
-from mpdiag.casting import INT_VIEW
+from mpdiag.core.casting import INT_VIEW
 
 try:  # optional: the torch path is exact too, only slower on CPU
     import numba
@@ -106,7 +106,7 @@ class KernelTables:
 if numba is not None:
     # Not numba's cache=True, which writes beside this file, into the installed package.
     try:
-        from mpdiag._kernel_cache import cached
+        from mpdiag.record._kernel_cache import cached
     except ImportError:  # numba internals the cache relies on moved: compile in each process instead
         def cached(dispatcher):  # noqa: ANN001, ANN202
             return dispatcher

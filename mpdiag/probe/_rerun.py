@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpdiag.diagnose import suspended
+from mpdiag.record.recording import paused
 
 
 @contextlib.contextmanager
@@ -31,7 +31,7 @@ def preserved(model: nn.Module) -> Iterator[Callable[[Callable[[], Any]], Any]]:
                     b.copy_(buffers[name])
 
     try:
-        with suspended(model):
+        with paused(model):
             yield rerun
     finally:
         for p, g in grads.items():

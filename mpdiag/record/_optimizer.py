@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mpdiag.errors import AttachError
+from mpdiag.core.errors import AttachError
 
 __all__ = ["closure_of", "is_grad_scaler", "unwrap_optimizer"]
 

@@ -3,7 +3,7 @@
 ``diagnose(..., run_file="run.mpdiag")`` writes each recorded step in one transaction, committed when
 the step closes, in WAL mode: a reader can load the file while training writes it, and a process
 killed mid-run leaves a file holding every step committed before the kill. ``mpdiag.load(path)``
-returns the same ``mpdiag.run.Run`` that ``diag.run`` gives.
+returns the same ``mpdiag.core.run.Run`` that ``diag.run`` gives.
 
 Nothing in a run file is executed on load: rows hold numbers, text, JSON and raw little-endian integer
 arrays (no pickle). Histograms keep only the span of non-empty bins, with the narrowest integer type
@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from mpdiag.anomaly import AnomalyRecord
-from mpdiag.errors import MpdiagError
-from mpdiag.nonfinite import NonFiniteEvent
-from mpdiag.run import Kind, Run, Site
-from mpdiag.stats import HIST_EXPONENTS, TensorStats
+from mpdiag.core.events import AnomalyRecord
+from mpdiag.core.errors import MpdiagError
+from mpdiag.core.events import NonFiniteEvent
+from mpdiag.core.run import Kind, Run, Site
+from mpdiag.core.stats import HIST_EXPONENTS, TensorStats
 
 __all__ = ["load", "RunWriter", "RunFileError", "SCHEMA_VERSION"]
 
@@ -126,6 +126,37 @@ class RunWriter:
 
     def close(self) -> None:
         self.db.close()
+
+
+class RunFileSink:
+    """A recording's sink (``mpdiag.record.sinks.Sink``) that writes a run file: created when the
+    recording attaches, one committed transaction per closed step, removed if the attach fails."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._writer: RunWriter | None = None
+
+    def open(self, formats: tuple[str, ...], meta: Mapping[str, Any]) -> None:
+        self._writer = RunWriter(self.path, formats, meta)
+
+    def write_step(self, step: int, stats: Mapping[Site, TensorStats], events: tuple[NonFiniteEvent, ...],
+                   loss_scale: float | None, meta: Mapping[str, Any]) -> None:
+        self._opened().write_step(step, stats, events, loss_scale, meta)
+
+    def write_anomaly(self, record: AnomalyRecord) -> None:
+        self._opened().write_anomaly(record)
+
+    def close(self) -> None:
+        self._opened().close()
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+    def _opened(self) -> RunWriter:
+        if self._writer is None:
+            raise RunFileError(f"run file sink {self.path} was not opened; a recording opens it when it attaches")
+        return self._writer
 
 
 def _stats_row(s: TensorStats) -> tuple[Any, ...]:

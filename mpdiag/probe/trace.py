@@ -30,45 +30,14 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mpdiag._text import display_name
-from mpdiag._nodes import MODULE_KEY, claim_nodes
-from mpdiag._rerun import preserved
-from mpdiag.errors import MpdiagError
-from mpdiag.hooks import floating_tensors
+from mpdiag.core.text import display_name
+from mpdiag.record.nodes import MODULE_KEY, claim_nodes
+from mpdiag.probe._rerun import preserved
+from mpdiag.core.errors import MpdiagError
+from mpdiag.core.events import NonFiniteOrigin, internal_frame
+from mpdiag.record.hooks import floating_tensors
 
 __all__ = ["trace_nonfinite", "NonFiniteOrigin"]
-
-
-@dataclass(frozen=True)
-class NonFiniteOrigin:
-    """The first operator that produced a non-finite value.
-
-    Attributes:
-        op: the ATen operator ("aten.log.default").
-        module: module path it ran in ("" is the root; None: outside the model, in the loss function).
-        phase: "forward" or "backward".
-        stack: the Python stack of the forward call behind it (formatted frames, outermost first).
-        nans, posinf, neginf: counts in its output.
-        inputs_finite: False when its inputs already held non-finite values (the batch or a parameter
-            did: the operator only passed them on).
-    """
-
-    op: str
-    module: str | None
-    phase: str
-    stack: tuple[str, ...]
-    nans: int
-    posinf: int
-    neginf: int
-    inputs_finite: bool
-
-    def __str__(self) -> str:
-        where = "outside the model" if self.module is None else f"in module {display_name(self.module)}"
-        counts = ", ".join(f"{n} {label}" for n, label in ((self.nans, "NaN"), (self.posinf, "+inf"),
-                                                            (self.neginf, "-inf")) if n)
-        source = "" if self.inputs_finite else " (its inputs were already non-finite)"
-        frames = "".join([f for f in self.stack if not _internal(f)][-3:]).rstrip()  # the user's own lines
-        return f"{self.op} produced {counts} in {self.phase}, {where}{source}\n{frames}"
 
 
 def trace_nonfinite(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -145,15 +114,10 @@ class _FirstNonFinite(TorchDispatchMode):
             neginf=sum(int((t == float("-inf")).sum()) for t in bad), inputs_finite=inputs_finite)
 
 
-def _internal(frame: str) -> bool:
-    """A frame inside torch or mpdiag: dispatch and module-call machinery, which says nothing to a user."""
-    return any(root in frame for root in (os.path.dirname(torch.__file__), os.path.dirname(__file__)))
-
-
 def _user_frames(stack: list[str]) -> tuple[str, ...]:
     """The stack up to the last frame outside torch and mpdiag."""
     end = len(stack)
-    while end and _internal(stack[end - 1]):
+    while end and internal_frame(stack[end - 1]):
         end -= 1
     return tuple(stack[:end])
 

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mpdiag import formats as _formats
-from mpdiag._text import display_name, percent, shown as _shown
-from mpdiag.errors import MpdiagError
-from mpdiag.formats import Format
-from mpdiag.run import Kind, Run, Site, step_ranges
-from mpdiag.stats import HIST_EXPONENTS, TensorStats
+from mpdiag.core import formats as _formats
+from mpdiag.core.text import display_name, percent, shown as _shown
+from mpdiag.core.errors import MpdiagError
+from mpdiag.core.formats import Format
+from mpdiag.core.run import Kind, Run, Site, step_ranges
+from mpdiag.core.stats import HIST_EXPONENTS, TensorStats
 
 __all__ = ["advise", "LossScaleAdvice", "ScaleOutcome", "gradient_sites", "true_gradient_steps", "flush_exponent",
            "exponent_of", "underflow_per_step", "flushed_per_step", "scaler_overflows"]

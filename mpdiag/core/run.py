@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple
 
-from mpdiag.anomaly import AnomalyRecord
-from mpdiag.errors import MpdiagError, UnknownSiteError
-from mpdiag.nonfinite import PHASES, NonFiniteEvent, order
-from mpdiag.stats import TensorStats
+from mpdiag.core.events import AnomalyRecord
+from mpdiag.core.errors import MpdiagError, UnknownSiteError
+from mpdiag.core.events import PHASES, NonFiniteEvent, order
+from mpdiag.core.stats import TensorStats
 
 __all__ = ["Kind", "Site", "Run"]
 

@@ -21,32 +21,12 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mpdiag._nodes import claim_nodes
+from mpdiag.core.events import AnomalyRecord
+from mpdiag.record.nodes import claim_nodes
 
-__all__ = ["AnomalyRecord", "AnomalyWatch"]
+__all__ = ["AnomalyWatch"]
 
 _WARNING = re.compile(r"Error detected in (\w+)\. Traceback of forward call that caused the error:\n(.*)", re.S)
-
-
-@dataclass(frozen=True)
-class AnomalyRecord:
-    """What anomaly mode reported.
-
-    Attributes:
-        message: the RuntimeError's text ("Function 'LogBackward0' returned nan values in its 0th output."),
-            or, when the error did not pass through the Diagnosis's with-block, the same sentence
-            without the output index.
-        traceback: the forward traceback torch emitted (formatted frames, outermost first).
-        module: the module path whose forward created the failing operator (None: outside the model).
-        node: the failing autograd node's name ("LogBackward0").
-        step: the step in progress.
-    """
-
-    message: str
-    traceback: tuple[str, ...]
-    module: str | None
-    node: str
-    step: int
 
 
 class AnomalyWatch:

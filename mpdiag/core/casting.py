@@ -13,7 +13,7 @@ intermediate fp32 rounding lifts onto it saturates without being counted.
 Examples:
     >>> import torch
     >>> from mpdiag import formats
-    >>> from mpdiag.casting import Category, classify
+    >>> from mpdiag.core.casting import Category, classify
     >>> x = torch.tensor([2.0**-25, 2.0**-24, 1.0, 65519.0, 65520.0, float("nan")])
     >>> [Category(int(c)).name for c in classify(x, formats.FP16)]
     ['UNDERFLOW', 'SUBNORMAL', 'NORMAL', 'NORMAL', 'OVERFLOW', 'NAN']
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mpdiag import formats as _formats
-from mpdiag._tf32 import round_to_tf32
-from mpdiag.errors import MpdiagError
-from mpdiag.formats import Format
+from mpdiag.core import formats as _formats
+from mpdiag.core._tf32 import round_to_tf32
+from mpdiag.core.errors import MpdiagError
+from mpdiag.core.formats import Format
 
 __all__ = ["Category", "CastThresholds", "thresholds", "classify", "round_to", "source_dtype", "SOURCE_DTYPES"]
 

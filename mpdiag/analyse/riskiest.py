@@ -18,9 +18,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mpdiag import formats as _formats
-from mpdiag.formats import Format
-from mpdiag.run import Run
+from mpdiag.core import formats as _formats
+from mpdiag.core.formats import Format
+from mpdiag.core.run import Run
 
 __all__ = ["SiteRisk", "riskiest", "headroom_bits", "footroom_bits"]
 

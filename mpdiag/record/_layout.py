@@ -18,9 +18,9 @@ import math
 import numpy as np
 import torch
 
-from mpdiag import formats as _formats
-from mpdiag.casting import INT_VIEW, Category, source_dtype, thresholds
-from mpdiag.stats import HIST_EXPONENTS
+from mpdiag.core import formats as _formats
+from mpdiag.core.casting import INT_VIEW, Category, source_dtype, thresholds
+from mpdiag.core.stats import HIST_EXPONENTS
 
 # Bucket kinds (host-side decode only).
 ZERO, FINITE, POSINF, NEGINF, NAN = range(5)

@@ -13,6 +13,8 @@ by the first module that consumes it.
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,13 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpdiag._text import display_name
-from mpdiag.errors import MpdiagError
+from mpdiag.core.text import display_name
+from mpdiag.core.errors import MpdiagError
 
-__all__ = ["NonFiniteEvent", "NonFiniteError", "PHASES"]
+__all__ = ["NonFiniteEvent", "NonFiniteError", "NonFiniteOrigin", "AnomalyRecord", "PHASES", "order"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # mpdiag/
 
 PHASES = ("forward", "backward")
-_PHASE_OF_KIND = {"activation": "forward", "param": "forward", "activation_grad": "backward",
+PHASE_OF_KIND = {"activation": "forward", "param": "forward", "activation_grad": "backward",
                   "param_grad": "backward"}
 
 
@@ -91,39 +95,59 @@ def order(events: Sequence[NonFiniteEvent]) -> list[NonFiniteEvent]:
     return sorted(events, key=lambda e: (e.step, PHASES.index(e.phase), e.seq))
 
 
-class EventLog:
-    """Recording side: the non-finite counts of every observation of the current step, by sequence."""
+@dataclass(frozen=True)
+class NonFiniteOrigin:
+    """The first operator that produced a non-finite value.
 
-    def __init__(self) -> None:
-        self._host: list[tuple[int, str, str, tuple[int, int, int]]] = []
-        self._device: list[tuple[int, str, str, torch.Tensor]] = []
+    Attributes:
+        op: the ATen operator ("aten.log.default").
+        module: module path it ran in ("" is the root; None: outside the model, in the loss function).
+        phase: "forward" or "backward".
+        stack: the Python stack of the forward call behind it (formatted frames, outermost first).
+        nans, posinf, neginf: counts in its output.
+        inputs_finite: False when its inputs already held non-finite values (the batch or a parameter
+            did: the operator only passed them on).
+    """
 
-    def note(self, seq: int, name: str, kind: str, counts: Any, nonfinite_buckets: tuple[int, int, int]) -> None:
-        """Remember the (nan, posinf, neginf) buckets of one observation's counts (numpy or device)."""
-        if isinstance(counts, np.ndarray):
-            values = tuple(int(counts[b]) for b in nonfinite_buckets)
-            if any(values):
-                self._host.append((seq, name, kind, values))  # type: ignore[arg-type]
-        else:  # slices: indexing with a list would copy the index to the device first
-            self._device.append((seq, name, kind, torch.cat([counts[b:b + 1] for b in nonfinite_buckets])))
+    op: str
+    module: str | None
+    phase: str
+    stack: tuple[str, ...]
+    nans: int
+    posinf: int
+    neginf: int
+    inputs_finite: bool
 
-    def device_tensors(self) -> list[torch.Tensor]:
-        return [t for *_, t in self._device]
+    def __str__(self) -> str:
+        where = "outside the model" if self.module is None else f"in module {display_name(self.module)}"
+        counts = ", ".join(f"{n} {label}" for n, label in ((self.nans, "NaN"), (self.posinf, "+inf"),
+                                                            (self.neginf, "-inf")) if n)
+        source = "" if self.inputs_finite else " (its inputs were already non-finite)"
+        frames = "".join([f for f in self.stack if not internal_frame(f)][-3:]).rstrip()  # the user's own lines
+        return f"{self.op} produced {counts} in {self.phase}, {where}{source}\n{frames}"
 
-    def events(self, step: int, device_values: Sequence[np.ndarray]) -> list[NonFiniteEvent]:
-        """The step's events, given the host values of ``device_tensors()`` (read at the step close)."""
-        raw = list(self._host) + [(seq, name, kind, tuple(int(v) for v in values))
-                                  for (seq, name, kind, _), values in zip(self._device, device_values)
-                                  if np.any(values)]
-        raw.sort(key=lambda r: (PHASES.index(_PHASE_OF_KIND[r[2]]), r[0]))
-        firsts: set[str] = set()
-        events = []
-        for seq, name, kind, (nans, posinf, neginf) in raw:
-            phase = _PHASE_OF_KIND[kind]
-            events.append(NonFiniteEvent(step, name, kind, phase, nans, posinf, neginf, seq, phase not in firsts))
-            firsts.add(phase)
-        return events
 
-    def clear(self) -> None:
-        self._host.clear()
-        self._device.clear()
+def internal_frame(frame: str) -> bool:
+    """A frame inside torch or mpdiag: dispatch and module-call machinery, which says nothing to a user."""
+    return any(root in frame for root in (os.path.dirname(torch.__file__), _PACKAGE_DIR))
+
+
+@dataclass(frozen=True)
+class AnomalyRecord:
+    """What anomaly mode reported.
+
+    Attributes:
+        message: the RuntimeError's text ("Function 'LogBackward0' returned nan values in its 0th output."),
+            or, when the error did not pass through the Diagnosis's with-block, the same sentence
+            without the output index.
+        traceback: the forward traceback torch emitted (formatted frames, outermost first).
+        module: the module path whose forward created the failing operator (None: outside the model).
+        node: the failing autograd node's name ("LogBackward0").
+        step: the step in progress.
+    """
+
+    message: str
+    traceback: tuple[str, ...]
+    module: str | None
+    node: str
+    step: int

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mpdiag._tf32 import TF32_MANTISSA_BITS, round_to_tf32
-from mpdiag.errors import UnknownFormatError
+from mpdiag.core._tf32 import TF32_MANTISSA_BITS, round_to_tf32
+from mpdiag.core.errors import UnknownFormatError
 
 __all__ = ["Format", "Overflow", "get", "names", "all_formats", "power_of_two", "FP32", "TF32", "FP16", "BF16",
            "FP8_E4M3", "FP8_E5M2"]

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpdiag import formats as _formats
-from mpdiag._rerun import preserved
-from mpdiag.environment import check_autocast
-from mpdiag.errors import MpdiagError
-from mpdiag.hooks import floating_tensors
-from mpdiag.run import Kind, Site
-from mpdiag.scaling import ScaleOutcome
+from mpdiag.core import formats as _formats
+from mpdiag.probe._rerun import preserved
+from mpdiag.record.environment import check_autocast
+from mpdiag.core.errors import MpdiagError
+from mpdiag.record.hooks import floating_tensors
+from mpdiag.core.run import Kind, Site
+from mpdiag.analyse.scaling import ScaleOutcome
 
 __all__ = ["replay_loss_scale", "ReplayResult"]
 
@@ -47,7 +47,7 @@ class _Counts:
 class ReplayResult:
     """Measured outcome of each replayed loss scale, per gradient site and overall.
 
-    ``at(scale, site=None)`` returns the same ``mpdiag.scaling.ScaleOutcome`` as ``advise``.
+    ``at(scale, site=None)`` returns the same ``mpdiag.analyse.scaling.ScaleOutcome`` as ``advise``.
     """
 
     dtype: torch.dtype

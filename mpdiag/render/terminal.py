@@ -6,10 +6,10 @@ import math
 import textwrap
 from collections.abc import Sequence
 
-from mpdiag._text import display_name
-from mpdiag.run import Run
-from mpdiag.summary import SiteRisk, riskiest
-from mpdiag.verdict import nonfinite_verdict, skips_verdict, verdicts
+from mpdiag.core.text import display_name
+from mpdiag.core.run import Run
+from mpdiag.analyse.riskiest import SiteRisk, riskiest
+from mpdiag.analyse.verdict import nonfinite_verdict, skips_verdict, verdicts
 
 _NAME_WIDTH = 26
 

@@ -1,0 +1,468 @@
+"""A recording: the recorder attached to one model, steps closed, the Run handed out.
+
+A Recording owns every hook handle and removes them all on exit, also when the training step raised.
+Closing a step is the only place the host reads device values: once per recorded step. Users get one
+from ``mpdiag.diagnose`` (a ``Diagnosis``: this, and the report).
+
+Examples:
+    >>> import torch, mpdiag
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> with mpdiag.diagnose(model, optimizer=opt) as diag:
+    ...     for _ in range(3):
+    ...         opt.zero_grad()
+    ...         model(torch.randn(4, 8)).pow(2).mean().backward()
+    ...         opt.step()  # closes the step
+    >>> diag.run.steps
+    [0, 1, 2]
+    >>> diag.run.stats("2.weight", "param_grad", step=2).numel
+    8
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import warnings
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpdiag.record import _dynamo
+from mpdiag.record import distributed
+from mpdiag.record._dynamo import inlined_only, untraced
+from mpdiag.record._loss_scale import LossScaleSnapshot
+from mpdiag.record._optimizer import closure_of, is_grad_scaler, unwrap_optimizer
+from mpdiag.record.anomaly import AnomalyWatch
+from mpdiag.record.environment import describe
+from mpdiag.core.errors import AttachError, MpdiagError, MpdiagWarning
+from mpdiag.record.hooks import Recorder, in_backward
+from mpdiag.core.events import NonFiniteError, NonFiniteEvent
+from mpdiag.core.run import Kind, Run, Site
+from mpdiag.record.sinks import Sink
+from mpdiag.core.stats import DEFAULT_FORMATS, FormatSpecs, TensorStats, format_names
+
+__all__ = ["Recording", "paused"]
+
+log = logging.getLogger(__name__)
+
+# Modules currently observed (-> their name in the diagnosed model), so a second diagnosis is refused.
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, tuple[Recording, str]] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def paused(model: nn.Module) -> Iterator[None]:
+    """Inside, every recording attached to ``model`` (or to any of its modules) is paused (see
+    ``Recording.paused``): for mpdiag's own re-runs of a batch, which must not count as training."""
+    recordings = {entry[0] for m in model.modules() if (entry := _ATTACHED.get(m)) is not None}
+    with contextlib.ExitStack() as stack:
+        for recording in recordings:
+            stack.enter_context(recording.paused())
+        yield
+
+
+def _globs(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    patterns = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(p, str) for p in patterns):
+        raise MpdiagError(f"{what} expects glob strings such as 'blocks.*.mlp', got {value!r}")
+    return patterns
+
+
+def _select_modules(model: nn.Module, include: str | Iterable[str] | None,
+                    exclude: str | Iterable[str] | None) -> dict[str, nn.Module]:
+    """The modules to observe, by the user's names: wrapper levels (FSDP, checkpointing) are dropped from
+    names, and where two modules then share a name the innermost, the real one, is kept."""
+    include_globs, exclude_globs = _globs(include, "include"), _globs(exclude, "exclude")
+    named = {distributed.clean_name(n): m for n, m in model.named_modules()}
+    modules = {n: m for n, m in named.items() if _selected(n, include_globs, exclude_globs)}
+    if not modules:
+        raise MpdiagError(f"include={include!r} / exclude={exclude!r} select none of the model's modules; "
+                          f"module names look like {list(named)[:4]}")
+    return modules
+
+
+def _selected(name: str, include: tuple[str, ...] | None, exclude: tuple[str, ...] | None) -> bool:
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not (exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+
+class Recording:
+    """Hooks on one model, the current step, and the statistics recorded so far. See ``mpdiag.diagnose``."""
+
+    def __init__(self, model: nn.Module, *, formats: FormatSpecs = DEFAULT_FORMATS,
+                 every: int = 1, include: str | Iterable[str] | None = None,
+                 exclude: str | Iterable[str] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None,
+                 scaler: torch.amp.GradScaler | None = None, on_nonfinite: str = "record",
+                 sinks: Sequence[Sink] = (), group: Any = None) -> None:
+        _check_arguments(model, every, scaler)
+        _dynamo.prepare(Recorder, Recording)
+        optimizer, wrapper_scaler = unwrap_optimizer(optimizer) if optimizer is not None else (None, None)
+        scaler = scaler if scaler is not None else wrapper_scaler  # accelerate's optimizer steps through one
+        self._group = distributed.active_group(group)
+        self._rank = distributed.rank_of(self._group)
+        wrapper, (model, replicated) = model, distributed.unwrap(model)
+        if on_nonfinite not in _ON_NONFINITE:
+            raise MpdiagError(f"on_nonfinite must be one of {', '.join(map(repr, _ON_NONFINITE))}, got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self.formats = format_names(formats)
+        self.every = every
+        modules = _select_modules(model, include, exclude)
+        self._environment = describe(model, self.formats, scaler)
+        if self._group is not None:
+            self._environment["distributed"] = distributed.describe_group(self._group)
+        self._device_type = self._environment["device"].split(":")[0]
+        self._anomalies_written = 0
+        params = _owned_parameters(modules)
+        self._tied = _tied_parameters(model)  # each recorded once: the run answers to every name
+        self._recorder = Recorder(self.formats, params, group=self._group,
+                                  replicated=distributed.replicated_sites(params, replicated))
+        self._grads_at_close = self._group is not None and distributed.grads_settle_late(params, replicated)
+        self._records: dict[int, dict[Site, TensorStats]] = {}
+        self._loss_scales: dict[int, float] = {}
+        self._events: dict[int, tuple[NonFiniteEvent, ...]] = {}
+        self._scale_seen = LossScaleSnapshot(scaler) if scaler is not None else None
+        if self._scale_seen is not None:
+            self._recorder.on_first_backward = self._scale_seen.take
+        self._step = 0
+        self._closed = False
+        self._paused = False
+        self._optimizer = optimizer
+        self._in_optimizer_step = False  # between optimizer.step()'s pre- and post-hook (closures run there)
+        self._weights_version: int | None = None  # of one trainable weight, when the step's first forward ran
+        self._warned: set[str] = set()  # the once-only warnings given
+        self._forwards = 0  # training forwards of the whole model in the current step
+        self._handles: list[Any] = []
+        self._anomaly = AnomalyWatch(lambda: self._step)
+        self._recorder.anomaly = self._anomaly
+        self._recorder.device_type = self._device_type
+        self._sinks: list[Sink] = []  # those opened: rank 0's (the statistics are the whole job's)
+        self._claim(wrapper)  # first: a refused second diagnosis must not create a run file
+        self._model_ref = weakref.ref(wrapper)
+        try:  # an attach succeeds whole or leaves the model (and the disk) as it was
+            for sink in sinks if self._rank == 0 else ():
+                sink.open(self.formats, self._meta())
+                self._sinks.append(sink)
+            self._install(wrapper, modules, optimizer)
+            self._anomaly.install()
+        except BaseException:
+            for sink in self._sinks:  # what this attach created, with nothing recorded in it
+                sink.discard()
+            self._sinks.clear()
+            self._detach()
+            raise
+
+    def _detach(self) -> None:
+        """Remove every hook and the anomaly watch and free the model: after a close or a failed attach."""
+        self._closed = True
+        self._anomaly.uninstall()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        model = self._model_ref()
+        if model is not None:
+            self._release(model)
+
+    # -- public API -------------------------------------------------------------------------------
+    @property
+    def step_index(self) -> int:
+        """Index of the step being recorded now (steps count from 0, recorded or not)."""
+        return self._step
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the process group whose statistics are combined (0 without one)."""
+        return self._rank
+
+    @property
+    def recording(self) -> bool:
+        """Whether the current step is one that is recorded (see ``every``)."""
+        return self._recorder.recording
+
+    @property
+    def run(self) -> Run:
+        """A snapshot of everything recorded so far, as plain data."""
+        return Run(formats=self.formats, records={s: dict(r) for s, r in self._records.items()},
+                   meta=self._meta(), loss_scales=dict(self._loss_scales),
+                   events=dict(self._events), anomalies=tuple(self._anomaly.records))
+
+    def _meta(self) -> dict[str, Any]:
+        return {"every": self.every, "environment": dict(self._environment), "tied_parameters": self._tied}
+
+    def step(self) -> None:
+        """Close the current step: read its statistics from the device (the one host sync) and move on."""
+        if self._closed:
+            raise MpdiagError("this Diagnosis is closed; attach a new one with mpdiag.diagnose(model)")
+        self._close_step()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside, nothing is recorded and no step closes; afterwards the recording goes on as it was
+        (the step in progress, what training has been seen). For re-running a batch on the live model."""
+        was_paused = self._paused
+        self._paused = True
+        try:
+            with self._recorder.paused():
+                yield
+        finally:
+            self._paused = was_paused
+
+    def close(self) -> None:
+        """Record a step in progress, then remove every hook. Safe to call more than once."""
+        self._close(report=True)
+
+    def _close(self, report: bool, body_failed: bool = False) -> None:
+        if self._closed:
+            return
+        try:
+            # Under torch.distributed, closing a step is a collective: a rank whose training raised must
+            # not start one that the other ranks may never join. Its partial step is dropped.
+            if self._recorder.active and not (body_failed and self._group is not None):
+                self._close_step(report=report)
+        finally:
+            self._write_anomalies()
+            for sink in self._sinks:
+                sink.close()
+            self._detach()
+
+    def __enter__(self) -> Recording:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self._anomaly.saw_exception(exc)  # read, never swallowed: the exception goes on to the caller
+        # The step in progress is still recorded; its NaN is not raised over the body's own exception.
+        self._close(report=exc is None, body_failed=exc is not None)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step {self._step}"
+        return f"<{type(self).__name__} {state}, {len(self._records)} recorded steps, formats {', '.join(self.formats)}>"
+
+    # -- internals --------------------------------------------------------------------------------
+    def _claim(self, model: nn.Module) -> None:
+        for name, module in model.named_modules():
+            if module in _ATTACHED:
+                where = f"module {name!r} of this model" if name else "this model"
+                as_name = _ATTACHED[module][1]
+                raise AttachError(f"{where} is already being diagnosed (as module {as_name!r} of the model a "
+                                  f"Diagnosis is attached to); close that Diagnosis (diag.close() or leave its "
+                                  f"with-block) before attaching another")
+        for name, module in model.named_modules():
+            _ATTACHED[module] = (self, name)
+
+    def _release(self, model: nn.Module) -> None:
+        for module in model.modules():
+            if _ATTACHED.get(module, (None,))[0] is self:
+                del _ATTACHED[module]
+
+    def _install(self, model: nn.Module, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
+        rec = self._recorder
+        for name, module in modules.items():
+            self._handles.append(module.register_forward_hook(_bind(rec.on_forward, name)))
+        for name, param in rec.params.items():
+            if param.requires_grad and not self._grads_at_close:
+                self._handles.append(param.register_post_accumulate_grad_hook(_bind(rec.on_param_grad, name)))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+            self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        self._handles.append(model.register_forward_pre_hook(self._before_model_forward))
+        self._handles.append(model.register_forward_hook(self._after_model_forward, always_call=True))
+
+    # Step boundaries. Without a closure, forward and backward ran before optimizer.step(): the step closes
+    # in its pre-hook, while the parameters are still those the forward used. With a closure
+    # (Lightning, LBFGS), forward and backward run inside step(): the parameters are observed in the
+    # pre-hook, and the step closes in the post-hook, after the closure's backward.
+    @untraced
+    def _before_optimizer_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._paused:
+            return
+        if closure_of(args, kwargs) is None:
+            self._in_optimizer_step = False  # a closure step whose closure raised never reached its post-hook
+            self._close_step()
+            return
+        self._in_optimizer_step = True
+        self._recorder.observe_params()
+
+    @untraced
+    def _after_optimizer_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._in_optimizer_step:
+            self._in_optimizer_step = False
+            self._close_step()
+
+    @untraced
+    def _before_model_forward(self, model: nn.Module, args: Any) -> None:
+        # Once training has been seen, a forward of the whole model with autograd off is evaluation or
+        # generate(): neither recorded nor part of a step. (Before any backward, it is what is being
+        # diagnosed: inference. Only the whole model's: reentrant checkpointing runs modules inside a
+        # training forward without grad, and those are recorded.)
+        self._recorder.evaluating = self._recorder.trained and not torch.is_grad_enabled()
+        if self._recorder.evaluating or self._paused or in_backward():
+            return
+        self._recorder.in_model_forward = True
+        if not self._in_optimizer_step:
+            self._at_step_boundary(model)
+        self._forwards += 1
+
+    def _at_step_boundary(self, model: nn.Module) -> None:
+        """Before a training forward: close a step a GradScaler skipped, or warn that steps never close."""
+        rec = self._recorder
+        if not rec.saw_backward:
+            self._weights_version = _version_of_a_weight(rec.params)
+            return
+        if self._optimizer is not None:
+            if self._step_was_skipped(model):
+                self._close_step()
+            return
+        if "unclosed" not in self._warned and self._step_looks_over(model):
+            self._warned.add("unclosed")
+            warnings.warn("mpdiag: a new training step began (weights updated or gradients cleared since the last "
+                          "backward) but no step was closed, so every step is being merged into one and param_grad "
+                          "keeps only the latest gradients; pass optimizer= to diagnose() or call diag.step() after "
+                          "each optimizer step", MpdiagWarning, stacklevel=4)
+
+    @inlined_only
+    def _after_model_forward(self, model: nn.Module, args: Any, output: Any) -> None:
+        self._recorder.evaluating = self._recorder.in_model_forward = False
+
+    def _step_was_skipped(self, model: nn.Module) -> bool:
+        # A GradScaler that finds inf/NaN skips optimizer.step(), so its hooks never fire; backward ran and
+        # the scaler's update() since (or the gradients were cleared): that step is over. Gradients still
+        # present without an update mean gradient accumulation, which continues the step.
+        if self._scale_seen is not None and self._scale_seen.updated_since_taken():
+            return True
+        return _gradients_cleared(model)
+
+    def _step_looks_over(self, model: nn.Module) -> bool:
+        version = _version_of_a_weight(self._recorder.params)
+        weights_changed = version is not None and version != self._weights_version
+        return weights_changed or _gradients_cleared(model)
+
+    def _close_step(self, report: bool = True) -> None:
+        rec = self._recorder
+        step, events = self._step, []
+        if rec.recording:
+            saw_backward = rec.saw_backward
+            self._records[step], events = rec.collect(step)
+            self._check_recorded(step, self._records[step], events, saw_backward)
+            if events:
+                self._events[step] = tuple(events)
+            if self._scale_seen is not None:
+                scale = self._scale_seen.read()
+                if scale is not None:
+                    self._loss_scales[step] = scale
+            if rec.autocast_dtype is not None:
+                self._environment["autocast_dtype"] = rec.autocast_dtype
+            for sink in self._sinks:
+                sink.write_step(step, self._records[step], tuple(events), self._loss_scales.get(step),
+                                {"environment": self._environment})
+            self._write_anomalies()
+        if self._scale_seen is not None:
+            self._scale_seen.clear()
+        rec.reset()
+        self._forwards = 0
+        self._step += 1
+        rec.recording = self._step % self.every == 0
+        if events and report:
+            self._report_nonfinite(step, events)
+
+    def _check_recorded(self, step: int, stats: dict[Site, TensorStats], events: list[NonFiniteEvent],
+                        saw_backward: bool) -> None:
+        """Warn, once each, about a recorded step that says the recording is not seeing training whole."""
+        if "hooks" not in self._warned and saw_backward and not any(s.kind is Kind.ACTIVATION for s in stats):
+            self._warned.add("hooks")
+            warnings.warn(f"mpdiag: step {step} ran backward but no module's forward hook ran: a model compiled with "
+                          f"torch.compile and called before diagnose() was attached keeps running its compiled "
+                          f"graph without the hooks (dynamo does not guard on hooks added later); attach before "
+                          f"the first compiled call", MpdiagWarning, stacklevel=4)
+        if "scaler" not in self._warned and self._skips_may_be_merged(events):
+            self._warned.add("scaler")
+            warnings.warn(f"mpdiag: step {step} held NaN/inf gradients over {self._forwards} forward passes without "
+                          f"an optimizer step; if a GradScaler skipped steps, pass it as diagnose(..., scaler=) so that "
+                          f"each skipped step closes on its own and gradients are judged unscaled",
+                          MpdiagWarning, stacklevel=4)
+
+    def _skips_may_be_merged(self, events: list[NonFiniteEvent]) -> bool:
+        """Several forwards in one step and NaN/inf gradients, with no GradScaler to tell skips by: steps a
+        scaler skipped merge when their gradients are zeroed in place (they look like accumulation)."""
+        gradients_nonfinite = any(e.kind in (Kind.ACTIVATION_GRAD.value, Kind.PARAM_GRAD.value) for e in events)
+        return self._scale_seen is None and self._optimizer is not None and self._forwards > 1 and gradients_nonfinite
+
+    def _write_anomalies(self) -> None:
+        for record in self._anomaly.records[self._anomalies_written:]:
+            for sink in self._sinks:
+                sink.write_anomaly(record)
+        self._anomalies_written = len(self._anomaly.records)
+
+    def _report_nonfinite(self, step: int, events: list[NonFiniteEvent]) -> None:
+        """After the step is recorded and the next one set up, so that raising loses nothing."""
+        if self.on_nonfinite == "warn":
+            warnings.warn(f"mpdiag: non-finite values at {events[0]} ({len(events)} site(s) in this step)",
+                          MpdiagWarning, stacklevel=4)
+        elif self.on_nonfinite == "raise":
+            involved = {(e.name, e.kind) for e in events}
+            recent = [s for s in sorted(self._records) if s <= step][-_HISTORY:]
+            history = {(n, k): [(s, self._records[s][Site(n, Kind(k))]) for s in recent
+                                if Site(n, Kind(k)) in self._records[s]] for n, k in involved}
+            raise NonFiniteError(events[0], events, history)
+
+
+_ON_NONFINITE = ("record", "warn", "raise")
+_HISTORY = 8  # recorded steps of history a NonFiniteError carries for each site involved
+
+
+def _bind(method: Any, name: str) -> Any:
+    def hook(*args: Any) -> None:
+        method(name, *args)
+    return _dynamo.skip_own_frames(hook)
+
+
+def _gradients_cleared(model: nn.Module) -> bool:
+    """No parameter holds a gradient: zero_grad() (set to None) ran since the last backward."""
+    return all(p.grad is None for p in model.parameters())
+
+
+def _version_of_a_weight(params: dict[str, nn.Parameter]) -> int | None:
+    """The in-place version of the first trainable parameter: an optimizer step changes it (no sync)."""
+    return next((p._version for p in params.values() if p.requires_grad), None)
+
+
+def _check_arguments(model: object, every: object, scaler: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"diagnose() expects a torch.nn.Module, got {type(model).__name__}; "
+                          f"pass the model itself (not its parameters or its output)")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise MpdiagError(f"every must be a positive integer (record one step in every N), got {every!r}")
+    if scaler is not None and not is_grad_scaler(scaler):
+        raise AttachError(f"scaler must be a torch GradScaler (torch.amp.GradScaler), got {type(scaler).__name__}")
+
+
+def _owned_parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """Parameters held directly by the selected modules, by fully-qualified name, each once: a tied
+    parameter under the first of its names (the run's meta lists them all, ``_tied_parameters``)."""
+    params: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for module_name, module in modules.items():
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                params[f"{module_name}.{pname}" if module_name else pname] = param
+    return params
+
+
+def _tied_parameters(model: nn.Module) -> list[list[str]]:
+    """The names of each parameter that ``model`` holds under more than one (tied weights, a module shared
+    by two parents), in the model's order, as ``_owned_parameters`` names them."""
+    names: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = distributed.clean_name(module_name)
+        for pname, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            group = names.setdefault(id(param), [])
+            if (name := f"{prefix}.{pname}" if prefix else pname) not in group:
+                group.append(name)
+    return [group for group in names.values() if len(group) > 1]
