@@ -29,7 +29,7 @@ from torch import nn
 
 from mpdiag.core.stats import DEFAULT_FORMATS, FormatSpecs
 from mpdiag.io.runfile import RunFileSink
-from mpdiag.record.recording import Recording
+from mpdiag.record.recording import OnNonFinite, Recording
 from mpdiag.render import Report, report
 
 __all__ = ["diagnose", "Diagnosis"]
@@ -57,7 +57,7 @@ def diagnose(
     exclude: str | Iterable[str] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    on_nonfinite: str = "record",
+    on_nonfinite: OnNonFinite = "record",
     run_file: str | os.PathLike[str] | None = None,
     group: Any = None,
 ) -> Diagnosis:

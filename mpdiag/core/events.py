@@ -17,21 +17,25 @@ import os
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from mpdiag.core.text import display_name
 from mpdiag.core.errors import MpdiagError
+from mpdiag.core.sites import Kind
 
 __all__ = ["NonFiniteEvent", "NonFiniteError", "NonFiniteOrigin", "AnomalyRecord", "PHASES", "order"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # mpdiag/
 
-PHASES = ("forward", "backward")
-PHASE_OF_KIND = {"activation": "forward", "param": "forward", "activation_grad": "backward",
-                  "param_grad": "backward"}
+#: The phase of training a non-finite value of each kind of site is seen in.
+Phase = Literal["forward", "backward"]
+PHASES: tuple[Phase, ...] = ("forward", "backward")
+PHASE_OF_KIND: dict[Kind, Phase] = {Kind.ACTIVATION: "forward", Kind.PARAM: "forward",
+                                    Kind.ACTIVATION_GRAD: "backward", Kind.PARAM_GRAD: "backward"}
+
 
 
 @dataclass(frozen=True)
@@ -51,14 +55,19 @@ class NonFiniteEvent:
 
     step: int
     name: str
-    kind: str
-    phase: str
+    kind: Kind
+    phase: Phase
     nans: int
     posinf: int
     neginf: int
     seq: int
     produced: bool
     ranks: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", Kind.parse(self.kind))  # from a run file or another rank: text
+        if self.phase not in PHASES:
+            raise MpdiagError(f"unknown phase {self.phase!r}; expected one of {', '.join(PHASES)}")
 
     def __str__(self) -> str:
         counts = ", ".join(f"{n} {label}" for n, label in ((self.nans, "NaN"), (self.posinf, "+inf"),

@@ -19,47 +19,18 @@ Examples:
 from __future__ import annotations
 
 import difflib
-import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import Any
 
-from mpdiag.core.events import AnomalyRecord
 from mpdiag.core.errors import MpdiagError, UnknownSiteError
-from mpdiag.core.events import PHASES, NonFiniteEvent, order
+from mpdiag.core.events import PHASES, AnomalyRecord, NonFiniteEvent, order
+from mpdiag.core.sites import Kind, Site
 from mpdiag.core.stats import TensorStats
 
 __all__ = ["Kind", "Site", "Run"]
-
-
-class Kind(str, enum.Enum):
-    """What was observed at a site."""
-
-    ACTIVATION = "activation"  # floating tensors in a module's output
-    ACTIVATION_GRAD = "activation_grad"  # the gradient arriving at those outputs in backward
-    PARAM = "param"  # a parameter's values when the step closed
-    PARAM_GRAD = "param_grad"  # a parameter's gradient as backward left it
-
-    @classmethod
-    def parse(cls, value: str | Kind) -> Kind:
-        try:
-            return cls(value)
-        except ValueError:
-            raise MpdiagError(
-                f"unknown site kind {value!r}; expected one of {', '.join(k.value for k in cls)}"
-            ) from None
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Site(NamedTuple):
-    """A place where tensors are observed: a module or parameter name and what was observed there."""
-
-    name: str
-    kind: Kind
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ Examples:
 
 from __future__ import annotations
 
+import enum
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,8 @@ from mpdiag.core import formats as _formats
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.formats import Format
 
-__all__ = ["TensorStats", "HIST_EXPONENTS", "DEFAULT_FORMATS"]
+__all__ = ["TensorStats", "HIST_EXPONENTS", "DEFAULT_FORMATS", "STATS", "Stat", "Reduce", "Source", "Storage",
+           "format_names"]
 
 #: Formats tracked unless the caller says otherwise.
 DEFAULT_FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
@@ -71,6 +73,62 @@ def format_names(specs: FormatSpecs) -> tuple[str, ...]:
     return names
 
 
+class Reduce(str, enum.Enum):
+    """How a statistic combines over tensors, calls, steps and ranks (exactly, in any order)."""
+
+    SUM = "sum"
+    MAX = "max"
+    MIN = "min"
+    UNION = "union"  # of a set of names
+
+
+class Source(str, enum.Enum):
+    """Where the recorder gets a statistic from (``mpdiag.record._accumulate``)."""
+
+    BUCKETS = "buckets"  # decoded from the tensor's bucket histogram (``mpdiag.record._layout``)
+    DEVICE = "device"  # a reduction of the tensor that the kernels compute by the statistic's name
+    HOST = "host"  # counted on the host as tensors are observed
+
+
+class Storage(str, enum.Enum):
+    """How a statistic is stored in a run file (``mpdiag.io.runfile``)."""
+
+    INTEGER = "integer"
+    REAL = "real"  # non-finite values are stored as NULL and read back as the default
+    NAMES = "names"  # a set of names, comma-joined
+    SPAN = "span"  # a histogram: its first non-zero bin and the packed bins up to its last
+    ARRAY = "array"  # a packed int64 array of the statistic's shape
+
+
+@dataclass(frozen=True)
+class Stat:
+    """The declaration of one statistic of a TensorStats: everything else derives from it (merging,
+    equality, the recorder's device state and its one transfer per step, the all-reduce across ranks,
+    the run-file columns). Declared on the TensorStats field with ``stat(...)``."""
+
+    name: str
+    reduce: Reduce
+    source: Source
+    storage: Storage
+
+
+def _stat(default: Any = None, *, reduce: Reduce, source: Source, storage: Storage,
+          factory: Any = None) -> Any:
+    """A TensorStats field with its declaration (the name is filled in from the field)."""
+    metadata = {"stat": (reduce, source, storage)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _count(source: Source = Source.BUCKETS) -> Any:
+    return _stat(0, reduce=Reduce.SUM, source=source, storage=Storage.INTEGER)
+
+
+def _empty_hist() -> np.ndarray:
+    return _frozen(np.zeros(len(HIST_EXPONENTS)))
+
+
 @dataclass(frozen=True, eq=False)
 class TensorStats:
     """Statistics of the floating tensors observed at one site.
@@ -84,20 +142,23 @@ class TensorStats:
             beyond the fp32 range are counted in the end bins.
         casts: int64 array (formats x 3): underflow, subnormal and overflow counts per format.
         dtypes: names of the dtypes observed. calls: tensors observed.
+
+    Each statistic's field declares how it merges, where the recorder gets it and how it is stored
+    (``STATS``); a new statistic is a new field here and the kernel that computes it.
     """
 
     formats: tuple[str, ...]
-    numel: int = 0
-    zeros: int = 0
-    nans: int = 0
-    posinf: int = 0
-    neginf: int = 0
-    amax: float = 0.0
-    amin_nonzero: float = math.inf
-    hist: np.ndarray = field(default_factory=lambda: _frozen(np.zeros(len(HIST_EXPONENTS))))
-    casts: np.ndarray | None = None
-    dtypes: frozenset[str] = frozenset()
-    calls: int = 0
+    numel: int = _count()
+    zeros: int = _count()
+    nans: int = _count()
+    posinf: int = _count()
+    neginf: int = _count()
+    amax: float = _stat(0.0, reduce=Reduce.MAX, source=Source.DEVICE, storage=Storage.REAL)
+    amin_nonzero: float = _stat(math.inf, reduce=Reduce.MIN, source=Source.DEVICE, storage=Storage.REAL)
+    hist: np.ndarray = _stat(reduce=Reduce.SUM, source=Source.BUCKETS, storage=Storage.SPAN, factory=_empty_hist)
+    casts: np.ndarray | None = _stat(None, reduce=Reduce.SUM, source=Source.BUCKETS, storage=Storage.ARRAY)
+    dtypes: frozenset[str] = _stat(frozenset(), reduce=Reduce.UNION, source=Source.HOST, storage=Storage.NAMES)
+    calls: int = _count(Source.HOST)
 
     def __post_init__(self) -> None:
         casts = np.zeros((len(self.formats), 3)) if self.casts is None else self.casts
@@ -170,14 +231,8 @@ class TensorStats:
         other = next((s.formats for s in items if s.formats != first.formats), None)
         if other is not None:
             raise MpdiagError(f"cannot merge stats of formats {first.formats} with stats of formats {other}")
-        return TensorStats(
-            formats=first.formats,
-            numel=sum(s.numel for s in items), zeros=sum(s.zeros for s in items),
-            nans=sum(s.nans for s in items), posinf=sum(s.posinf for s in items),
-            neginf=sum(s.neginf for s in items),
-            amax=max(s.amax for s in items), amin_nonzero=min(s.amin_nonzero for s in items),
-            hist=np.sum([s.hist for s in items], axis=0), casts=np.sum([s.casts for s in items], axis=0),
-            dtypes=frozenset().union(*(s.dtypes for s in items)), calls=sum(s.calls for s in items))
+        return TensorStats(first.formats, **{s.name: _MERGE[s.reduce]([getattr(i, s.name) for i in items])
+                                             for s in STATS})
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TensorStats):
@@ -188,16 +243,18 @@ class TensorStats:
         return hash(self._key())
 
     def _key(self) -> tuple[Any, ...]:
-        return (self.formats, self.numel, self.zeros, self.nans, self.posinf, self.neginf, self.amax,
-                self.amin_nonzero, self.hist.tobytes(), self.casts.tobytes(), self.dtypes, self.calls)
+        values = (getattr(self, s.name) for s in STATS)
+        return (self.formats, *(v.tobytes() if isinstance(v, np.ndarray) else v for v in values))
 
     def as_dict(self) -> dict[str, Any]:
         """A flat dict of plain Python values: counts, extremes and per-format cast counts."""
-        row: dict[str, Any] = {
-            "numel": self.numel, "zeros": self.zeros, "nans": self.nans, "posinf": self.posinf,
-            "neginf": self.neginf, "amax": self.amax, "amin_nonzero": self.amin_nonzero,
-            "dtypes": ",".join(sorted(self.dtypes)), "calls": self.calls,
-        }
+        row: dict[str, Any] = {}
+        for s in STATS:
+            value = getattr(self, s.name)
+            if s.storage in (Storage.INTEGER, Storage.REAL):
+                row[s.name] = value
+            elif s.storage is Storage.NAMES:
+                row[s.name] = ",".join(sorted(value))
         for name in self.formats:
             row[f"{name}_underflow"] = self.underflow(name)
             row[f"{name}_subnormal"] = self.subnormal(name)
@@ -209,3 +266,14 @@ class TensorStats:
         return (f"TensorStats(numel={self.numel}, zeros={self.zeros}, nans={self.nans}, posinf={self.posinf}, "
                 f"neginf={self.neginf}, amax={self.amax:.6g}, amin_nonzero={self.amin_nonzero:.6g}, "
                 f"calls={self.calls}, casts={{{casts}}})")
+
+
+#: The declaration of every statistic, in field order.
+STATS: tuple[Stat, ...] = tuple(Stat(f.name, *f.metadata["stat"]) for f in fields(TensorStats) if "stat" in f.metadata)
+
+_MERGE: dict[Reduce, Callable[[list[Any]], Any]] = {
+    Reduce.SUM: lambda values: np.sum(values, axis=0) if isinstance(values[0], np.ndarray) else sum(values),
+    Reduce.MAX: max,
+    Reduce.MIN: min,
+    Reduce.UNION: lambda values: frozenset().union(*values),
+}

@@ -34,13 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from mpdiag.core.events import AnomalyRecord
 from mpdiag.core.errors import MpdiagError
-from mpdiag.core.events import NonFiniteEvent
+from mpdiag.core.events import AnomalyRecord, NonFiniteEvent
 from mpdiag.core.run import Kind, Run, Site
-from mpdiag.core.stats import HIST_EXPONENTS, TensorStats
+from mpdiag.core.stats import STATS, Stat, Storage, TensorStats
 
-__all__ = ["load", "RunWriter", "RunFileError", "SCHEMA_VERSION"]
+__all__ = ["load", "RunWriter", "RunFileSink", "RunFileError", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 2  # 2: events name the ranks they appeared on (torch.distributed)
 _APPLICATION_ID = 0x6D706467  # "mpdg": marks the SQLite file as an mpdiag run file
@@ -50,9 +49,7 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE sites (id INTEGER PRIMARY KEY, name TEXT NOT NULL, kind TEXT NOT NULL, UNIQUE (name, kind));
 CREATE TABLE steps (step INTEGER PRIMARY KEY, loss_scale REAL);
 CREATE TABLE stats (
-    step INTEGER NOT NULL, site INTEGER NOT NULL REFERENCES sites (id),
-    numel INTEGER, zeros INTEGER, nans INTEGER, posinf INTEGER, neginf INTEGER,
-    amax REAL, amin_nonzero REAL, calls INTEGER, dtypes TEXT, hist_first INTEGER, hist BLOB, casts BLOB,
+    step INTEGER NOT NULL, site INTEGER NOT NULL REFERENCES sites (id), {stat_columns},
     PRIMARY KEY (step, site));
 CREATE TABLE events (step INTEGER, seq INTEGER, name TEXT, kind TEXT, phase TEXT,
                      nans INTEGER, posinf INTEGER, neginf INTEGER, produced INTEGER, ranks TEXT);
@@ -78,7 +75,7 @@ class RunWriter:
             self.db.execute("PRAGMA synchronous=NORMAL")  # a killed process loses nothing committed
             with self._transaction():
                 self.db.execute(f"PRAGMA application_id={_APPLICATION_ID}")
-                for statement in filter(str.strip, _SCHEMA.split(";")):
+                for statement in filter(str.strip, _schema().split(";")):
                     self.db.execute(statement)  # executescript() would commit our transaction early
                 self._put_meta({"schema_version": SCHEMA_VERSION, "formats": list(formats), **meta})
         except (sqlite3.Error, OSError) as err:
@@ -110,10 +107,9 @@ class RunWriter:
                    loss_scale: float | None = None, meta: Mapping[str, Any] | None = None) -> None:
         with self._transaction():
             self.db.execute("INSERT INTO steps VALUES (?, ?)", (step, loss_scale))
-            self.db.executemany("INSERT INTO stats VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                                [(step, self._site_id(site), *_stats_row(s)) for site, s in stats.items()])
+            self.db.executemany(_INSERT_STATS, [(step, self._site_id(site), *_stats_row(s)) for site, s in stats.items()])
             self.db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?,?)",
-                                [(e.step, e.seq, e.name, e.kind, e.phase, e.nans, e.posinf, e.neginf,
+                                [(e.step, e.seq, e.name, e.kind.value, e.phase, e.nans, e.posinf, e.neginf,
                                   int(e.produced), ",".join(map(str, e.ranks))) for e in events])
             if meta:
                 self._put_meta(meta)
@@ -159,16 +155,72 @@ class RunFileSink:
         return self._writer
 
 
+# -- the stats table's columns, derived from the statistics' declarations (mpdiag.core.stats.STATS) ---
+def _columns(stat: Stat) -> list[tuple[str, str]]:
+    """The (column, SQL type) pairs that store ``stat``."""
+    if stat.storage is Storage.SPAN:
+        return [(f"{stat.name}_first", "INTEGER"), (stat.name, "BLOB")]
+    sql = {Storage.INTEGER: "INTEGER", Storage.REAL: "REAL", Storage.NAMES: "TEXT", Storage.ARRAY: "BLOB"}
+    return [(stat.name, sql[stat.storage])]
+
+
+def _encode(stat: Stat, value: Any) -> tuple[Any, ...]:
+    if stat.storage is Storage.REAL:
+        return (value if math.isfinite(value) else None,)  # SQLite has no inf literal worth trusting
+    if stat.storage is Storage.NAMES:
+        return (",".join(sorted(value)),)
+    if stat.storage is Storage.SPAN:  # only the bins from the first non-empty one to the last
+        nonzero = np.flatnonzero(value)
+        first = int(nonzero[0]) if nonzero.size else 0
+        return first, _pack(value[first:int(nonzero[-1]) + 1] if nonzero.size else value[:0])
+    if stat.storage is Storage.ARRAY:
+        return (_pack(value.reshape(-1)),)
+    return (value,)
+
+
+def _decode(stat: Stat, stored: tuple[Any, ...], default: Any) -> Any:
+    """The value ``_encode`` stored; ``default`` (the empty statistics' value) where a column is NULL or
+    missing (a file written before the statistic existed)."""
+    if stored[-1] is None:
+        return default
+    if stat.storage is Storage.NAMES:
+        return frozenset(filter(None, stored[0].split(",")))
+    if stat.storage is Storage.SPAN:
+        first, span = stored[0], _unpack(stored[1])
+        full = np.zeros(default.shape, dtype=np.int64)
+        full[first:first + len(span)] = span
+        return full
+    if stat.storage is Storage.ARRAY:
+        return _unpack(stored[0]).reshape(default.shape)
+    return stored[0]
+
+
+_STAT_COLUMNS = [column for stat in STATS for column in _columns(stat)]
+_INSERT_STATS = (f"INSERT INTO stats (step, site, {', '.join(c for c, _ in _STAT_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' * (len(_STAT_COLUMNS) + 2))})")
+
+
+def _schema() -> str:
+    return _SCHEMA.format(stat_columns=", ".join(f"{c} {sql}" for c, sql in _STAT_COLUMNS))
+
+
 def _stats_row(s: TensorStats) -> tuple[Any, ...]:
-    nonzero = np.flatnonzero(s.hist)
-    first = int(nonzero[0]) if nonzero.size else 0
-    span = s.hist[first:int(nonzero[-1]) + 1] if nonzero.size else s.hist[:0]
-    return (s.numel, s.zeros, s.nans, s.posinf, s.neginf, s.amax, _finite_or_none(s.amin_nonzero), s.calls,
-            ",".join(sorted(s.dtypes)), first, _pack(span), _pack(s.casts.reshape(-1)))
+    return tuple(v for stat in STATS for v in _encode(stat, getattr(s, stat.name)))
 
 
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # SQLite has no inf literal worth trusting
+def _read_stats(db: sqlite3.Connection, formats: tuple[str, ...],
+                sites: Mapping[int, Site]) -> Iterator[tuple[int, Site, TensorStats]]:
+    """Every stored TensorStats, by step and site, in the order they were written."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(stats)")}
+    columns = [c if c in present else "NULL" for c, _ in _STAT_COLUMNS]
+    empty = TensorStats.empty(formats)
+    for step, site, *row in db.execute(f"SELECT step, site, {', '.join(columns)} FROM stats ORDER BY step, rowid"):
+        values, i = {}, 0
+        for stat in STATS:
+            width = len(_columns(stat))
+            values[stat.name] = _decode(stat, tuple(row[i:i + width]), getattr(empty, stat.name))
+            i += width
+        yield step, sites[site], TensorStats(formats, **values)
 
 
 _WIDTHS = (np.uint8, np.uint16, np.uint32, np.uint64)
@@ -246,16 +298,8 @@ def _read(db: sqlite3.Connection, path: Path) -> Run:
     scales = {s: float(v) for s, v in db.execute("SELECT step, loss_scale FROM steps") if v is not None}
     for step, in db.execute("SELECT step FROM steps ORDER BY step"):
         records[step] = {}
-    for row in db.execute("SELECT * FROM stats ORDER BY step, rowid"):
-        step, site, numel, zeros, nans, posinf, neginf, amax, amin, calls, dtypes, first, hist, casts = row
-        full = np.zeros(len(HIST_EXPONENTS), dtype=np.int64)
-        span = _unpack(hist)
-        full[first:first + len(span)] = span
-        records.setdefault(step, {})[sites[site]] = TensorStats(
-            formats, numel=numel, zeros=zeros, nans=nans, posinf=posinf, neginf=neginf, amax=amax,
-            amin_nonzero=math.inf if amin is None else amin, hist=full,
-            casts=_unpack(casts).reshape(len(formats), 3), dtypes=frozenset(filter(None, dtypes.split(","))),
-            calls=calls)
+    for step, site, stats in _read_stats(db, formats, sites):
+        records.setdefault(step, {})[site] = stats
     events: dict[int, list[NonFiniteEvent]] = {}
     ranks_column = "ranks" if version >= 2 else "''"  # version 1 files predate ranks
     for step, seq, name, kind, phase, n, p, m, produced, ranks in db.execute(

@@ -9,8 +9,9 @@ per device and decodes them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 
 from mpdiag.record import _cpu_kernel
 from mpdiag.record._layout import BucketLayout, layout_for
-from mpdiag.core.stats import DEFAULT_FORMATS, FormatSpecs, TensorStats, format_names
+from mpdiag.core.stats import DEFAULT_FORMATS, STATS, FormatSpecs, Reduce, Source, Stat, TensorStats, format_names
 
 #: Why a tensor was not observed, for tensors that have no floating values to classify.
 SKIP_REASONS = {
@@ -54,53 +55,91 @@ def use_cpu_kernel() -> bool:
     return _cpu_kernel.available()
 
 
-_NO_EXTREMES = np.array([0.0, -math.inf])  # [amax, -amin_nonzero] before any value: both reduce with maximum
-
-
-def _ext_dtype(device: torch.device) -> torch.dtype:
-    # amax/amin are kept in fp64 where the device has it, so fp64 inputs keep their range.
+def _float_dtype(device: torch.device) -> torch.dtype:
+    # Device statistics are kept in fp64 where the device has it, so fp64 inputs keep their range.
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+class _DeviceStats:
+    """The statistics a kernel computes per tensor (``Source.DEVICE``), as one float vector per part.
+
+    Ordered so that they combine in at most two ops, on a part, in the one transfer and across ranks:
+    those that reduce by SUM first, then those that reduce by MAX, then the MIN ones negated (the
+    minimum of x is minus the maximum of -x), so that everything past the sums combines with a maximum.
+    """
+
+    def __init__(self, stats: Sequence[Stat], defaults: Mapping[str, float]) -> None:
+        by_reduce = {r: [s for s in stats if s.source is Source.DEVICE and s.reduce is r] for r in Reduce}
+        if by_reduce[Reduce.UNION]:
+            raise TypeError(f"device statistics cannot reduce by union: {by_reduce[Reduce.UNION]}")
+        self.order = by_reduce[Reduce.SUM] + by_reduce[Reduce.MAX] + by_reduce[Reduce.MIN]
+        self.names = [s.name for s in self.order]
+        self.n_sum = len(by_reduce[Reduce.SUM])
+        self.sign = np.array([-1.0 if s.reduce is Reduce.MIN else 1.0 for s in self.order])
+        self.initial = self.sign * np.array([defaults[n] for n in self.names], dtype=np.float64)
+
+    def pack(self, values: Mapping[str, Any]) -> Any:
+        """A kernel's values by name -> the part's vector (a tensor when they are tensors)."""
+        if values and isinstance(next(iter(values.values())), torch.Tensor):
+            return torch.stack([values[n] if sign > 0 else -values[n] for n, sign in zip(self.names, self.sign)])
+        return self.sign * np.array([values[n] for n in self.names], dtype=np.float64)
+
+    def unpack(self, vector: np.ndarray) -> dict[str, float]:
+        return dict(zip(self.names, (self.sign * vector).tolist()))
+
+    def combine(self, into: Any, other: Any) -> None:
+        """into <- into combined with other, in place (numpy arrays or tensors alike)."""
+        if self.n_sum:
+            into[:self.n_sum] += other[:self.n_sum]
+        tail, other_tail = into[self.n_sum:], other[self.n_sum:]
+        if isinstance(into, np.ndarray):
+            np.maximum(tail, other_tail, out=tail)
+        else:
+            torch.maximum(tail, other_tail, out=tail)
+
+
+DEVICE_STATS = _DeviceStats(STATS, {f.name: f.default for f in dataclasses.fields(TensorStats)})
+#: The statistics counted on the host as tensors are observed, and read from the accumulator as they are.
+HOST_STATS = tuple(s.name for s in STATS if s.source is Source.HOST)
+
+
 class _Part:
-    """Bucket counts and extremes of tensors of one source dtype on one device.
+    """Bucket counts and device statistics of tensors of one source dtype on one device.
 
     Device tensors on the tensors' device; plain numpy arrays for CPU tensors that the compiled
     kernel measures (they are on the host already, and numpy arrays are far cheaper to make and add).
     """
 
-    __slots__ = ("layout", "device", "on_host", "counts", "ext")
+    __slots__ = ("layout", "device", "on_host", "counts", "values")
 
     def __init__(self, layout: BucketLayout, device: torch.device, on_host: bool) -> None:
         self.layout, self.device, self.on_host = layout, device, on_host
         if on_host:
             self.counts = np.zeros(layout.n_buckets, dtype=np.int64)
-            self.ext = _NO_EXTREMES.copy()
+            self.values = DEVICE_STATS.initial.copy()
             return
         # Normal tensors even when created inside inference_mode, so in-place updates outside it work.
         with torch.inference_mode(False):
             self.counts = torch.zeros(layout.n_buckets, dtype=torch.int64, device=device)
             # filled on the device: torch.tensor([...], device=...) would copy from the host each time
-            self.ext = torch.full((2,), -math.inf, dtype=_ext_dtype(device), device=device)
-            self.ext[0] = 0.0
+            self.values = torch.empty(len(DEVICE_STATS.names), dtype=_float_dtype(device), device=device)
+            for i, value in enumerate(DEVICE_STATS.initial.tolist()):
+                self.values[i] = value
 
     def copy(self) -> _Part:
         """A part of its own with the same values."""
         part = _Part.__new__(_Part)
         part.layout, part.device, part.on_host = self.layout, self.device, self.on_host
         if self.on_host:
-            part.counts, part.ext = self.counts.copy(), self.ext.copy()
+            part.counts, part.values = self.counts.copy(), self.values.copy()
         else:
             with torch.inference_mode(False):  # as in __init__
-                part.counts, part.ext = self.counts.clone(), self.ext.clone()
+                part.counts, part.values = self.counts.clone(), self.values.clone()
         return part
 
     def add(self, other: _Part) -> None:
         self.counts += other.counts
-        if self.on_host:
-            np.maximum(self.ext, other.ext, out=self.ext)
-        else:
-            torch.maximum(self.ext, other.ext, out=self.ext)
+        DEVICE_STATS.combine(self.values, other.values)
 
 
 class Observation:
@@ -134,7 +173,7 @@ def measure(x: torch.Tensor, format_names: tuple[str, ...]) -> Observation:
         if dtype != layout.source:
             x = x.to(layout.source)  # fp8 inputs widen exactly
         if on_host:
-            _cpu_kernel.count_into(x, layout, part.counts, part.ext)
+            part.values[:] = DEVICE_STATS.pack(_cpu_kernel.count_into(x, layout, part.counts))
             nan, posinf, neginf = layout.nonfinite_buckets
             nonfinite = int(part.counts[nan] + part.counts[posinf] + part.counts[neginf])
         else:
@@ -148,20 +187,24 @@ def _measure_with_torch(x: torch.Tensor, part: _Part) -> None:
     buckets = torch.bucketize(x.contiguous(), part.layout.edges_on(x.device)).reshape(-1)
     part.counts.index_add_(0, buckets, torch.ones((), dtype=torch.int64, device=x.device).expand(buckets.numel()))
     magnitude = torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0)
-    amax = magnitude.amax()
-    amin = torch.where(magnitude > 0, magnitude, math.inf).amin()
-    part.ext.copy_(torch.stack([amax, -amin]))
+    part.values.copy_(DEVICE_STATS.pack({
+        "amax": magnitude.amax(),
+        "amin_nonzero": torch.where(magnitude > 0, magnitude, math.inf).amin(),
+    }))
 
 
 class SiteAccumulator:
-    """Accumulates the statistics of every tensor observed at one site, on the tensors' devices."""
+    """Accumulates the statistics of every tensor observed at one site, on the tensors' devices.
+
+    Its parts (one per source dtype and device) stay inside: ``read_many`` reads them, and the
+    distributed reduction works through ``host_stats``, ``sources``, ``gathered`` and ``reduce_parts``.
+    """
 
     def __init__(self, format_names: tuple[str, ...]) -> None:
         self.format_names = format_names
         self._parts: dict[tuple[torch.dtype, torch.device, bool], _Part] = {}
         self.dtypes: set[str] = set()
         self.calls = 0
-        self.skipped: dict[str, int] = {}
 
     @property
     def empty(self) -> bool:
@@ -171,15 +214,11 @@ class SiteAccumulator:
         self._parts.clear()
         self.dtypes.clear()
         self.calls = 0
-        self.skipped.clear()
 
     def observe(self, x: torch.Tensor) -> None:
         """Add ``x``'s statistics (skipping tensors ``skip_reason`` names). Never waits for the device."""
-        reason = skip_reason(x)
-        if reason is not None:
-            self.skipped[reason] = self.skipped.get(reason, 0) + 1
-            return
-        self.add(measure(x, self.format_names))
+        if skip_reason(x) is None:
+            self.add(measure(x, self.format_names))
 
     def add(self, obs: Observation) -> None:
         self.calls += 1
@@ -197,6 +236,75 @@ class SiteAccumulator:
     def read(self) -> TensorStats:
         """This accumulator's statistics, read from the device now."""
         return read_many({None: self})[None]
+
+    # -- for the distributed reduction ------------------------------------------------------------
+    def host_stats(self) -> dict[str, Any]:
+        """The statistics counted on the host (``HOST_STATS``), by name."""
+        values = {name: getattr(self, name) for name in HOST_STATS}
+        return {name: frozenset(v) if isinstance(v, set) else v for name, v in values.items()}
+
+    def set_host_stats(self, stats: Mapping[str, Any]) -> None:
+        for name in HOST_STATS:
+            value = stats[name]
+            setattr(self, name, set(value) if isinstance(value, frozenset) else value)
+
+    def sources(self) -> set[torch.dtype]:
+        """The source dtypes of the tensors observed (what their buckets are laid out by)."""
+        return {source for source, _, _ in self._parts}
+
+    def gathered(self, source: torch.dtype, device: torch.device) -> _Part:
+        """This accumulator's parts of ``source`` merged into one on ``device`` (the parts it replaces may
+        be on several devices), created empty when no such tensor was observed."""
+        mine = [key for key in self._parts if key[0] == source]
+        on_host = device.type == "cpu"
+        part = _Part(layout_for(source, self.format_names), device, on_host)
+        for key in mine:
+            other = self._parts.pop(key)
+            part.counts += _as_held(other.counts, part)
+            DEVICE_STATS.combine(part.values, _as_held(other.values, part))
+        self._parts[(source, device, on_host)] = part
+        return part
+
+
+def _as_held(value: Any, part: _Part) -> Any:
+    """``value`` (a numpy array or a tensor anywhere) as ``part`` holds its own: numpy on the host, else
+    a tensor of the part's dtype on its device."""
+    if part.on_host:
+        return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
+    tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+    return tensor.to(part.device, part.values.dtype if tensor.is_floating_point() else tensor.dtype)
+
+
+def reduce_parts(parts: Sequence[_Part], all_reduce: Callable[[torch.Tensor, Reduce], None],
+                 device: torch.device) -> None:
+    """Reduce ``parts`` (from ``gathered``, in an order every rank shares) in place with ``all_reduce``
+    (a collective given a tensor and SUM or MAX): one call per kind of reduction that the declared
+    statistics need: the bucket counts and the summed device statistics by SUM, the rest by MAX."""
+    if not parts:
+        return
+    n = DEVICE_STATS.n_sum
+    groups = [(Reduce.SUM, "counts", slice(None)), (Reduce.SUM, "values", slice(0, n)),
+              (Reduce.MAX, "values", slice(n, None))]
+    for reduce, attr, piece in groups:
+        pieces = [_as_tensor(getattr(p, attr), device)[piece] for p in parts]
+        if not pieces[0].numel():
+            continue
+        packed = torch.cat([x.to(torch.float64) if attr == "values" else x for x in pieces])
+        all_reduce(packed, reduce)
+        offset = 0
+        for p, x in zip(parts, pieces):
+            size = x.numel()
+            target = getattr(p, attr)[piece]
+            reduced = packed[offset:offset + size]
+            if p.on_host:
+                target[:] = reduced.cpu().numpy()
+            else:
+                target.copy_(reduced.to(target.dtype))
+            offset += size
+
+
+def _as_tensor(value: Any, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(value).to(device) if isinstance(value, np.ndarray) else value.to(device)
 
 
 def tensor_stats(tensor: torch.Tensor, formats: FormatSpecs = DEFAULT_FORMATS) -> TensorStats:
@@ -226,7 +334,7 @@ def read_with_extras(accumulators: Mapping[Hashable, SiteAccumulator],
     for key, acc in accumulators.items():
         for part in acc._parts.values():
             if part.on_host:
-                rows.append((key, part.layout, part.counts, part.ext))
+                rows.append((key, part.layout, part.counts, part.values))
             else:
                 on_device.setdefault(part.device, []).append((key, part))
     extras_by_device: dict[torch.device, list[int]] = {}
@@ -236,39 +344,40 @@ def read_with_extras(accumulators: Mapping[Hashable, SiteAccumulator],
     for device in on_device.keys() | extras_by_device.keys():
         items = on_device.get(device, [])
         own = [extras[i].reshape(-1) for i in extras_by_device.get(device, [])]
-        packed = torch.cat([t for _, part in items for t in (part.counts, _as_int64(part.ext))] + own).cpu().numpy()
+        packed = torch.cat([t for _, part in items for t in (part.counts, _as_int64(part.values))] + own).cpu().numpy()
         offset = 0
         for key, part in items:
             n = part.layout.n_buckets
-            ext = _from_int64(packed[offset + n:offset + n + 2], part.ext.dtype)
-            rows.append((key, part.layout, packed[offset:offset + n], ext))
-            offset += n + 2
+            n_values = part.values.shape[0]
+            values = _from_int64(packed[offset + n:offset + n + n_values], part.values.dtype)
+            rows.append((key, part.layout, packed[offset:offset + n], values))
+            offset += n + n_values
         for i in extras_by_device.get(device, []):
             size = extras[i].numel()
             extras_host[i] = packed[offset:offset + size]
             offset += size
     by_layout: dict[BucketLayout, list[tuple[Hashable, np.ndarray, np.ndarray]]] = {}
-    for key, layout, counts, ext in rows:
-        by_layout.setdefault(layout, []).append((key, counts, ext))
+    for key, layout, counts, values in rows:
+        by_layout.setdefault(layout, []).append((key, counts, values))
     decoded: dict[Hashable, list[dict[str, Any]]] = {key: [] for key in accumulators}
     for layout, items in by_layout.items():
         fields = layout.decode_many(np.stack([counts for _, counts, _ in items]))
-        for (key, _, ext), f in zip(items, fields):
-            decoded[key].append({**f, "amax": float(ext[0]), "amin_nonzero": float(-ext[1])})
+        for (key, _, values), f in zip(items, fields):
+            decoded[key].append({**f, **DEVICE_STATS.unpack(values)})
     return {key: _finish(acc, decoded[key]) for key, acc in accumulators.items()}, extras_host
 
 
 def _finish(acc: SiteAccumulator, parts: list[dict[str, Any]]) -> TensorStats:
     """One TensorStats from the decoded parts of one site (usually one: a single dtype and device)."""
     if len(parts) == 1:  # the common case builds one TensorStats, not one per part plus a merge
-        return TensorStats(acc.format_names, dtypes=frozenset(acc.dtypes), calls=acc.calls, **parts[0])
+        return TensorStats(acc.format_names, **acc.host_stats(), **parts[0])
     merged = TensorStats.merge_all([TensorStats(acc.format_names, **p) for p in parts], acc.format_names)
-    return replace(merged, dtypes=frozenset(acc.dtypes), calls=acc.calls)
+    return replace(merged, **acc.host_stats())
 
 
-def _as_int64(ext: torch.Tensor) -> torch.Tensor:
-    # Pack floats as their bit patterns so one int64 transfer carries counts and extremes together.
-    return ext.view(torch.int64) if ext.dtype == torch.float64 else ext.view(torch.int32).to(torch.int64)
+def _as_int64(values: torch.Tensor) -> torch.Tensor:
+    # Pack floats as their bit patterns so one int64 transfer carries counts and statistics together.
+    return values.view(torch.int64) if values.dtype == torch.float64 else values.view(torch.int32).to(torch.int64)
 
 
 def _from_int64(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:

@@ -219,9 +219,10 @@ def tables_for(layout) -> KernelTables:  # noqa: ANN001 - a BucketLayout
     return tables
 
 
-def count_into(x: torch.Tensor, layout, counts: np.ndarray, ext: np.ndarray) -> None:  # noqa: ANN001
-    """Add the bucket counts of CPU tensor ``x`` (already in ``layout.source``, detached) to ``counts`` and
-    set ``ext`` to [amax, -amin_nonzero] of its finite values ([0, -inf] when there are none)."""
+def count_into(x: torch.Tensor, layout, counts: np.ndarray) -> dict[str, float]:  # noqa: ANN001
+    """Add the bucket counts of CPU tensor ``x`` (already in ``layout.source``, detached) to ``counts``;
+    return its device statistics by name: amax and amin_nonzero of its finite values (0 and inf when
+    there are none)."""
     t = tables_for(layout)
     bits = _bits(x, t.signed_view)
     extremes = t.no_extremes.copy()
@@ -230,8 +231,7 @@ def count_into(x: torch.Tensor, layout, counts: np.ndarray, ext: np.ndarray) -> 
     else:
         _count(bits, *t.args, counts, extremes)
     hi, lo = extremes.tolist()
-    ext[0] = t.to_float(hi)
-    ext[1] = -t.to_float(lo)  # the bits of inf when there is no finite non-zero value: -inf, as wanted
+    return {"amax": t.to_float(hi), "amin_nonzero": t.to_float(lo)}  # lo: the bits of inf when there is none
 
 
 _NUMPY_INT = {torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}

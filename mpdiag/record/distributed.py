@@ -27,12 +27,11 @@ import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from mpdiag.record._accumulate import SiteAccumulator, _Part, is_dtensor
-from mpdiag.record._layout import layout_for
+from mpdiag.core.stats import STATS, Reduce
+from mpdiag.record._accumulate import SiteAccumulator, is_dtensor, reduce_parts
 from mpdiag.core.errors import AttachError
 from mpdiag.core.events import PHASES, NonFiniteEvent
 from mpdiag.core.run import Kind, Site
@@ -126,45 +125,62 @@ def grads_settle_late(params: Mapping[str, torch.Tensor], ddp: bool) -> bool:
 
 
 # -- reducing the statistics ----------------------------------------------------------------------
-def _describe(live: Mapping[Site, SiteAccumulator]) -> dict[tuple[str, str], tuple[int, list[str], list[str]]]:
-    """Per site: calls, dtypes seen and the source dtypes of its parts (what the buckets are laid out by)."""
-    return {(s.name, s.kind.value): (acc.calls, sorted(acc.dtypes), sorted(str(k[0]) for k in acc._parts))
+def _describe(live: Mapping[Site, SiteAccumulator]) -> dict[tuple[str, str], tuple[dict[str, Any], list[str]]]:
+    """Per site: its host statistics (calls, dtypes seen) and the source dtypes of what it observed (what
+    the buckets are laid out by), in a form that pickles and fingerprints alike on every rank."""
+    return {(s.name, s.kind.value): ({k: sorted(v) if isinstance(v, frozenset) else v
+                                      for k, v in acc.host_stats().items()},
+                                     sorted(str(d) for d in acc.sources()))
             for s, acc in live.items()}
 
 
-def reduce_accumulators(live: dict[Site, SiteAccumulator], accumulator: Any, format_names: tuple[str, ...],
-                        group: Any, replicated: set[Site]) -> dict[Site, SiteAccumulator]:
+def _combine_host_stats(kind: str, mine: dict[str, Any] | None, theirs: dict[str, Any]) -> dict[str, Any]:
+    """Two ranks' host statistics of one site, combined as each is declared; but per-rank data was observed
+    once per rank (summed), while a sharded parameter was observed once, whatever its shards (max)."""
+    if mine is None:
+        return {k: frozenset(v) if isinstance(v, list) else v for k, v in theirs.items()}
+    out = {}
+    for stat in (s for s in STATS if s.name in theirs):
+        a, b = mine[stat.name], theirs[stat.name]
+        if stat.reduce is Reduce.UNION:
+            out[stat.name] = frozenset(a) | frozenset(b)
+        elif stat.reduce is Reduce.SUM and kind in _PER_RANK_KINDS:
+            out[stat.name] = a + b
+        elif stat.reduce is Reduce.MIN:
+            out[stat.name] = min(a, b)
+        else:
+            out[stat.name] = max(a, b)
+    return out
+
+
+def reduce_accumulators(live: dict[Site, SiteAccumulator], accumulator: Any, group: Any,
+                        replicated: set[Site]) -> dict[Site, SiteAccumulator]:
     """Reduce every site's statistics across ``group``, in place; returns the sites to read (the union
     over ranks: a site only some ranks saw is read everywhere). ``accumulator(site)`` makes a missing one.
 
     Sites in ``replicated`` keep this rank's own statistics."""
-    dist = _dist()
     mine = _describe({s: a for s, a in live.items() if s not in replicated})
-    everyone = _gather_unless_all_alike(mine, group)
-    union: dict[tuple[str, str], tuple[int, set[str], set[str]]] = {}
-    for described in everyone:
-        for key, (calls, dtypes, sources) in described.items():
-            total, seen, parts = union.get(key, (0, set(), set()))
-            # Per-rank data was observed once per rank; a sharded parameter once, whatever its shards.
-            calls = total + calls if key[1] in _PER_RANK_KINDS else max(total, calls)
-            union[key] = (calls, seen | set(dtypes), parts | set(sources))
+    union: dict[tuple[str, str], tuple[dict[str, Any], set[str]]] = {}
+    for described in _gather_unless_all_alike(mine, group):
+        for key, (host, sources) in described.items():
+            seen, parts = union.get(key, (None, set()))
+            union[key] = (_combine_host_stats(key[1], seen, host), parts | set(sources))
     device = _collective_device(group)
-    ordered: list[_Part] = []
+    ordered = []
     out = {s: a for s, a in live.items() if s in replicated}
-    for (name, kind), (calls, dtypes, sources) in sorted(union.items()):
+    for (name, kind), (host, sources) in sorted(union.items()):
         site = Site(name, Kind(kind))
         acc = live.get(site) or accumulator(site)
-        acc.calls, acc.dtypes = calls, set(dtypes)
-        for source in sorted(sources):
-            ordered.append(_part_for(acc, _dtype(source), format_names, device))
+        acc.set_host_stats(host)
+        ordered.extend(acc.gathered(_dtype(source), device) for source in sorted(sources))
         out[site] = acc
-    if ordered:
-        counts = torch.cat([_tensor(p.counts, device) for p in ordered])
-        extremes = torch.cat([_tensor(p.ext, device).to(torch.float64) for p in ordered])
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
-        _scatter_back(ordered, counts, extremes)
+    reduce_parts(ordered, lambda tensor, op: _dist().all_reduce(tensor, op=_reduce_ops()[op], group=group), device)
     return out
+
+
+def _reduce_ops() -> dict[Reduce, Any]:
+    dist = _dist()
+    return {Reduce.SUM: dist.ReduceOp.SUM, Reduce.MAX: dist.ReduceOp.MAX, Reduce.MIN: dist.ReduceOp.MIN}
 
 
 def _gather_unless_all_alike(mine: Any, group: Any) -> list[Any]:
@@ -199,49 +215,6 @@ def _collective_device(group: Any) -> torch.device:
     if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _part_for(acc: SiteAccumulator, source: torch.dtype, format_names: tuple[str, ...], device: torch.device) -> _Part:
-    """The accumulator's part for ``source``, merged into one (a rank may hold it on several devices) and
-    created empty when this rank saw no such tensor there."""
-    mine = [(k, p) for k, p in acc._parts.items() if k[0] == source]
-    for key, _ in mine:
-        del acc._parts[key]
-    on_host = device.type == "cpu"
-    part = _Part(layout_for(source, format_names), device, on_host)
-    for _, p in mine:
-        part.counts += _converted(p.counts, part)
-        part.ext = np.maximum(part.ext, _numpy(p.ext)) if on_host else torch.maximum(part.ext, _tensor(p.ext, device))
-    acc._parts[(source, device, on_host)] = part
-    return part
-
-
-def _converted(counts: Any, target: _Part) -> Any:
-    """``counts`` as ``target`` holds them: a numpy array on the host, else a tensor on its device."""
-    return _numpy(counts) if target.on_host else _tensor(counts, target.device)
-
-
-def _numpy(value: Any) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
-
-
-def _tensor(value: Any, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(value).to(device) if isinstance(value, np.ndarray) else value.to(device)
-
-
-def _scatter_back(parts: list[_Part], counts: torch.Tensor, extremes: torch.Tensor) -> None:
-    """Copy the reduced values back into each part, in the order they were packed."""
-    offset = 0
-    for i, part in enumerate(parts):
-        n = part.layout.n_buckets
-        ext = extremes[2 * i:2 * i + 2]
-        if part.on_host:
-            part.counts[:] = counts[offset:offset + n].numpy()
-            part.ext[:] = ext.numpy()
-        else:
-            part.counts.copy_(counts[offset:offset + n])
-            part.ext.copy_(ext.to(part.ext.dtype))
-        offset += n
 
 
 # -- non-finite events ----------------------------------------------------------------------------

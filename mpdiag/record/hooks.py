@@ -212,8 +212,7 @@ class Recorder:
                 self._observe(grad_site, param.grad)  # set by hand, not by backward
         live = {site: acc for site, acc in self._accumulators.items() if not acc.empty}
         if self.group is not None:
-            live = distributed.reduce_accumulators(live, self.accumulator, self.format_names, self.group,
-                                                   self.replicated)
+            live = distributed.reduce_accumulators(live, self.accumulator, self.group, self.replicated)
         stats, event_counts = read_with_extras(live, self.events.device_tensors())
         events = self.events.events(step, event_counts)
         if self.group is not None:

@@ -27,7 +27,7 @@ import logging
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -46,7 +46,10 @@ from mpdiag.core.run import Kind, Run, Site
 from mpdiag.record.sinks import Sink
 from mpdiag.core.stats import DEFAULT_FORMATS, FormatSpecs, TensorStats, format_names
 
-__all__ = ["Recording", "paused"]
+__all__ = ["Recording", "paused", "OnNonFinite"]
+
+#: What a recording does when a step it closes saw NaN or inf (see ``mpdiag.diagnose``).
+OnNonFinite = Literal["record", "warn", "raise"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ class Recording:
                  every: int = 1, include: str | Iterable[str] | None = None,
                  exclude: str | Iterable[str] | None = None,
                  optimizer: torch.optim.Optimizer | None = None,
-                 scaler: torch.amp.GradScaler | None = None, on_nonfinite: str = "record",
+                 scaler: torch.amp.GradScaler | None = None, on_nonfinite: OnNonFinite = "record",
                  sinks: Sequence[Sink] = (), group: Any = None) -> None:
         _check_arguments(model, every, scaler)
         _dynamo.prepare(Recorder, Recording)
@@ -390,7 +393,7 @@ class Recording:
     def _skips_may_be_merged(self, events: list[NonFiniteEvent]) -> bool:
         """Several forwards in one step and NaN/inf gradients, with no GradScaler to tell skips by: steps a
         scaler skipped merge when their gradients are zeroed in place (they look like accumulation)."""
-        gradients_nonfinite = any(e.kind in (Kind.ACTIVATION_GRAD.value, Kind.PARAM_GRAD.value) for e in events)
+        gradients_nonfinite = any(e.kind.is_gradient for e in events)
         return self._scale_seen is None and self._optimizer is not None and self._forwards > 1 and gradients_nonfinite
 
     def _write_anomalies(self) -> None:
@@ -407,12 +410,12 @@ class Recording:
         elif self.on_nonfinite == "raise":
             involved = {(e.name, e.kind) for e in events}
             recent = [s for s in sorted(self._records) if s <= step][-_HISTORY:]
-            history = {(n, k): [(s, self._records[s][Site(n, Kind(k))]) for s in recent
-                                if Site(n, Kind(k)) in self._records[s]] for n, k in involved}
+            history = {(n, k): [(s, self._records[s][Site(n, k)]) for s in recent if Site(n, k) in self._records[s]]
+                       for n, k in involved}
             raise NonFiniteError(events[0], events, history)
 
 
-_ON_NONFINITE = ("record", "warn", "raise")
+_ON_NONFINITE: tuple[OnNonFinite, ...] = get_args(OnNonFinite)
 _HISTORY = 8  # recorded steps of history a NonFiniteError carries for each site involved
 
 
