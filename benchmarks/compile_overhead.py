@@ -23,7 +23,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-
 from _timing import Variant, interleaved_rounds
 
 import mpdiag
@@ -41,8 +40,15 @@ def _gpt2(args: argparse.Namespace) -> tuple[torch.nn.Module, Callable[[torch.nn
     import transformers
 
     transformers.logging.set_verbosity_error()
-    config = transformers.GPT2Config(n_layer=args.layers, n_embd=args.d_model, n_head=4, vocab_size=1000,
-                                     n_positions=args.seq, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=args.layers,
+        n_embd=args.d_model,
+        n_head=4,
+        vocab_size=1000,
+        n_positions=args.seq,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = transformers.GPT2LMHeadModel(config)
     ids = torch.randint(0, 1000, (args.batch, args.seq))
     return model, lambda m: m(input_ids=ids, labels=ids).loss
@@ -71,6 +77,7 @@ def main() -> None:
             opt.zero_grad()
             loss_of(m).backward()
             opt.step()
+
         return step
 
     plain_step, compiled_step = stepper(model), stepper(compiled)
@@ -88,18 +95,24 @@ def main() -> None:
     }
     times = interleaved_rounds(variants, args.rounds, args.steps)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numba kernel "
-          f"{'on' if _cpu_kernel.available() else 'off'}, backend {args.backend}; model {args.model} "
-          f"d_model={args.d_model} layers={args.layers} batch {args.batch}x{args.seq}; "
-          f"{args.rounds} rounds x {args.steps} steps")
-    print(f"graph breaks: {breaks_plain} compiled, {breaks_diag} compiled with mpdiag attached; first compiled "
-          f"step: {seconds_plain:.1f} s, {seconds_diag:.1f} s with mpdiag")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, numba kernel "
+        f"{'on' if _cpu_kernel.available() else 'off'}, backend {args.backend}; model {args.model} "
+        f"d_model={args.d_model} layers={args.layers} batch {args.batch}x{args.seq}; "
+        f"{args.rounds} rounds x {args.steps} steps"
+    )
+    print(
+        f"graph breaks: {breaks_plain} compiled, {breaks_diag} compiled with mpdiag attached; first compiled "
+        f"step: {seconds_plain:.1f} s, {seconds_diag:.1f} s with mpdiag"
+    )
     for name, ts in times.items():
         reference = times["compiled" if name.startswith("compiled") else "eager"]
         ratio = statistics.median(t / r for t, r in zip(ts, reference))
         vs_eager = statistics.median(t / r for t, r in zip(ts, times["eager"]))
-        print(f"{name:>27}: {statistics.median(ts) * 1e3:7.1f} ms/step   {ratio:5.2f}x "
-              f"{'compiled' if name.startswith('compiled') else 'eager':8}  {vs_eager:5.2f}x eager")
+        print(
+            f"{name:>27}: {statistics.median(ts) * 1e3:7.1f} ms/step   {ratio:5.2f}x "
+            f"{'compiled' if name.startswith('compiled') else 'eager':8}  {vs_eager:5.2f}x eager"
+        )
 
 
 def _compile_cost(step: Callable[[], None]) -> tuple[int, float]:

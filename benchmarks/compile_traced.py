@@ -27,9 +27,9 @@ import torch
 from _timing import Variant, interleaved_rounds
 
 import mpdiag
+from mpdiag.core.stats import DEFAULT_FORMATS
 from mpdiag.record._layout import layout_for
 from mpdiag.record.hooks import floating_tensors
-from mpdiag.core.stats import DEFAULT_FORMATS
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
 
@@ -48,6 +48,7 @@ def traced_hooks(model: torch.nn.Module, observe: Callable[[torch.Tensor, int], 
     """Forward hooks (and output-gradient hooks) that dynamo traces; ``observe(tensor, site index)``."""
     handles = []
     for index, (_, module) in enumerate(model.named_modules()):
+
         def forward_hook(module: torch.nn.Module, args: object, out: object, index: int = index) -> None:
             for t in floating_tensors(out):
                 if t.dim() == 0:
@@ -55,6 +56,7 @@ def traced_hooks(model: torch.nn.Module, observe: Callable[[torch.Tensor, int], 
                 observe(t, 2 * index)
                 if t.requires_grad:
                     t.register_hook(lambda g, index=index: observe(g, 2 * index + 1))
+
         handles.append(module.register_forward_hook(forward_hook))
     try:
         yield
@@ -104,6 +106,7 @@ def main() -> None:
             opt.zero_grad()
             lm_loss(compiled(tokens), targets).backward()
             opt.step()
+
         return step, make
 
     variants = {
@@ -123,13 +126,17 @@ def main() -> None:
             breaks[name] = sum(torch._dynamo.utils.counters["graph_break"].values())
         times = interleaved_rounds(variants, args.rounds, args.steps)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend {args.backend}; toy transformer "
-          f"d_model={args.d_model} layers={args.layers} batch {args.batch}x{args.seq}; "
-          f"{args.rounds} rounds x {args.steps} steps")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend {args.backend}; toy transformer "
+        f"d_model={args.d_model} layers={args.layers} batch {args.batch}x{args.seq}; "
+        f"{args.rounds} rounds x {args.steps} steps"
+    )
     for name, ts in times.items():
         ratio = statistics.median(t / c for t, c in zip(ts, times["compiled"]))
-        print(f"{name:>22}: {statistics.median(ts) * 1e3:7.1f} ms/step  {ratio:5.2f}x compiled  "
-              f"graph breaks {breaks[name]}")
+        print(
+            f"{name:>22}: {statistics.median(ts) * 1e3:7.1f} ms/step  {ratio:5.2f}x compiled  "
+            f"graph breaks {breaks[name]}"
+        )
 
 
 if __name__ == "__main__":

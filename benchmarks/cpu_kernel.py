@@ -10,14 +10,14 @@ Run: python benchmarks/cpu_kernel.py [--rounds N] [--numel N]
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-from mpdiag.record import _accumulate
-from mpdiag.record import _cpu_kernel
+from mpdiag.record import _accumulate, _cpu_kernel
 
 FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
 
@@ -60,12 +60,15 @@ def main() -> None:
                 for kernel in (True, False):
                     _accumulate.use_cpu_kernel = lambda kernel=kernel: kernel
                     repeat = 10 if kernel else 2
-                    times[(kind, kernel)].append(per_element(lambda: _accumulate.measure(x, FORMATS), x.numel(),
-                                                             repeat))
+                    times[(kind, kernel)].append(
+                        per_element(functools.partial(_accumulate.measure, x, FORMATS), x.numel(), repeat)
+                    )
     finally:
         _accumulate.use_cpu_kernel = real_choice
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.numel} elements per tensor, "
-          f"{args.rounds} rounds; ns per element")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.numel} elements per tensor, "
+        f"{args.rounds} rounds; ns per element"
+    )
     print(f"{'tensor':>22} {'kernel':>8} {'torch ops':>10} {'ratio':>7}")
     for kind in kinds:
         kernel, ops = times[(kind, True)], times[(kind, False)]

@@ -38,6 +38,7 @@ def worker(rank: int, port: int, steps: int, layers: int, queue: multiprocessing
                 return _original(*args, **kwargs)
             finally:
                 collective.append(time.perf_counter() - start)
+
         setattr(distributed, name, timed)
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(TinyTransformerLM(n_layers=layers))
@@ -75,9 +76,11 @@ def main() -> None:
     for p in procs:
         p.join()
     for rank, sites, collective, steps in results:
-        print(f"rank {rank}: {sites} sites; collectives {1e3 * statistics.median(collective):.1f} ms per recorded "
-              f"step (median of {len(collective)}), whole diagnosed step {1e3 * statistics.median(steps):.1f} ms "
-              f"({statistics.median(collective) / statistics.median(steps):.1%})")
+        print(
+            f"rank {rank}: {sites} sites; collectives {1e3 * statistics.median(collective):.1f} ms per recorded "
+            f"step (median of {len(collective)}), whole diagnosed step {1e3 * statistics.median(steps):.1f} ms "
+            f"({statistics.median(collective) / statistics.median(steps):.1%})"
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import statistics
 from collections.abc import Callable, Iterator
 
 import torch
-
 from _timing import interleaved_rounds
 
 import mpdiag
@@ -89,9 +88,11 @@ def main() -> None:
     with _no_anomaly_warnings():
         times = interleaved_rounds({name: (step, make) for name, make in variants.items()}, args.rounds, args.steps)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numba kernel: "
-          f"{'on' if _cpu_kernel.available() else 'off'}; d_model={args.d_model}, layers={args.layers}, "
-          f"batch {args.batch}x{args.seq}; {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, numba kernel: "
+        f"{'on' if _cpu_kernel.available() else 'off'}; d_model={args.d_model}, layers={args.layers}, "
+        f"batch {args.batch}x{args.seq}; {args.rounds} rounds x {args.steps} steps"
+    )
     plain = times["plain"]
     for name, ts in times.items():
         ratio = statistics.median(t / p for t, p in zip(ts, plain))

@@ -49,8 +49,10 @@ def main() -> None:
     times = [mpdiag.report(run, out / "report").seconds for _ in range(args.rounds)]
     html = out / "report" / "report.html"
     print(f"{len(run.sites)} sites x {len(run.steps)} steps (recorded in {recorded:.1f} s, loaded in {loaded:.1f} s)")
-    print(f"report: median {statistics.median(times):.1f} s over {args.rounds} renders "
-          f"({', '.join(f'{t:.1f}' for t in times)}); report.html {html.stat().st_size / 1e6:.1f} MB")
+    print(
+        f"report: median {statistics.median(times):.1f} s over {args.rounds} renders "
+        f"({', '.join(f'{t:.1f}' for t in times)}); report.html {html.stat().st_size / 1e6:.1f} MB"
+    )
 
 
 if __name__ == "__main__":

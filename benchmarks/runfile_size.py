@@ -37,8 +37,10 @@ def main() -> None:
     run = mpdiag.load(path)
     size = path.stat().st_size
     rows = sum(len(r) for r in run.records.values())
-    print(f"{sum(1 for _ in model.modules())} modules, {len(run.sites)} sites, {len(run.steps)} steps "
-          f"({elapsed:.1f} s): {size / 1e6:.1f} MB, {size / rows:.0f} bytes per site and step")
+    print(
+        f"{sum(1 for _ in model.modules())} modules, {len(run.sites)} sites, {len(run.steps)} steps "
+        f"({elapsed:.1f} s): {size / 1e6:.1f} MB, {size / rows:.0f} bytes per site and step"
+    )
     assert diag.run.steps == run.steps
 
 

@@ -13,22 +13,31 @@ from pathlib import Path
 import torch
 
 import mpdiag
-from mpdiag.record.environment import check_autocast
 from mpdiag.core.errors import MpdiagError
+from mpdiag.record.environment import check_autocast
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
+
+__all__ = ["run_demo", "DTYPES"]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def run_demo(out_dir: Path, steps: int = 40, dtype: str = "fp32", device: str = "cpu", unstable: bool = False,
-             progress: Callable[[int, int, float], None] | None = None) -> Path:
+def run_demo(
+    out_dir: Path,
+    steps: int = 40,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    unstable: bool = False,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Path:
     """Train ``steps`` steps; return the path of the run file written into ``out_dir``."""
     if dtype not in DTYPES:
         raise MpdiagError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise MpdiagError("--device cuda was asked for, but this torch sees no CUDA GPU; use --device cpu")
-    if DTYPES[dtype] is not None:
-        check_autocast(device, DTYPES[dtype])
+    autocast_dtype = DTYPES[dtype]
+    if autocast_dtype is not None:
+        check_autocast(device, autocast_dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "run.mpdiag"
     if path.exists():
@@ -39,7 +48,6 @@ def run_demo(out_dir: Path, steps: int = 40, dtype: str = "fp32", device: str = 
         with torch.no_grad():
             model.tok.weight.mul_(3e5)  # residual stream past fp16's max (65504)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    autocast_dtype = DTYPES[dtype]
     scaler = _grad_scaler(device) if dtype == "fp16" and not unstable else None
     loss_factor = 1e-9 if unstable else 1.0  # gradients below fp16's subnormals without loss scaling
     batches = synthetic_batches(device=device)

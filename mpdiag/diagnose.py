@@ -99,5 +99,15 @@ def diagnose(
         (8, 0)
     """
     sinks = (RunFileSink(run_file),) if run_file is not None else ()
-    return Diagnosis(model, formats=formats, every=every, include=include, exclude=exclude, optimizer=optimizer,
-                     scaler=scaler, on_nonfinite=on_nonfinite, sinks=sinks, group=group)
+    return Diagnosis(
+        model,
+        formats=formats,
+        every=every,
+        include=include,
+        exclude=exclude,
+        optimizer=optimizer,
+        scaler=scaler,
+        on_nonfinite=on_nonfinite,
+        sinks=sinks,
+        group=group,
+    )

@@ -55,8 +55,15 @@ class Block(nn.Module):
 class TinyTransformerLM(nn.Module):
     """A pre-norm GPT-style decoder: token and position embeddings, ``n_layers`` blocks, a linear head."""
 
-    def __init__(self, vocab_size: int = 256, d_model: int = 128, n_heads: int = 4, n_layers: int = 2,
-                 seq_len: int = 64, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        d_model: int = 128,
+        n_heads: int = 4,
+        n_layers: int = 2,
+        seq_len: int = 64,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
@@ -78,8 +85,14 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def synthetic_batches(batch_size: int = 16, seq_len: int = 64, vocab_size: int = 256, seed: int = 0,
-                      device: str | torch.device = "cpu", branching: int = 4) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def synthetic_batches(
+    batch_size: int = 16,
+    seq_len: int = 64,
+    vocab_size: int = 256,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    branching: int = 4,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (tokens, next tokens) batches from a random Markov chain with ``branching`` successors per token."""
     gen = torch.Generator().manual_seed(seed)
     successors = torch.randint(vocab_size, (vocab_size, branching), generator=gen)

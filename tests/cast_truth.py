@@ -7,8 +7,12 @@ import torch
 from mpdiag.core.casting import Category, cast, source_dtype
 from mpdiag.core.formats import Format
 
-INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-            torch.bfloat16: torch.int16}
+INT_VIEW = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 def from_bits(bits: list[int], dtype: torch.dtype) -> torch.Tensor:

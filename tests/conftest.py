@@ -8,8 +8,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.register_profile("dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile(
+    "ci",
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "dev",
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -23,8 +33,7 @@ def _seed() -> None:
 @pytest.fixture(params=["torch-ops", "cpu-kernel"])
 def stats_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test on both ways of measuring CPU tensors: torch ops (as on GPUs) and the numba kernel."""
-    from mpdiag.record import _accumulate
-    from mpdiag.record import _cpu_kernel
+    from mpdiag.record import _accumulate, _cpu_kernel
 
     if request.param == "cpu-kernel" and not _cpu_kernel.available():
         pytest.skip("numba is not installed")

@@ -1,9 +1,8 @@
-"""Models and training loops from real libraries, shared by the tests: built from configs with random
-weights (nothing is downloaded), small enough for a 2-core CPU."""
+"""Models and training loops shared by the tests: models from real libraries built from configs with
+random weights (nothing is downloaded), small enough for a 2-core CPU."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,8 +20,9 @@ def tiny_gpt2(seed: int = 0, **config: Any) -> nn.Module:
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()  # the tiny vocabulary makes it warn about bos/eos ids
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=SEQ,
-                                  bos_token_id=0, eos_token_id=0, **config)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=SEQ, bos_token_id=0, eos_token_id=0, **config
+    )
     model = transformers.GPT2LMHeadModel(cfg)
     model.train()
     return model
@@ -41,9 +41,25 @@ def lm_loss(model: nn.Module, ids: torch.Tensor, inside: bool = True) -> torch.T
     return model.loss_function(logits, ids, vocab_size=VOCAB)
 
 
-def train_gpt2(inside: bool = True, steps: int = 3, scaler: torch.amp.GradScaler | None = None,
-               autocast: torch.dtype | None = None, prepare: Callable[[nn.Module], None] | None = None,
-               **options: Any) -> tuple[mpdiag.Run, list[bool]]:
+def backward_and_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """One optimizer step on ``loss``, through ``scaler`` as its documentation prescribes when there is one."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
+def train_gpt2(
+    inside: bool = True,
+    steps: int = 3,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast: torch.dtype | None = None,
+    prepare: Callable[[nn.Module], None] | None = None,
+    **options: Any,
+) -> tuple[mpdiag.Run, list[bool]]:
     """A few AdamW steps of ``tiny_gpt2`` under diagnose(); returns the run and which steps the real
     GradScaler skipped (its scale went down)."""
     model = tiny_gpt2()
@@ -69,20 +85,21 @@ def train_gpt2(inside: bool = True, steps: int = 3, scaler: torch.amp.GradScaler
     return diag.run, skipped
 
 
-def cpu_fp16_autocast() -> bool:
-    """Whether this torch runs matmuls in fp16 under CPU autocast (older ones were bf16 only)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.autocast("cpu", dtype=torch.float16):
-            return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
-
-
 def small_convnet() -> nn.Module:
     """A torchvision-style block (conv, batch norm, ReLU, pooling, a linear head); torchvision's wheel
     does not import beside the CPU torch here."""
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
 
 
 def image_batches(n: int, batch: int = 4, seed: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

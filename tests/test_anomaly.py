@@ -6,34 +6,24 @@ import warnings
 
 import pytest
 import torch
+from nonfinite_models import InfInBackward, sqrt_model
 from torch import nn
 
 import mpdiag
-from test_nonfinite import InfInBackward
 
 pytestmark = pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
-
-
-class Sqrt(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.sqrt()  # NaN for negative inputs, made here in forward
-
-
-def sqrt_model() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 4), Sqrt(), nn.Linear(4, 2))
 
 
 def test_anomaly_error_is_unchanged_and_recorded_even_with_warnings_ignored() -> None:
     model = sqrt_model()
     x = torch.randn(8, 4)
-    with pytest.raises(RuntimeError) as plain:  # what anomaly mode says without mpdiag
+    with pytest.raises(RuntimeError, match="returned nan values") as plain:  # what anomaly mode says without mpdiag
         with torch.autograd.detect_anomaly(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model(x).sum().backward()
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError) as seen:
+        with pytest.raises(RuntimeError, match="returned nan values") as seen:
             with mpdiag.diagnose(model) as diag, torch.autograd.detect_anomaly():
                 model(x).sum().backward()
     assert type(seen.value) is type(plain.value) and str(seen.value) == str(plain.value)
@@ -63,7 +53,7 @@ def test_the_warning_is_still_shown_when_the_user_shows_warnings() -> None:
     model = sqrt_model()
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="returned nan values"):
             with mpdiag.diagnose(model), torch.autograd.detect_anomaly():
                 model(torch.randn(8, 4)).sum().backward()
     assert any("Traceback of forward call" in str(w.message) for w in shown)
@@ -86,7 +76,11 @@ def test_after_the_error_the_run_is_consistent_and_every_hook_is_gone() -> None:
     model = sqrt_model()
     showwarning, filters = warnings.showwarning, list(warnings.filters)
     diag = mpdiag.diagnose(model)
-    with pytest.raises(RuntimeError), torch.autograd.detect_anomaly(), warnings.catch_warnings():
+    with (
+        pytest.raises(RuntimeError, match="returned nan values"),
+        torch.autograd.detect_anomaly(),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")
         model(torch.randn(8, 4)).sum().backward()
     assert "returned nan values" in diag.run.anomalies[0].message  # known without the with-block too

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from cast_truth import fp32_values_near_every_threshold, from_bits, neighbours, real_categories
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cast_truth import from_bits, fp32_values_near_every_threshold, neighbours, real_categories
 from mpdiag.core import formats
 from mpdiag.core.casting import Category, classify, round_to, thresholds
 from mpdiag.core.errors import MpdiagError
@@ -23,8 +23,18 @@ def _interesting(fmt: formats.Format, source: torch.dtype) -> list[float]:
     """Specials, every tracked threshold and format constant, their neighbours, and halfway points."""
     t = thresholds(fmt, source)
     values = [0.0, -0.0, math.inf, -math.inf, math.nan]
-    for v in (t.nonzero_from, t.normal_from, t.overflow_from, fmt.max, fmt.min_normal, fmt.min_subnormal,
-              fmt.overflow_threshold, fmt.min_subnormal / 2, fmt.min_normal - fmt.min_subnormal / 2, 1.0):
+    for v in (
+        t.nonzero_from,
+        t.normal_from,
+        t.overflow_from,
+        fmt.max,
+        fmt.min_normal,
+        fmt.min_subnormal,
+        fmt.overflow_threshold,
+        fmt.min_subnormal / 2,
+        fmt.min_normal - fmt.min_subnormal / 2,
+        1.0,
+    ):
         if math.isfinite(v) and abs(v) <= torch.finfo(source).max:
             values += neighbours(v, source)
     return values
@@ -72,8 +82,16 @@ def test_classify_matches_real_cast_for_any_fp32_value(fmt: formats.Format, valu
 
 def _halfway_points(fmt: formats.Format) -> st.SearchStrategy[float]:
     """Midpoints between adjacent values of the format: exactly the ties round-to-nearest-even decides."""
-    top = int(torch.tensor([fmt.max], dtype=torch.float64).to(fmt.dtype).view(
-        torch.int8 if fmt.bits == 8 else torch.int16).to(torch.int32)) if fmt.bits <= 16 else 2**30
+    top = (
+        int(
+            torch.tensor([fmt.max], dtype=torch.float64)
+            .to(fmt.dtype)
+            .view(torch.int8 if fmt.bits == 8 else torch.int16)
+            .to(torch.int32)
+        )
+        if fmt.bits <= 16
+        else 2**30
+    )
 
     def midpoint(b: int) -> float:
         if fmt.dtype is torch.float32 or fmt.dtype is None:
@@ -105,9 +123,18 @@ def test_classify_fp64_inputs_follows_the_real_double_rounding(fmt: formats.Form
 
 def test_known_fp16_boundaries() -> None:
     up, down = np.float32(1), np.float32(0)
-    x = torch.tensor([2.0**-25, np.nextafter(np.float32(2.0**-25), up), 2.0**-14 - 2.0**-25,
-                      np.nextafter(np.float32(2.0**-14 - 2.0**-25), down), 65519.99609375, 65520.0, -65520.0],
-                     dtype=torch.float32)
+    x = torch.tensor(
+        [
+            2.0**-25,
+            np.nextafter(np.float32(2.0**-25), up),
+            2.0**-14 - 2.0**-25,
+            np.nextafter(np.float32(2.0**-14 - 2.0**-25), down),
+            65519.99609375,
+            65520.0,
+            -65520.0,
+        ],
+        dtype=torch.float32,
+    )
     names = [Category(int(c)).name for c in classify(x, "fp16")]
     assert names == ["UNDERFLOW", "SUBNORMAL", "NORMAL", "SUBNORMAL", "NORMAL", "OVERFLOW", "OVERFLOW"]
 
@@ -130,7 +157,7 @@ def test_fp8_inputs_widen_exactly() -> None:
 
 
 def test_classify_rejects_integer_tensors() -> None:
-    with pytest.raises(MpdiagError, match="floating"):
+    with pytest.raises(MpdiagError, match="expected a floating-point dtype, got torch.int64"):
         classify(torch.arange(3), "fp16")
 
 

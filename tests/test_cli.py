@@ -35,7 +35,7 @@ def test_help_and_bad_usage() -> None:
 def test_help_prints_percent_signs_once(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     # argparse %-formats help= strings but prints a description as written: one escape each, not both.
     # In this process (what argparse prints is what the command prints; torch makes each start slow).
-    with pytest.raises(SystemExit) as exited:
+    with pytest.raises(SystemExit) as exited:  # --help exits: no message, its exit code is checked below
         cli.main([*command, "--help"])
     text = capsys.readouterr().out
     assert exited.value.code == 0 and "%%" not in text
@@ -55,8 +55,7 @@ def test_demo_trains_writes_a_run_file_and_the_report_and_prints_the_summary(tmp
 
     run = mpdiag.load(path)
     assert run.steps == [0, 1, 2] and run.meta["environment"]["autocast_dtype"] is None
-    assert max(len(line) for line in result.stdout.splitlines()
-               if not line.startswith(("run file:", "report:"))) <= 80
+    assert max(len(line) for line in result.stdout.splitlines() if not line.startswith(("run file:", "report:"))) <= 80
 
 
 def test_unstable_demo_shows_overflow_and_underflow(tmp_path) -> None:
@@ -88,8 +87,9 @@ def test_errors_are_one_line_with_exit_code_1_and_a_traceback_only_with_debug(tm
 
 
 def test_report_writes_the_page_and_figures_of_a_run_file_and_prints_the_verdicts(tmp_path) -> None:
-    import mpdiag
     import torch
+
+    import mpdiag
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     with mpdiag.diagnose(model, run_file=tmp_path / "run.mpdiag"):
@@ -102,8 +102,15 @@ def test_report_writes_the_page_and_figures_of_a_run_file_and_prints_the_verdict
     html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     assert "<title>mpdiag report: run.mpdiag</title>" in html
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == sorted(
-        ["ranges.png", "exponents_activations.png", "exponents_parameters.png", "over_time.png", "loss_scale.png",
-         "grad_scaler.png"])
+        [
+            "ranges.png",
+            "exponents_activations.png",
+            "exponents_parameters.png",
+            "over_time.png",
+            "loss_scale.png",
+            "grad_scaler.png",
+        ]
+    )
     missing = mpdiag_cli("report", str(tmp_path / "nope.mpdiag"), "-o", str(tmp_path / "x"))
     assert missing.returncode == 1 and missing.stderr.startswith("mpdiag: error:")
     default = mpdiag_cli("report", str(tmp_path / "run.mpdiag"))  # without -o: beside the run file

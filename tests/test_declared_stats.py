@@ -34,10 +34,12 @@ def test_merging_follows_each_declaration():
 
 
 # A declaration with a summed device statistic (what a mean would add): the device state derives from it.
-_WITH_A_SUM = (Stat("total", Reduce.SUM, Source.DEVICE, Storage.REAL),
-               Stat("top", Reduce.MAX, Source.DEVICE, Storage.REAL),
-               Stat("bottom", Reduce.MIN, Source.DEVICE, Storage.REAL),
-               Stat("count", Reduce.SUM, Source.BUCKETS, Storage.INTEGER))
+_WITH_A_SUM = (
+    Stat("total", Reduce.SUM, Source.DEVICE, Storage.REAL),
+    Stat("top", Reduce.MAX, Source.DEVICE, Storage.REAL),
+    Stat("bottom", Reduce.MIN, Source.DEVICE, Storage.REAL),
+    Stat("count", Reduce.SUM, Source.BUCKETS, Storage.INTEGER),
+)
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])
@@ -72,7 +74,7 @@ def test_reducing_parts_across_ranks_gives_the_statistics_of_all_their_data():
     ops = {Reduce.SUM: torch.add, Reduce.MAX: torch.maximum}
     for rank in (0, 1):
         calls = iter(range(len(sent[rank])))
-        reduce_parts(parts[rank], lambda t, op, r=rank: t.copy_(ops[op](t, sent[1 - r][next(calls)])), device)
+        reduce_parts(parts[rank], lambda t, op, r=rank, c=calls: t.copy_(ops[op](t, sent[1 - r][next(c)])), device)
     whole = mpdiag.tensor_stats(torch.cat(data), ("fp16", "bf16"))
     for acc in accumulators:
         got = acc.read()

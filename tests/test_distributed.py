@@ -24,8 +24,10 @@ WORLD = 2
 STEPS = 2
 FORMATS = ("fp16", "bf16", "fp8_e4m3")
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="needs torch.distributed with the gloo backend")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with the gloo backend",
+)
 
 
 def fully_shard_fn():
@@ -51,7 +53,7 @@ def batches() -> list[torch.Tensor]:
 
 
 def chunk(batch: torch.Tensor, rank: int) -> torch.Tensor:
-    return batch[4 * rank:4 * rank + 4]
+    return batch[4 * rank : 4 * rank + 4]
 
 
 def wrap(model: nn.Module, how: str) -> nn.Module:
@@ -79,8 +81,9 @@ def train(how: str, rank: int, data: list[torch.Tensor], out: Path | None, nan_a
         opt.step()
     if diag is not None:
         diag.close()
-    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-              for n, p in model.named_parameters()}
+    params = {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()
+    }
     return diag, params
 
 
@@ -130,7 +133,11 @@ def run_scenario(scenario: str, rank: int, out: Path) -> dict:
                     model(chunk(batch, rank)).pow(2).mean().backward()
                     opt.step()
         except Exception as error:  # the survivor's collective fails: that is the expected outcome
-            return {"raised": type(error).__name__}
+            # torch.distributed's own error (gloo's RuntimeError), not one of mpdiag's or a bug's
+            return {
+                "raised": type(error).__name__,
+                "collective": isinstance(error, RuntimeError) and not isinstance(error, mpdiag.MpdiagError),
+            }
         return {"raised": None}
     raise ValueError(scenario)
 
@@ -210,8 +217,9 @@ def test_nan_on_one_rank_is_traced_to_that_rank(tmp_path: Path) -> None:
     grads = [e for e in runs[0].nonfinite_events() if e.kind == "param_grad" and e.step == 1]
     # DDP averaged the NaN into every rank's gradients: seen on both, counted once (they are the same).
     assert grads and all(e.ranks == (0, 1) for e in grads)
-    assert {e.name: e.nans for e in grads} == {n: runs[0].stats(n, "param_grad", 1).nans for n in
-                                               {e.name for e in grads}}
+    assert {e.name: e.nans for e in grads} == {
+        n: runs[0].stats(n, "param_grad", 1).nans for n in {e.name for e in grads}
+    }
 
 
 def test_a_site_only_one_rank_saw_reaches_every_rank(tmp_path: Path) -> None:
@@ -226,14 +234,15 @@ def test_a_site_only_one_rank_saw_reaches_every_rank(tmp_path: Path) -> None:
 
 def test_a_rank_that_dies_does_not_hang_the_others_or_spoil_the_run_file(tmp_path: Path) -> None:
     survivor, dead = launch("rank_dies", tmp_path)
-    assert survivor["raised"] is not None and dead == {"exitcode": 3}
+    assert survivor["raised"] is not None and survivor["collective"], survivor
+    assert dead == {"exitcode": 3}
     run = mpdiag.load(tmp_path / "dies.mpdiag")
     assert run.steps == [0]  # the step both ranks closed, and nothing half-written after it
 
 
 def test_without_a_process_group_everything_is_single_process() -> None:
-    from mpdiag.record import distributed
     from mpdiag.core.errors import AttachError
+    from mpdiag.record import distributed
 
     assert distributed.active_group(None) is None and distributed.rank_of(None) == 0
     with pytest.raises(AttachError, match="no torch.distributed process group is initialised"):
@@ -241,12 +250,15 @@ def test_without_a_process_group_everything_is_single_process() -> None:
 
 
 def test_wrapper_levels_leave_the_names_and_flattened_parameters_are_refused() -> None:
-    from mpdiag.record.distributed import clean_name, unwrap
     from mpdiag.core.errors import AttachError
+    from mpdiag.record.distributed import clean_name, unwrap
 
     assert clean_name("layers.0._fsdp_wrapped_module.attn") == "layers.0.attn"
     assert clean_name("_orig_mod.encoder._checkpoint_wrapped_module.ffn.weight") == "encoder.ffn.weight"
-    assert clean_name("_fsdp_wrapped_module") == "" and clean_name("my_fsdp_wrapped_module_x") == "my_fsdp_wrapped_module_x"
+    assert (
+        clean_name("_fsdp_wrapped_module") == ""
+        and clean_name("my_fsdp_wrapped_module_x") == "my_fsdp_wrapped_module_x"
+    )
     flat = nn.Module()
     flat.register_parameter("_flat_param", nn.Parameter(torch.zeros(3)))  # what FSDP1 without use_orig_params holds
     with pytest.raises(AttachError, match="use_orig_params=True"):

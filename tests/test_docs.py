@@ -15,21 +15,33 @@ PAGES = sorted(p for p in DOCS.rglob("*.md") if "_hooks" not in p.parts)
 # What the pages' comments and prose claim about their examples' results, checked after they run.
 CLAIMS = {
     "index.md": ["report.html.exists()", "len(report.verdicts) == 4", "stats.amax > 0"],
-    "nan-loss.md": ["(first.step, first.phase, first.name, first.produced) == (3, 'forward', '0', True)",
-                    "(origin.op, origin.module, origin.phase) == ('aten.sqrt.default', '0', 'forward')",
-                    "(record.node, record.module) == ('AddmmBackward0', '2')",
-                    "diag.run.first_nonfinite().name == '0'"],
-    "loss-scale.md": ["advice.at(1.0).underflow > 0.5 and advice.recommended is not None",
-                      "result.at(advice.recommended).underflow < result.at(1.0).underflow"],
+    "nan-loss.md": [
+        "(first.step, first.phase, first.name, first.produced) == (3, 'forward', '0', True)",
+        "(origin.op, origin.module, origin.phase) == ('aten.sqrt.default', '0', 'forward')",
+        "(record.node, record.module) == ('AddmmBackward0', '2')",
+        "diag.run.first_nonfinite().name == '0'",
+    ],
+    "loss-scale.md": [
+        "advice.at(1.0).underflow > 0.5 and advice.recommended is not None",
+        "result.at(advice.recommended).underflow < result.at(1.0).underflow",
+    ],
     "cheaper-formats.md": ["{v.fmt: v.level for v in verdicts(diag.run)}['bf16'] == 'ok'"],
     "long-runs.md": ["live.steps == [0, 10, 20, 30, 40, 50]", "run.steps[-1] == 90"],
-    "stacks.md": ["all(advice.limiting_sites) and '' not in advice.limiting_sites",
-                  "diag.run.steps == [0, 1]", "diag.run.meta['environment']['autocast_dtype'] == 'bfloat16'"],
+    "stacks.md": [
+        "all(advice.limiting_sites) and '' not in advice.limiting_sites",
+        "diag.run.steps == [0, 1]",
+        "diag.run.meta['environment']['autocast_dtype'] == 'bfloat16'",
+    ],
 }
 
 
 def python_blocks(page: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)\n```", page.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_every_claim_is_about_a_page_whose_examples_run() -> None:
+    # A claim keyed by a page that was renamed, or lost its examples, would silently never be checked.
+    assert set(CLAIMS) <= {p.name for p in PAGES if python_blocks(p)}
 
 
 def test_every_page_is_in_the_site_navigation() -> None:
@@ -41,9 +53,9 @@ def test_every_page_is_in_the_site_navigation() -> None:
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: str(p.relative_to(DOCS)))
 def test_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if page.name == "loss-scale.md":
-        from test_replay import _cpu_fp16_autocast
+        from torch_support import cpu_fp16_autocast
 
-        if not _cpu_fp16_autocast():
+        if not cpu_fp16_autocast():
             pytest.skip("the page replays fp16 autocast on the CPU, which needs torch >= 2.3")
     monkeypatch.chdir(tmp_path)  # examples write run files and reports into the working directory
     namespace: dict[str, object] = {}

@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mpdiag
+from mpdiag.analysis.grad_scaler import scaler_trajectory, simulate_grad_scaler
 from mpdiag.core.errors import MpdiagError, MpdiagWarning
-from mpdiag.analyse.grad_scaler import scaler_trajectory, simulate_grad_scaler
 
-needs_cpu_scaler = pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"),
-                                      reason="torch.amp.GradScaler('cpu') needs torch >= 2.3")
+needs_cpu_scaler = pytest.mark.skipif(
+    not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler('cpu') needs torch >= 2.3"
+)
 
 
 def real_trajectory(peaks: list[float], threshold: float, **params) -> tuple[list[float], list[bool], float]:
@@ -40,8 +41,12 @@ def real_trajectory(peaks: list[float], threshold: float, **params) -> tuple[lis
 
 
 @needs_cpu_scaler
-@given(peaks=st.lists(st.sampled_from([1e-3, 0.05, 0.9, 2.0, 40.0, math.inf]), min_size=1, max_size=40),
-       interval=st.integers(1, 4), growth=st.sampled_from([2.0, 1.5, 4.0]), backoff=st.sampled_from([0.5, 0.25, 0.7]))
+@given(
+    peaks=st.lists(st.sampled_from([1e-3, 0.05, 0.9, 2.0, 40.0, math.inf]), min_size=1, max_size=40),
+    interval=st.integers(1, 4),
+    growth=st.sampled_from([2.0, 1.5, 4.0]),
+    backoff=st.sampled_from([0.5, 0.25, 0.7]),
+)
 def test_update_rule_is_torchs(peaks: list[float], interval: int, growth: float, backoff: float) -> None:
     params = {"init_scale": 2.0**15, "growth_interval": interval, "growth_factor": growth, "backoff_factor": backoff}
     want = real_trajectory(peaks, 65520.0, **params)
@@ -86,7 +91,7 @@ def test_a_step_with_nonfinite_gradients_is_always_skipped() -> None:
 
 
 def test_warns_when_not_every_step_was_recorded() -> None:
-    with pytest.warns(MpdiagWarning, match="approximate"):
+    with pytest.warns(MpdiagWarning, match="approximate: record with every=1 to replay it exactly"):
         sim = simulate_grad_scaler(record([0.1] * 6, every=2))
     assert sim.approximate and sim.steps == (0, 2, 4)
     with warnings.catch_warnings():
@@ -95,7 +100,7 @@ def test_warns_when_not_every_step_was_recorded() -> None:
 
 
 def test_bad_parameters() -> None:
-    with pytest.raises(MpdiagError, match="growth_factor"):
+    with pytest.raises(MpdiagError, match="expected .*growth_factor > 1"):
         simulate_grad_scaler(record([0.1]), growth_factor=1.0)
-    with pytest.raises(MpdiagError, match="hysteresis"):
+    with pytest.raises(MpdiagError, match="expected .*hysteresis >= 1"):
         scaler_trajectory(lambda i, s: False, 1, hysteresis=0)

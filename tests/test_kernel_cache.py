@@ -47,13 +47,21 @@ def package_files() -> dict[Path, int]:
 def run_kernels(tmp_path: Path, **env: str) -> dict[str, list]:
     user_dir = tmp_path / "user"
     user_dir.mkdir(exist_ok=True)
-    (user_dir / "user_code.py").write_text("import numba\n\n@numba.njit(cache=True)\ndef double(x):\n"
-                                           "    return 2 * x\n")
+    (user_dir / "user_code.py").write_text(
+        "import numba\n\n@numba.njit(cache=True)\ndef double(x):\n    return 2 * x\n"
+    )
     # Without bytecode writes, any file that appears in the package is one the kernel wrote; two threads
     # or more take the threaded path on any machine.
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "MPDIAG_NUMBA": "1", "NUMBA_NUM_THREADS": "2", **env}
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(user_dir), *KERNELS], capture_output=True,
-                            text=True, env=env, timeout=300, cwd=tmp_path, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(user_dir), *KERNELS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -64,8 +72,9 @@ def test_the_kernel_caches_outside_the_package_and_the_next_process_loads_it(tmp
     first = run_kernels(tmp_path, MPDIAG_CACHE_DIR=str(cache))
     assert package_files() == before
     expected = cache / "numba" / mpdiag.__version__
-    assert {name: (path, misses) for name, (path, misses, _) in first.items() if name != "user_code"} == \
-        {name: (str(expected), 1) for name in KERNELS}
+    assert {name: (path, misses) for name, (path, misses, _) in first.items() if name != "user_code"} == {
+        name: (str(expected), 1) for name in KERNELS
+    }
     assert list(expected.glob("_cpu_kernel.*.nbi")) and list(expected.glob("_cpu_kernel.*.nbc"))
     # The user's own numba code still caches where numba puts it: beside its source.
     assert first["user_code"][0] == str(tmp_path / "user" / "__pycache__")
@@ -81,15 +90,20 @@ def test_the_kernel_caches_outside_the_package_and_the_next_process_loads_it(tmp
 def test_the_package_stays_untouched_whatever_the_settings(tmp_path: Path, setting: str) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    env = ({"MPDIAG_CACHE_DIR": str(blocker / "cache")} if setting == "unusable-directory" else
-           {"MPDIAG_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_CACHE_LOCATOR_CLASSES": "InTreeCacheLocator"})
+    env = (
+        {"MPDIAG_CACHE_DIR": str(blocker / "cache")}
+        if setting == "unusable-directory"
+        else {"MPDIAG_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_CACHE_LOCATOR_CLASSES": "InTreeCacheLocator"}
+    )
     before = package_files()
     report = run_kernels(tmp_path, **env)
     assert package_files() == before
     paths = {report[name][0] for name in KERNELS}
     # A directory that cannot be made means compiling in every process (no cache), not an error; numba's
     # locator setting is for the user's code, and mpdiag's kernels keep their own directory.
-    assert paths == ({None} if setting == "unusable-directory" else {str(tmp_path / "cache" / "numba" / mpdiag.__version__)})
+    assert paths == (
+        {None} if setting == "unusable-directory" else {str(tmp_path / "cache" / "numba" / mpdiag.__version__)}
+    )
 
 
 def test_the_default_directory_is_the_users_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

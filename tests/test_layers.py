@@ -20,11 +20,11 @@ PACKAGE = Path(mpdiag.__file__).parent
 ALLOWED = {
     "core": set(),
     "io": {"core"},
-    "analyse": {"core"},
+    "analysis": {"core"},
     "record": {"core"},
-    "render": {"core", "analyse"},
-    "probe": {"core", "record", "analyse"},
-    "integrations": {"core", "record", "analyse", "render", "io"},
+    "render": {"core", "analysis"},
+    "probe": {"core", "record", "analysis"},
+    "integrations": {"core", "record", "analysis", "render", "io"},
 }
 
 
@@ -55,8 +55,7 @@ def _imports(path: Path) -> set[str]:
                 target = node.module or ""
             if target.split(".")[0] == "mpdiag":
                 # "from mpdiag.core import formats" imports the module mpdiag.core.formats
-                found.update(f"{target}.{a.name}" if _is_module(f"{target}.{a.name}") else target
-                             for a in node.names)
+                found.update(f"{target}.{a.name}" if _is_module(f"{target}.{a.name}") else target for a in node.names)
     return found
 
 
@@ -69,8 +68,9 @@ def violations(graph: dict[str, set[str]], module: str) -> list[str]:
     """The modules ``module`` imports that its layer may not."""
     layer = _layer(module)
     assert layer is not None
-    return sorted(t for t in graph[module]
-                  if _layer(t) != layer and (_layer(t) is None or _layer(t) not in ALLOWED[layer]))
+    return sorted(
+        t for t in graph[module] if _layer(t) != layer and (_layer(t) is None or _layer(t) not in ALLOWED[layer])
+    )
 
 
 def cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -79,7 +79,7 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(module: str, path: list[str]) -> list[str] | None:
         if module in path:
-            return path[path.index(module):] + [module]
+            return path[path.index(module) :] + [module]
         if module in done:
             return None
         for target in sorted(graph.get(module, ())):
@@ -119,4 +119,8 @@ def test_the_checks_catch_a_wrong_arrow_a_lazy_import_and_a_cycle(tmp_path, monk
     graph = {"mpdiag.core.lazy": _imports(lazy)}
     assert violations(graph, "mpdiag.core.lazy") == ["mpdiag.record.hooks", "mpdiag.render"]
     assert cycle({"mpdiag.a": {"mpdiag.b"}, "mpdiag.b": {"mpdiag.c"}, "mpdiag.c": {"mpdiag.a"}}) == [
-        "mpdiag.a", "mpdiag.b", "mpdiag.c", "mpdiag.a"]
+        "mpdiag.a",
+        "mpdiag.b",
+        "mpdiag.c",
+        "mpdiag.a",
+    ]

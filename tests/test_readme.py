@@ -32,17 +32,17 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
 
 
 def test_python_examples_run_in_order(tmp_path: Path, monkeypatch) -> None:
-    from test_replay import _cpu_fp16_autocast
+    from torch_support import cpu_fp16_autocast
 
     monkeypatch.chdir(tmp_path)  # the quick start writes its report into the working directory
     blocks = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
     assert len(blocks) == 3
     namespace: dict[str, object] = {}
     for i, code in enumerate(blocks):
-        if i == 1 and not _cpu_fp16_autocast():
+        if i == 1 and not cpu_fp16_autocast():
             code = code.replace("batch, [", "batch, dtype=torch.bfloat16, scales=[")
         exec(compile(code.replace("print(", "(lambda *a: a)("), "README.md", "exec"), namespace)
-    assert namespace["rows"] and namespace["adv"].recommended and namespace["res"].at(2.0**16)
+    assert namespace["rows"] and namespace["adv"].recommended and namespace["res"].scales == (2.0**8, 2.0**16)
     assert namespace["origin"] is None
     assert (tmp_path / "mpdiag-report" / "report.html").exists() and namespace["report"].verdicts
 
@@ -54,9 +54,11 @@ _VENV = "python3 -m venv .venv && . .venv/bin/activate"
 # mpdiag itself and finds every dependency present. And the test command runs one notebook, not the whole
 # suite (which holds this test): its kernel starts outside the checkout, where a broken install shows.
 # (The compiled kernel is cached in the test's directory, not the user's: MPDIAG_CACHE_DIR.)
-_VENV_REUSING_OURS = ("python3 -m venv --system-site-packages .venv && . .venv/bin/activate && "
-                      "python -c \"import os, site; open(os.path.join(site.getsitepackages()[0], 'runner.pth'), "
-                      "'w').write(os.environ['RUNNER_SITE'])\"")
+_VENV_REUSING_OURS = (
+    "python3 -m venv --system-site-packages .venv && . .venv/bin/activate && "
+    "python -c \"import os, site; open(os.path.join(site.getsitepackages()[0], 'runner.pth'), "
+    "'w').write(os.environ['RUNNER_SITE'])\""
+)
 _ONE_NOTEBOOK = "python -m pytest -q tests/test_notebooks.py -k nan_hunt"
 
 
@@ -66,21 +68,53 @@ def test_both_setup_commands_run_in_one_checkout_leave_it_importable_from_anywhe
     if any((Path(site) / "mpdiag").is_dir() for site in runner_site):
         pytest.skip("this environment has mpdiag installed as a copy, which would hide the editable install")
     checkout = tmp_path / "checkout"
-    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(
-        ".git", ".venv", ".ci-venv", "*.egg-info", "__pycache__", "build", "dist", ".hypothesis", "site",
-        "mpdiag-demo", "mpdiag-report", "*.mpdiag"))
+    shutil.copytree(
+        ROOT,
+        checkout,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            ".ci-venv",
+            "*.egg-info",
+            "__pycache__",
+            "build",
+            "dist",
+            ".hypothesis",
+            "site",
+            "mpdiag-demo",
+            "mpdiag-report",
+            "*.mpdiag",
+        ),
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MPDIAG_", "VIRTUAL_ENV"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",  # python3: this test's Python
-               RUNNER_SITE="\n".join(sorted(runner_site)), MPDIAG_CACHE_DIR=str(tmp_path / "mpdiag-cache"))
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",  # python3: this test's Python
+        RUNNER_SITE="\n".join(sorted(runner_site)),
+        MPDIAG_CACHE_DIR=str(tmp_path / "mpdiag-cache"),
+    )
     install, test = _shell_blocks()
     assert install.startswith(_VENV) and test.startswith(_VENV) and test.endswith("python -m pytest")
     for command in (install, test.replace("python -m pytest", _ONE_NOTEBOOK)):
-        done = subprocess.run(["bash", "-c", command.replace(_VENV, _VENV_REUSING_OURS)], cwd=checkout, env=env,
-                              capture_output=True, text=True, timeout=900, check=False)
+        done = subprocess.run(
+            ["bash", "-c", command.replace(_VENV, _VENV_REUSING_OURS)],
+            cwd=checkout,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     python = checkout / ".venv" / "bin" / "python"
-    found = subprocess.run([python, "-c", "import mpdiag; print(mpdiag.__file__); mpdiag.diagnose"], cwd=tmp_path,
-                           env=env, capture_output=True, text=True, timeout=120, check=False)
+    found = subprocess.run(
+        [python, "-c", "import mpdiag; print(mpdiag.__file__); mpdiag.diagnose"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert found.returncode == 0, found.stderr
     assert Path(found.stdout.strip()) == checkout / "mpdiag" / "__init__.py"
     # The demo compiled the kernel, and kept it in the cache for the next process.

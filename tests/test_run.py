@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from torch import nn
 import mpdiag
 from mpdiag import Kind, Site, TensorStats
 from mpdiag.core.errors import MpdiagError, UnknownSiteError
+from mpdiag.record._accumulate import tensor_stats
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,11 @@ def run() -> mpdiag.Run:
 def test_steps_and_sites(run: mpdiag.Run) -> None:
     assert run.steps == [0, 2, 4]
     assert Site("0", Kind.ACTIVATION) in run.sites and ("2.bias", "param") in run.sites
-    assert len(run.sites) == len(set(run.sites))
+    modules, params = ("", "0", "1", "2"), ("0.weight", "0.bias", "2.weight", "2.bias")
+    expected = {Site(n, k) for n in modules for k in (Kind.ACTIVATION, Kind.ACTIVATION_GRAD)} | {
+        Site(n, k) for n in params for k in (Kind.PARAM, Kind.PARAM_GRAD)
+    }
+    assert set(run.sites) == expected and len(run.sites) == len(expected)  # every site, each listed once
 
 
 def test_stats_without_step_merges_every_recorded_step(run: mpdiag.Run) -> None:
@@ -50,7 +57,7 @@ def test_unknown_sites_name_close_matches(run: mpdiag.Run) -> None:
 def test_unrecorded_steps_are_errors_listing_the_recorded_ones(run: mpdiag.Run) -> None:
     with pytest.raises(MpdiagError, match="recorded steps: 0, 2, 4"):
         run.stats("0", "activation", step=1)
-    with pytest.raises(MpdiagError, match="recorded steps"):
+    with pytest.raises(MpdiagError, match="step 3 was not recorded; recorded steps: 0, 2, 4"):
         run.table(step=3)
 
 
@@ -64,18 +71,30 @@ def test_table_has_one_flat_row_per_site(run: mpdiag.Run) -> None:
 
 def test_run_is_independent_of_the_model() -> None:
     model = nn.Linear(2, 2)
+    weight = model.weight.detach().clone()
     with mpdiag.diagnose(model) as diag:
         model(torch.ones(1, 2)).sum().backward()
-    snapshot = diag.run
-    del model, diag
+        diag.step()
+        snapshot = diag.run  # taken mid-training: what follows must not reach it
+        with torch.no_grad():
+            model.weight.mul_(1e6)  # the parameters it measured change in place
+        model(torch.ones(1, 2)).sum().backward()
+        diag.step()
+    assert diag.run.steps == [0, 1] and diag.run.stats("weight", "param", step=1) != tensor_stats(weight)
+    assert snapshot.steps == [0] and snapshot.stats("weight", "param") == tensor_stats(weight)
     assert snapshot.stats("", "activation").numel == 2
+    gone = weakref.ref(model)
+    del model, diag
+    gc.collect()
+    assert gone() is None  # the Run keeps no reference to the model, its tensors or the diagnosis
 
 
 def tiny_gpt2() -> nn.Module:
     """GPT-2 from a config, random weights, nothing downloaded; its output layer is its token embedding."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(config)
     assert model.lm_head.weight is model.transformer.wte.weight
     return model

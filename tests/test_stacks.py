@@ -10,14 +10,13 @@ import warnings
 
 import pytest
 import torch
+from models import image_batches, lm_loss, sites_that_differ, small_convnet, tiny_gpt2, token_batches, train_gpt2
 from torch import nn
+from torch_support import cpu_fp16_autocast
 
 import mpdiag
 import mpdiag.record.hooks
-from models import (cpu_fp16_autocast, image_batches, lm_loss, sites_that_differ, small_convnet, tiny_gpt2,
-                    token_batches, train_gpt2)
-from mpdiag.analyse.verdict import skips_verdict, verdicts
-from mpdiag.record._accumulate import tensor_stats
+from mpdiag.analysis.verdict import skips_verdict, verdicts
 
 
 # -- the loss inside the model or outside it ------------------------------------------------------------
@@ -60,8 +59,18 @@ def test_generate_and_evaluation_between_steps_are_not_recorded() -> None:
 
 def test_an_encoder_decoder_generating_between_steps_adds_no_step() -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
-                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+    config = transformers.T5Config(
+        vocab_size=32,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        dropout_rate=0.0,
+    )
     model = transformers.T5ForConditionalGeneration(config)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     ids = torch.randint(2, 32, (2, 6))
@@ -73,16 +82,26 @@ def test_an_encoder_decoder_generating_between_steps_adds_no_step() -> None:
             model.generate(ids, max_new_tokens=2, do_sample=False)  # runs the encoder on its own, no grad
     run = diag.run
     assert run.steps == [0, 1]
-    assert run.records[0][mpdiag.Site("encoder.block.0", mpdiag.Kind.ACTIVATION)] == \
-        run.records[1][mpdiag.Site("encoder.block.0", mpdiag.Kind.ACTIVATION)]  # same batch, lr 0: same values
+    assert (
+        run.records[0][mpdiag.Site("encoder.block.0", mpdiag.Kind.ACTIVATION)]
+        == run.records[1][mpdiag.Site("encoder.block.0", mpdiag.Kind.ACTIVATION)]
+    )  # same batch, lr 0: same values
 
 
 # -- gradient checkpointing -----------------------------------------------------------------------------
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_records_the_same_statistics(reentrant: bool) -> None:
+    forwards = []
+
+    def checkpoint(model: nn.Module) -> None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        mlp = model.transformer.h[0].mlp
+        forward = mlp.forward  # counted beneath the module's hooks: recomputation may run without them
+        mlp.forward = lambda *args, **kwargs: (forwards.append(1), forward(*args, **kwargs))[1]
+
     plain = train_gpt2()[0]
-    checkpointed = train_gpt2(prepare=lambda m: m.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": reentrant}))[0]
+    checkpointed = train_gpt2(prepare=checkpoint)[0]
+    assert len(forwards) == 2 * 3  # checkpointing is on: each of the 3 steps' forwards runs again in backward
     assert plain.sites and sites_that_differ(plain, checkpointed) == []
 
 
@@ -218,9 +237,17 @@ def test_lightning_closures_record_one_step_per_optimizer_step(accumulate: int) 
         def on_train_end(self, trainer: object, pl_module: nn.Module) -> None:
             holder["diag"].close()
 
-    trainer = lightning.Trainer(max_steps=3, accumulate_grad_batches=accumulate, callbacks=[Attach()],
-                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer = lightning.Trainer(
+        max_steps=3,
+        accumulate_grad_batches=accumulate,
+        callbacks=[Attach()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice on dataloader workers
         trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))

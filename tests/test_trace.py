@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+from nonfinite_models import InfInBackward, Log
 from torch import nn
 
 import mpdiag
 from mpdiag.probe.trace import trace_nonfinite
-from test_nonfinite import InfInBackward, Log
 
 
 def test_a_nan_made_in_forward() -> None:
@@ -18,7 +18,7 @@ def test_a_nan_made_in_forward() -> None:
     origin = trace_nonfinite(model, lambda m, x: m(x).sum(), torch.randn(8, 4))
     assert (origin.op, origin.module, origin.phase, origin.inputs_finite) == ("aten.log.default", "1", "forward", True)
     assert origin.nans > 0 and origin.posinf == 0
-    assert "return x.log()" in origin.stack[-1] and "test_nonfinite.py" in origin.stack[-1]
+    assert "return x.log()" in origin.stack[-1] and "nonfinite_models.py" in origin.stack[-1]
     assert "aten.log.default produced" in str(origin)
 
 

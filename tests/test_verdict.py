@@ -6,20 +6,25 @@ import math
 
 import pytest
 import torch
+from gradient_runs import record_sites
 from hypothesis import given
 from hypothesis import strategies as st
+from models import backward_and_step
 from torch import nn
 
 import mpdiag
+from mpdiag.analysis.scaling import advise
+from mpdiag.analysis.verdict import nonfinite_verdict, percent, scaled_underflow, verdicts
 from mpdiag.core import formats
-from mpdiag.analyse.scaling import advise
-from mpdiag.core.stats import TensorStats
-from mpdiag.analyse.verdict import nonfinite_verdict, percent, scaled_underflow, verdicts
 from mpdiag.record._accumulate import tensor_stats
 
 
-def train(model: nn.Module, inputs: list[torch.Tensor], loss_factor: float = 1.0,
-          fmts: tuple[str, ...] = ("fp16", "bf16", "fp8_e4m3")) -> mpdiag.Run:
+def train(
+    model: nn.Module,
+    inputs: list[torch.Tensor],
+    loss_factor: float = 1.0,
+    fmts: tuple[str, ...] = ("fp16", "bf16", "fp8_e4m3"),
+) -> mpdiag.Run:
     with mpdiag.diagnose(model, formats=fmts) as diag:
         for x in inputs:
             model.zero_grad()
@@ -66,16 +71,21 @@ def test_nonfinite_values_are_located() -> None:
     x[1, 2] = float("inf")
     run = train(small_model(), [torch.randn(4, 8), x])
     text = nonfinite_verdict(run)
-    assert text is not None and text.startswith("NaN/inf first appeared at step 1 in the forward pass, in 0 (activation)")
+    assert text is not None and text.startswith(
+        "NaN/inf first appeared at step 1 in the forward pass, in 0 (activation)"
+    )
 
 
 def test_a_run_without_steps_is_refused() -> None:
-    with pytest.raises(mpdiag.MpdiagError, match="no recorded steps"):
+    with pytest.raises(
+        mpdiag.MpdiagError, match=r"no recorded steps; train at least one step with diagnose\(\) attached"
+    ):
         verdicts(mpdiag.Run(formats=("fp16",)))
 
 
-@pytest.mark.parametrize("share, text", [(0.0, "0%"), (3e-5, "<0.01%"), (0.5, "50%"), (0.00123, "0.123%"),
-                                         (1.0, "100%")])
+@pytest.mark.parametrize(
+    "share, text", [(0.0, "0%"), (3e-5, "<0.01%"), (0.5, "50%"), (0.00123, "0.123%"), (1.0, "100%")]
+)
 def test_percent_never_rounds_a_loss_away(share: float, text: str) -> None:
     assert percent(share) == text
 
@@ -94,8 +104,6 @@ def test_scaled_underflow_agrees_with_scaling_and_casting(log2_magnitudes: list[
 
 
 def test_a_run_with_its_own_loss_scale_is_judged_at_that_scale() -> None:
-    from test_scaling import record_sites
-
     torch.manual_seed(0)
     run = record_sites({"w": torch.randn(1000) * 1e-9}, scale=2.0**16)  # as a GradScaler records them
     fp16 = verdicts(run)[0]
@@ -110,7 +118,6 @@ def test_gradients_scaled_by_a_grad_scaler_are_not_judged_as_overflow() -> None:
     """A real GradScaler at 2^16 lifts true gradients of ~0.05 past fp8_e4m3's max: that is the loss scale's
     business (the advice judges true gradients), not an overflow of the run. Unscaled, the same recorded
     values would be judged as the run's own."""
-    from test_scaling import backward_and_step
 
     def run(scaled: bool) -> mpdiag.Run:
         model = small_model()
@@ -126,7 +133,9 @@ def test_gradients_scaled_by_a_grad_scaler_are_not_judged_as_overflow() -> None:
 
     scaled, unscaled = run(True), run(False)
     assert scaled.loss_scales and not unscaled.loss_scales
-    grads_overflow = [s for s in scaled.sites if s.kind.value.endswith("grad") and scaled.stats(*s).overflow("fp8_e4m3")]
+    grads_overflow = [
+        s for s in scaled.sites if s.kind.value.endswith("grad") and scaled.stats(*s).overflow("fp8_e4m3")
+    ]
     assert grads_overflow  # the recorded (scaled) gradients do reach e4m3's max
     e4m3 = {v.fmt: v for v in verdicts(scaled)}["fp8_e4m3"]
     assert not any("grad)" in label for label in e4m3.overflow_sites)

@@ -22,13 +22,19 @@ _REPORT_DIR = "img/report"
 def formats_table() -> str:
     from mpdiag.core import formats
 
-    rows = ["| format | torch dtype | exponent bits | mantissa bits | max | min normal | min subnormal | eps | "
-            "range in bits | overflow becomes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| format | torch dtype | exponent bits | mantissa bits | max | min normal | min subnormal | eps | "
+        "range in bits | overflow becomes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for f in formats.all_formats():
         span = math.log2(f.max / f.min_subnormal)
-        rows.append(f"| {f.name} | {str(f.dtype).replace('torch.', '') if f.dtype else '-'} | {f.exponent_bits} | "
-                    f"{f.mantissa_bits} | {f.max:.6g} | {formats.power_of_two(f.min_normal)} | "
-                    f"{formats.power_of_two(f.min_subnormal)} | {formats.power_of_two(f.eps)} | {span:.1f} | {f.overflow.value} |")
+        rows.append(
+            f"| {f.name} | {str(f.dtype).replace('torch.', '') if f.dtype else '-'} | {f.exponent_bits} | "
+            f"{f.mantissa_bits} | {f.max:.6g} | {formats.power_of_two(f.min_normal)} | "
+            f"{formats.power_of_two(f.min_subnormal)} | {formats.power_of_two(f.eps)} | "
+            f"{span:.1f} | {f.overflow.value} |"
+        )
     return "\n".join(rows)
 
 
@@ -63,5 +69,4 @@ def on_files(files: Files, config) -> Files:  # noqa: ANN001 - mkdocs' config ob
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ANN001
-    return (markdown.replace("<!-- mpdiag:formats -->", formats_table())
-            .replace("<!-- mpdiag:cli -->", cli_reference()))
+    return markdown.replace("<!-- mpdiag:formats -->", formats_table()).replace("<!-- mpdiag:cli -->", cli_reference())

@@ -39,8 +39,12 @@ __all__ = ["Category", "CastThresholds", "thresholds", "classify", "round_to", "
 #: Input dtypes whose casts are probed directly; other floating dtypes (fp8) widen to fp32 exactly first.
 SOURCE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 #: The integer dtype of the same width as each source dtype: floats' bit patterns, for probing and kernels.
-INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-             torch.bfloat16: torch.int16}
+INT_VIEW = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 class Category(enum.IntEnum):
@@ -76,7 +80,9 @@ def source_dtype(dtype: torch.dtype) -> torch.dtype:
         return dtype
     if dtype.is_floating_point:
         return torch.float32
-    raise MpdiagError(f"expected a floating-point dtype, got {dtype}; integer and bool tensors have no cast to classify")
+    raise MpdiagError(
+        f"expected a floating-point dtype, got {dtype}; integer and bool tensors have no cast to classify"
+    )
 
 
 def cast(x: torch.Tensor, fmt: Format) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["MpdiagError", "MpdiagWarning", "UnknownFormatError", "UnknownSiteError", "AttachError"]
+
 
 class MpdiagError(RuntimeError):
     """Root of every error mpdiag raises on purpose."""

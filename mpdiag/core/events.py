@@ -14,17 +14,18 @@ by the first module that consumes it.
 from __future__ import annotations
 
 import os
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import torch
 
-from mpdiag.core.text import display_name
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.sites import Kind
+from mpdiag.core.text import display_name
+
+if TYPE_CHECKING:
+    from mpdiag.core.stats import TensorStats
 
 __all__ = ["NonFiniteEvent", "NonFiniteError", "NonFiniteOrigin", "AnomalyRecord", "PHASES", "order"]
 
@@ -33,9 +34,12 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # mp
 #: The phase of training a non-finite value of each kind of site is seen in.
 Phase = Literal["forward", "backward"]
 PHASES: tuple[Phase, ...] = ("forward", "backward")
-PHASE_OF_KIND: dict[Kind, Phase] = {Kind.ACTIVATION: "forward", Kind.PARAM: "forward",
-                                    Kind.ACTIVATION_GRAD: "backward", Kind.PARAM_GRAD: "backward"}
-
+PHASE_OF_KIND: dict[Kind, Phase] = {
+    Kind.ACTIVATION: "forward",
+    Kind.PARAM: "forward",
+    Kind.ACTIVATION_GRAD: "backward",
+    Kind.PARAM_GRAD: "backward",
+}
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,9 @@ class NonFiniteEvent:
             raise MpdiagError(f"unknown phase {self.phase!r}; expected one of {', '.join(PHASES)}")
 
     def __str__(self) -> str:
-        counts = ", ".join(f"{n} {label}" for n, label in ((self.nans, "NaN"), (self.posinf, "+inf"),
-                                                            (self.neginf, "-inf")) if n)
+        counts = ", ".join(
+            f"{n} {label}" for n, label in ((self.nans, "NaN"), (self.posinf, "+inf"), (self.neginf, "-inf")) if n
+        )
         role = "first seen here" if self.produced else "received from upstream"
         where = f", rank{'s' if len(self.ranks) > 1 else ''} {', '.join(map(str, self.ranks))}" if self.ranks else ""
         return f"step {self.step}, {self.phase}: {counts} in {self.kind} of {display_name(self.name)} ({role}{where})"
@@ -87,8 +92,12 @@ class NonFiniteError(MpdiagError):
             what the values looked like before they broke.
     """
 
-    def __init__(self, event: NonFiniteEvent, events: Sequence[NonFiniteEvent],
-                 history: Mapping[tuple[str, str], list[tuple[int, Any]]]) -> None:
+    def __init__(
+        self,
+        event: NonFiniteEvent,
+        events: Sequence[NonFiniteEvent],
+        history: Mapping[tuple[str, Kind], list[tuple[int, TensorStats]]],
+    ) -> None:
         self.event = event
         self.events = tuple(events)
         self.history = dict(history)
@@ -96,7 +105,8 @@ class NonFiniteError(MpdiagError):
         amax = ", ".join(f"step {s}: {st.amax:.3g}" for s, st in trail[-4:])
         super().__init__(
             f"non-finite values at {event}; {len(self.events)} site(s) affected in this step. "
-            f"amax of {event.kind} of {display_name(event.name)} over the recorded steps before: {amax or 'none'}")
+            f"amax of {event.kind} of {display_name(event.name)} over the recorded steps before: {amax or 'none'}"
+        )
 
 
 def order(events: Sequence[NonFiniteEvent]) -> list[NonFiniteEvent]:
@@ -129,8 +139,9 @@ class NonFiniteOrigin:
 
     def __str__(self) -> str:
         where = "outside the model" if self.module is None else f"in module {display_name(self.module)}"
-        counts = ", ".join(f"{n} {label}" for n, label in ((self.nans, "NaN"), (self.posinf, "+inf"),
-                                                            (self.neginf, "-inf")) if n)
+        counts = ", ".join(
+            f"{n} {label}" for n, label in ((self.nans, "NaN"), (self.posinf, "+inf"), (self.neginf, "-inf")) if n
+        )
         source = "" if self.inputs_finite else " (its inputs were already non-finite)"
         frames = "".join([f for f in self.stack if not internal_frame(f)][-3:]).rstrip()  # the user's own lines
         return f"{self.op} produced {counts} in {self.phase}, {where}{source}\n{frames}"

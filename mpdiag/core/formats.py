@@ -25,8 +25,21 @@ import torch
 from mpdiag.core._tf32 import TF32_MANTISSA_BITS, round_to_tf32
 from mpdiag.core.errors import UnknownFormatError
 
-__all__ = ["Format", "Overflow", "get", "names", "all_formats", "power_of_two", "FP32", "TF32", "FP16", "BF16",
-           "FP8_E4M3", "FP8_E5M2"]
+__all__ = [
+    "Format",
+    "Overflow",
+    "get",
+    "names",
+    "all_formats",
+    "power_of_two",
+    "flush_exponent",
+    "FP32",
+    "TF32",
+    "FP16",
+    "BF16",
+    "FP8_E4M3",
+    "FP8_E5M2",
+]
 
 
 class Overflow(str, enum.Enum):
@@ -141,13 +154,25 @@ FP8_E5M2 = _from_finfo("fp8_e5m2", torch.float8_e5m2)
 
 _FORMATS: dict[str, Format] = {f.name: f for f in (FP32, TF32, FP16, BF16, FP8_E4M3, FP8_E5M2)}
 _ALIASES: dict[str, str] = {
-    "float32": "fp32", "float": "fp32", "single": "fp32", "f32": "fp32",
-    "tensorfloat32": "tf32", "tensor_float32": "tf32",
-    "float16": "fp16", "half": "fp16", "f16": "fp16",
-    "bfloat16": "bf16", "brain_float16": "bf16",
-    "e4m3": "fp8_e4m3", "e4m3fn": "fp8_e4m3", "fp8e4m3": "fp8_e4m3", "float8_e4m3fn": "fp8_e4m3",
+    "float32": "fp32",
+    "float": "fp32",
+    "single": "fp32",
+    "f32": "fp32",
+    "tensorfloat32": "tf32",
+    "tensor_float32": "tf32",
+    "float16": "fp16",
+    "half": "fp16",
+    "f16": "fp16",
+    "bfloat16": "bf16",
+    "brain_float16": "bf16",
+    "e4m3": "fp8_e4m3",
+    "e4m3fn": "fp8_e4m3",
+    "fp8e4m3": "fp8_e4m3",
+    "float8_e4m3fn": "fp8_e4m3",
     "fp8_e4m3fn": "fp8_e4m3",
-    "e5m2": "fp8_e5m2", "fp8e5m2": "fp8_e5m2", "float8_e5m2": "fp8_e5m2",
+    "e5m2": "fp8_e5m2",
+    "fp8e5m2": "fp8_e5m2",
+    "float8_e5m2": "fp8_e5m2",
 }
 
 
@@ -155,6 +180,11 @@ def power_of_two(value: float) -> str:
     """``value`` as people read format constants: '2^-14' for a power of two, else 6 significant digits."""
     mantissa, exponent = math.frexp(value)
     return f"2^{exponent - 1}" if mantissa == 0.5 else f"{value:.6g}"
+
+
+def flush_exponent(fmt: Format) -> int:
+    """log2 of the largest magnitude that rounds to zero: half the smallest subnormal (a tie to even 0)."""
+    return math.frexp(fmt.min_subnormal)[1] - 2
 
 
 def names() -> tuple[str, ...]:

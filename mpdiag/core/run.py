@@ -66,8 +66,11 @@ class Run:
             raise MpdiagError(f"phase must be one of {', '.join(PHASES)} or None, got {phase!r}")
         if step is not None and step not in self.records:
             raise MpdiagError(f"step {step} was not recorded; recorded steps: {step_ranges(self.steps)}")
-        candidates = [e for e in self.nonfinite_events()
-                      if (step is None or e.step == step) and (phase is None or e.phase == phase)]
+        candidates = [
+            e
+            for e in self.nonfinite_events()
+            if (step is None or e.step == step) and (phase is None or e.phase == phase)
+        ]
         return candidates[0] if candidates else None
 
     def loss_scale(self, step: int) -> float:
@@ -116,7 +119,9 @@ class Run:
             raise MpdiagError(f"step {step} was not recorded; recorded steps: {step_ranges(self.steps)}")
         if site not in self.records[step]:
             seen_at = [s for s in self.steps if site in self.records[s]]
-            raise MpdiagError(f"site {name!r} ({site.kind}) was not seen in step {step}; seen in steps {step_ranges(seen_at)}")
+            raise MpdiagError(
+                f"site {name!r} ({site.kind}) was not seen in step {step}; seen in steps {step_ranges(seen_at)}"
+            )
         return self.records[step][site]
 
     def table(self, step: int | None = None) -> list[dict[str, Any]]:
@@ -134,8 +139,9 @@ class Run:
         """The site that holds ``site``'s statistics: itself, or the tied parameter's recorded name."""
         if site in self._merged or site.kind not in (Kind.PARAM, Kind.PARAM_GRAD):
             return site
-        return next((Site(n, site.kind) for n in self._tied_names(site.name) if Site(n, site.kind) in self._merged),
-                    site)
+        return next(
+            (Site(n, site.kind) for n in self._tied_names(site.name) if Site(n, site.kind) in self._merged), site
+        )
 
     def _unknown_site_message(self, site: Site) -> str:
         recorded = {s.name for s in self.sites if s.kind == site.kind}
@@ -147,16 +153,21 @@ class Run:
         by_lower: dict[str, list[str]] = {}
         for n in sorted(names):
             by_lower.setdefault(n.lower(), []).append(n)
-        close = [n for c in difflib.get_close_matches(site.name.lower(), list(by_lower), n=3, cutoff=0.5)
-                 for n in by_lower[c]]
+        close = [
+            n
+            for c in difflib.get_close_matches(site.name.lower(), list(by_lower), n=3, cutoff=0.5)
+            for n in by_lower[c]
+        ]
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         kinds = sorted({s.kind.value for s in self.sites if s.name == site.name})
         if kinds:
             hint = f"; {site.name!r} was recorded as {', '.join(kinds)}"
         others = [n for n in self._tied_names(site.name) if n != site.name]
         if others:
-            hint = (f"; {site.name!r} is tied to {', '.join(map(repr, others))} (one tensor, recorded once, under "
-                    f"the first of its names), and none of them has a {site.kind} site")
+            hint = (
+                f"; {site.name!r} is tied to {', '.join(map(repr, others))} (one tensor, recorded once, under "
+                f"the first of its names), and none of them has a {site.kind} site"
+            )
         return f"no {site.kind} site named {site.name!r} in this run{hint}"
 
     def __repr__(self) -> str:
@@ -167,7 +178,9 @@ def step_ranges(steps: list[int]) -> str:
     """Compact text for a list of step indices: '0-9, 20, 30-31'."""
     if not steps:
         return "none"
-    parts, start, prev = [], steps[0], steps[0]
+    parts: list[str] = []
+    start: float = steps[0]  # step indices, and the math.inf that closes the last range
+    prev: float = steps[0]
     for s in steps[1:] + [math.inf]:
         if s != prev + 1:
             parts.append(f"{start}" if start == prev else f"{start}-{prev}")

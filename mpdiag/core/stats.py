@@ -31,8 +31,17 @@ from mpdiag.core import formats as _formats
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.formats import Format
 
-__all__ = ["TensorStats", "HIST_EXPONENTS", "DEFAULT_FORMATS", "STATS", "Stat", "Reduce", "Source", "Storage",
-           "format_names"]
+__all__ = [
+    "TensorStats",
+    "HIST_EXPONENTS",
+    "DEFAULT_FORMATS",
+    "STATS",
+    "Stat",
+    "Reduce",
+    "Source",
+    "Storage",
+    "format_names",
+]
 
 #: Formats tracked unless the caller says otherwise.
 DEFAULT_FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
@@ -112,8 +121,7 @@ class Stat:
     storage: Storage
 
 
-def _stat(default: Any = None, *, reduce: Reduce, source: Source, storage: Storage,
-          factory: Any = None) -> Any:
+def _stat(default: Any = None, *, reduce: Reduce, source: Source, storage: Storage, factory: Any = None) -> Any:
     """A TensorStats field with its declaration (the name is filled in from the field)."""
     metadata = {"stat": (reduce, source, storage)}
     if factory is not None:
@@ -156,7 +164,8 @@ class TensorStats:
     amax: float = _stat(0.0, reduce=Reduce.MAX, source=Source.DEVICE, storage=Storage.REAL)
     amin_nonzero: float = _stat(math.inf, reduce=Reduce.MIN, source=Source.DEVICE, storage=Storage.REAL)
     hist: np.ndarray = _stat(reduce=Reduce.SUM, source=Source.BUCKETS, storage=Storage.SPAN, factory=_empty_hist)
-    casts: np.ndarray | None = _stat(None, reduce=Reduce.SUM, source=Source.BUCKETS, storage=Storage.ARRAY)
+    # the default None stands for zeros (one row per format, which a default cannot know): always an array once built
+    casts: np.ndarray = _stat(None, reduce=Reduce.SUM, source=Source.BUCKETS, storage=Storage.ARRAY)
     dtypes: frozenset[str] = _stat(frozenset(), reduce=Reduce.UNION, source=Source.HOST, storage=Storage.NAMES)
     calls: int = _count(Source.HOST)
 
@@ -231,8 +240,9 @@ class TensorStats:
         other = next((s.formats for s in items if s.formats != first.formats), None)
         if other is not None:
             raise MpdiagError(f"cannot merge stats of formats {first.formats} with stats of formats {other}")
-        return TensorStats(first.formats, **{s.name: _MERGE[s.reduce]([getattr(i, s.name) for i in items])
-                                             for s in STATS})
+        return TensorStats(
+            first.formats, **{s.name: _MERGE[s.reduce]([getattr(i, s.name) for i in items]) for s in STATS}
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TensorStats):
@@ -263,9 +273,11 @@ class TensorStats:
 
     def __repr__(self) -> str:
         casts = ", ".join(f"{n}: u{r[0]}/s{r[1]}/o{r[2]}" for n, r in zip(self.formats, self.casts))
-        return (f"TensorStats(numel={self.numel}, zeros={self.zeros}, nans={self.nans}, posinf={self.posinf}, "
-                f"neginf={self.neginf}, amax={self.amax:.6g}, amin_nonzero={self.amin_nonzero:.6g}, "
-                f"calls={self.calls}, casts={{{casts}}})")
+        return (
+            f"TensorStats(numel={self.numel}, zeros={self.zeros}, nans={self.nans}, posinf={self.posinf}, "
+            f"neginf={self.neginf}, amax={self.amax:.6g}, amin_nonzero={self.amin_nonzero:.6g}, "
+            f"calls={self.calls}, casts={{{casts}}})"
+        )
 
 
 #: The declaration of every statistic, in field order.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["ROOT_LABEL", "display_name", "shown", "percent"]
+
 ROOT_LABEL = "<root>"
 
 

@@ -79,8 +79,9 @@ class RunWriter:
                     self.db.execute(statement)  # executescript() would commit our transaction early
                 self._put_meta({"schema_version": SCHEMA_VERSION, "formats": list(formats), **meta})
         except (sqlite3.Error, OSError) as err:
-            raise RunFileError(f"cannot create run file {self.path}: {err}; check the directory exists and "
-                               f"is writable") from err
+            raise RunFileError(
+                f"cannot create run file {self.path}: {err}; check the directory exists and is writable"
+            ) from err
         self._site_ids: dict[Site, int] = {}
 
     @contextlib.contextmanager
@@ -94,31 +95,57 @@ class RunWriter:
         self.db.execute("COMMIT")
 
     def _put_meta(self, meta: Mapping[str, Any]) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                            [(k, json.dumps(v, default=str)) for k, v in meta.items()])
+        self.db.executemany(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v, default=str)) for k, v in meta.items()]
+        )
 
     def _site_id(self, site: Site) -> int:
         if site not in self._site_ids:
             cur = self.db.execute("INSERT INTO sites (name, kind) VALUES (?, ?)", (site.name, site.kind.value))
-            self._site_ids[site] = int(cur.lastrowid)
+            assert cur.lastrowid is not None  # set by the INSERT just made
+            self._site_ids[site] = cur.lastrowid
         return self._site_ids[site]
 
-    def write_step(self, step: int, stats: Mapping[Site, TensorStats], events: tuple[NonFiniteEvent, ...] = (),
-                   loss_scale: float | None = None, meta: Mapping[str, Any] | None = None) -> None:
+    def write_step(
+        self,
+        step: int,
+        stats: Mapping[Site, TensorStats],
+        events: tuple[NonFiniteEvent, ...] = (),
+        loss_scale: float | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
         with self._transaction():
             self.db.execute("INSERT INTO steps VALUES (?, ?)", (step, loss_scale))
-            self.db.executemany(_INSERT_STATS, [(step, self._site_id(site), *_stats_row(s)) for site, s in stats.items()])
-            self.db.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?,?)",
-                                [(e.step, e.seq, e.name, e.kind.value, e.phase, e.nans, e.posinf, e.neginf,
-                                  int(e.produced), ",".join(map(str, e.ranks))) for e in events])
+            self.db.executemany(
+                _INSERT_STATS, [(step, self._site_id(site), *_stats_row(s)) for site, s in stats.items()]
+            )
+            self.db.executemany(
+                "INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        e.step,
+                        e.seq,
+                        e.name,
+                        e.kind.value,
+                        e.phase,
+                        e.nans,
+                        e.posinf,
+                        e.neginf,
+                        int(e.produced),
+                        ",".join(map(str, e.ranks)),
+                    )
+                    for e in events
+                ],
+            )
             if meta:
                 self._put_meta(meta)
 
     def write_anomaly(self, record: AnomalyRecord) -> None:
         with self._transaction():
-            self.db.execute("INSERT INTO anomalies (step, message, traceback, module, node) VALUES (?,?,?,?,?)",
-                            (record.step, record.message, json.dumps(list(record.traceback)), record.module,
-                             record.node))
+            self.db.execute(
+                "INSERT INTO anomalies (step, message, traceback, module, node) VALUES (?,?,?,?,?)",
+                (record.step, record.message, json.dumps(list(record.traceback)), record.module, record.node),
+            )
 
     def close(self) -> None:
         self.db.close()
@@ -135,8 +162,14 @@ class RunFileSink:
     def open(self, formats: tuple[str, ...], meta: Mapping[str, Any]) -> None:
         self._writer = RunWriter(self.path, formats, meta)
 
-    def write_step(self, step: int, stats: Mapping[Site, TensorStats], events: tuple[NonFiniteEvent, ...],
-                   loss_scale: float | None, meta: Mapping[str, Any]) -> None:
+    def write_step(
+        self,
+        step: int,
+        stats: Mapping[Site, TensorStats],
+        events: tuple[NonFiniteEvent, ...],
+        loss_scale: float | None,
+        meta: Mapping[str, Any],
+    ) -> None:
         self._opened().write_step(step, stats, events, loss_scale, meta)
 
     def write_anomaly(self, record: AnomalyRecord) -> None:
@@ -172,7 +205,7 @@ def _encode(stat: Stat, value: Any) -> tuple[Any, ...]:
     if stat.storage is Storage.SPAN:  # only the bins from the first non-empty one to the last
         nonzero = np.flatnonzero(value)
         first = int(nonzero[0]) if nonzero.size else 0
-        return first, _pack(value[first:int(nonzero[-1]) + 1] if nonzero.size else value[:0])
+        return first, _pack(value[first : int(nonzero[-1]) + 1] if nonzero.size else value[:0])
     if stat.storage is Storage.ARRAY:
         return (_pack(value.reshape(-1)),)
     return (value,)
@@ -188,7 +221,7 @@ def _decode(stat: Stat, stored: tuple[Any, ...], default: Any) -> Any:
     if stat.storage is Storage.SPAN:
         first, span = stored[0], _unpack(stored[1])
         full = np.zeros(default.shape, dtype=np.int64)
-        full[first:first + len(span)] = span
+        full[first : first + len(span)] = span
         return full
     if stat.storage is Storage.ARRAY:
         return _unpack(stored[0]).reshape(default.shape)
@@ -196,8 +229,10 @@ def _decode(stat: Stat, stored: tuple[Any, ...], default: Any) -> Any:
 
 
 _STAT_COLUMNS = [column for stat in STATS for column in _columns(stat)]
-_INSERT_STATS = (f"INSERT INTO stats (step, site, {', '.join(c for c, _ in _STAT_COLUMNS)}) "
-                 f"VALUES ({', '.join('?' * (len(_STAT_COLUMNS) + 2))})")
+_INSERT_STATS = (
+    f"INSERT INTO stats (step, site, {', '.join(c for c, _ in _STAT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * (len(_STAT_COLUMNS) + 2))})"
+)
 
 
 def _schema() -> str:
@@ -208,8 +243,9 @@ def _stats_row(s: TensorStats) -> tuple[Any, ...]:
     return tuple(v for stat in STATS for v in _encode(stat, getattr(s, stat.name)))
 
 
-def _read_stats(db: sqlite3.Connection, formats: tuple[str, ...],
-                sites: Mapping[int, Site]) -> Iterator[tuple[int, Site, TensorStats]]:
+def _read_stats(
+    db: sqlite3.Connection, formats: tuple[str, ...], sites: Mapping[int, Site]
+) -> Iterator[tuple[int, Site, TensorStats]]:
     """Every stored TensorStats, by step and site, in the order they were written."""
     present = {row[1] for row in db.execute("PRAGMA table_info(stats)")}
     columns = [c if c in present else "NULL" for c, _ in _STAT_COLUMNS]
@@ -218,12 +254,12 @@ def _read_stats(db: sqlite3.Connection, formats: tuple[str, ...],
         values, i = {}, 0
         for stat in STATS:
             width = len(_columns(stat))
-            values[stat.name] = _decode(stat, tuple(row[i:i + width]), getattr(empty, stat.name))
+            values[stat.name] = _decode(stat, tuple(row[i : i + width]), getattr(empty, stat.name))
             i += width
         yield step, sites[site], TensorStats(formats, **values)
 
 
-_WIDTHS = (np.uint8, np.uint16, np.uint32, np.uint64)
+_WIDTHS: tuple[type[np.unsignedinteger[Any]], ...] = (np.uint8, np.uint16, np.uint32, np.uint64)
 
 
 def _pack(counts: np.ndarray) -> bytes:
@@ -265,8 +301,9 @@ def load(path: str | os.PathLike[str]) -> Run:
         finally:
             db.close()
     except sqlite3.DatabaseError as err:
-        raise RunFileError(f"{path} is not a readable mpdiag run file ({err}); it may be damaged, truncated, "
-                           f"or another kind of file") from err
+        raise RunFileError(
+            f"{path} is not a readable mpdiag run file ({err}); it may be damaged, truncated, or another kind of file"
+        ) from err
 
 
 def _read_only_uri(path: Path) -> str:
@@ -289,26 +326,50 @@ def _read(db: sqlite3.Connection, path: Path) -> Run:
     meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
     version = meta.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise RunFileError(f"{path} has run-file schema version {version!r}; this mpdiag reads up to "
-                           f"{SCHEMA_VERSION}: upgrade mpdiag to read it")
+        raise RunFileError(
+            f"{path} has run-file schema version {version!r}; this mpdiag reads up to "
+            f"{SCHEMA_VERSION}: upgrade mpdiag to read it"
+        )
     formats = tuple(meta.pop("formats"))
     meta.pop("schema_version")
     sites = {i: Site(n, Kind(k)) for i, n, k in db.execute("SELECT id, name, kind FROM sites")}
     records: dict[int, dict[Site, TensorStats]] = {}
     scales = {s: float(v) for s, v in db.execute("SELECT step, loss_scale FROM steps") if v is not None}
-    for step, in db.execute("SELECT step FROM steps ORDER BY step"):
+    for (step,) in db.execute("SELECT step FROM steps ORDER BY step"):
         records[step] = {}
     for step, site, stats in _read_stats(db, formats, sites):
         records.setdefault(step, {})[site] = stats
     events: dict[int, list[NonFiniteEvent]] = {}
     ranks_column = "ranks" if version >= 2 else "''"  # version 1 files predate ranks
     for step, seq, name, kind, phase, n, p, m, produced, ranks in db.execute(
-            f"SELECT step, seq, name, kind, phase, nans, posinf, neginf, produced, {ranks_column} FROM events "
-            "ORDER BY rowid"):
-        events.setdefault(step, []).append(NonFiniteEvent(step, name, kind, phase, n, p, m, seq, bool(produced),
-                                                          tuple(int(r) for r in (ranks or "").split(",") if r)))
-    anomalies = tuple(AnomalyRecord(message, tuple(json.loads(tb)), module, node, step)
-                      for step, message, tb, module, node in
-                      db.execute("SELECT step, message, traceback, module, node FROM anomalies ORDER BY id"))
-    return Run(formats=formats, records=records, meta=meta, loss_scales=scales,
-               events={s: tuple(e) for s, e in events.items()}, anomalies=anomalies)
+        f"SELECT step, seq, name, kind, phase, nans, posinf, neginf, produced, {ranks_column} FROM events "
+        "ORDER BY rowid"
+    ):
+        events.setdefault(step, []).append(
+            NonFiniteEvent(
+                step,
+                name,
+                kind,
+                phase,
+                n,
+                p,
+                m,
+                seq,
+                bool(produced),
+                tuple(int(r) for r in (ranks or "").split(",") if r),
+            )
+        )
+    anomalies = tuple(
+        AnomalyRecord(message, tuple(json.loads(tb)), module, node, step)
+        for step, message, tb, module, node in db.execute(
+            "SELECT step, message, traceback, module, node FROM anomalies ORDER BY id"
+        )
+    )
+    return Run(
+        formats=formats,
+        records=records,
+        meta=meta,
+        loss_scales=scales,
+        events={s: tuple(e) for s, e in events.items()},
+        anomalies=anomalies,
+    )

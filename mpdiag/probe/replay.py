@@ -15,6 +15,7 @@ stream continues as if nothing happened). A Diagnosis attached to the model reco
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpdiag.analysis.scaling import ScaleOutcome
 from mpdiag.core import formats as _formats
+from mpdiag.core.errors import MpdiagError
+from mpdiag.core.run import Kind, Site
 from mpdiag.probe._rerun import preserved
 from mpdiag.record.environment import check_autocast
-from mpdiag.core.errors import MpdiagError
 from mpdiag.record.hooks import floating_tensors
-from mpdiag.core.run import Kind, Site
-from mpdiag.analyse.scaling import ScaleOutcome
 
 __all__ = ["replay_loss_scale", "ReplayResult"]
 
@@ -47,7 +48,7 @@ class _Counts:
 class ReplayResult:
     """Measured outcome of each replayed loss scale, per gradient site and overall.
 
-    ``at(scale, site=None)`` returns the same ``mpdiag.analyse.scaling.ScaleOutcome`` as ``advise``.
+    ``at(scale, site=None)`` returns the same ``mpdiag.analysis.scaling.ScaleOutcome`` as ``advise``.
     """
 
     dtype: torch.dtype
@@ -62,21 +63,32 @@ class ReplayResult:
         if site is not None:
             wanted = Site(site[0], Kind.parse(site[1]))
             if wanted not in counts:
-                raise MpdiagError(f"no gradient site {wanted.name!r} ({wanted.kind}) in this replay; "
-                                  f"sites look like {list(self.sites[:3])}")
+                raise MpdiagError(
+                    f"no gradient site {wanted.name!r} ({wanted.kind}) in this replay; "
+                    f"sites look like {list(self.sites[:3])}"
+                )
             counts = {wanted: counts[wanted]}
         nonzero = sum(c.nonzero for c in counts.values())
         fractions = [(c.zeroed / c.nonzero, s.name) for s, c in counts.items() if c.zeroed]
         return ScaleOutcome(
-            scale=scale, overflow=any(c.overflow for c in counts.values()),
+            scale=scale,
+            overflow=any(c.overflow for c in counts.values()),
             underflow=sum(c.zeroed for c in counts.values()) / nonzero if nonzero else 0.0,
             subnormal=sum(c.subnormal for c in counts.values()) / nonzero if nonzero else 0.0,
             overflow_sites=tuple(s.name for s, c in counts.items() if c.overflow),
-            worst_underflow_site=max(fractions)[1] if fractions else None)
+            worst_underflow_site=max(fractions)[1] if fractions else None,
+        )
 
 
-def replay_loss_scale(model: nn.Module, loss_fn: LossFn, batch: Any, scales: Sequence[float], *,
-                      dtype: torch.dtype = torch.float16, device_type: str | None = None) -> ReplayResult:
+def replay_loss_scale(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    scales: Sequence[float],
+    *,
+    dtype: torch.dtype = torch.float16,
+    device_type: str | None = None,
+) -> ReplayResult:
     """Measure what each loss scale does to one batch's gradients in a real autocast backward.
 
     Args:
@@ -106,15 +118,20 @@ def replay_loss_scale(model: nn.Module, loss_fn: LossFn, batch: Any, scales: Seq
     check_autocast(device_type, dtype)
     with preserved(model) as rerun:
         reference = rerun(lambda: _gradients(model, loss_fn, batch, 1.0, None))
-        counts = {float(scale): _compare(reference, rerun(lambda s=scale: _gradients(model, loss_fn, batch, s,
-                                                                                       (device_type, dtype))),
-                                         float(scale), fmt.min_normal)
-                  for scale in scales}
+        counts = {
+            float(scale): _compare(
+                reference,
+                rerun(functools.partial(_gradients, model, loss_fn, batch, scale, (device_type, dtype))),
+                fmt.min_normal,
+            )
+            for scale in scales
+        }
     return ReplayResult(dtype, tuple(float(s) for s in scales), tuple(reference), counts)
 
 
-def _gradients(model: nn.Module, loss_fn: LossFn, batch: Any, scale: float,
-               autocast: tuple[str, torch.dtype] | None) -> dict[Site, torch.Tensor]:
+def _gradients(
+    model: nn.Module, loss_fn: LossFn, batch: Any, scale: float, autocast: tuple[str, torch.dtype] | None
+) -> dict[Site, torch.Tensor]:
     """One forward and backward of ``scale * loss``; every parameter and module-output gradient."""
     grads: dict[Site, list[torch.Tensor]] = {}
 
@@ -126,6 +143,7 @@ def _gradients(model: nn.Module, loss_fn: LossFn, batch: Any, scale: float,
             for t in floating_tensors(output):
                 if t.requires_grad:
                     t.register_hook(keep(Site(name, Kind.ACTIVATION_GRAD)))
+
         return hook
 
     handles = [m.register_forward_hook(on_forward(n)) for n, m in model.named_modules()]
@@ -145,8 +163,9 @@ def _gradients(model: nn.Module, loss_fn: LossFn, batch: Any, scale: float,
     return {site: torch.cat(parts) for site, parts in grads.items()}
 
 
-def _compare(reference: dict[Site, torch.Tensor], replay: dict[Site, torch.Tensor], scale: float,
-             min_normal: float) -> dict[Site, _Counts]:
+def _compare(
+    reference: dict[Site, torch.Tensor], replay: dict[Site, torch.Tensor], min_normal: float
+) -> dict[Site, _Counts]:
     counts = {}
     for site, ref in reference.items():
         got = replay.get(site)
@@ -156,9 +175,11 @@ def _compare(reference: dict[Site, torch.Tensor], replay: dict[Site, torch.Tenso
             continue
         # the gradient as backward left it is scale * true gradient: that is what was cast
         counts[site] = _Counts(
-            nonzero=int(live.sum()), zeroed=int((live & (got == 0)).sum()),
+            nonzero=int(live.sum()),
+            zeroed=int((live & (got == 0)).sum()),
             subnormal=int((live & (got != 0) & (got.abs() < min_normal)).sum()),
-            overflow=bool((torch.isfinite(ref) & ~torch.isfinite(got)).any()))
+            overflow=bool((torch.isfinite(ref) & ~torch.isfinite(got)).any()),
+        )
     return counts
 
 

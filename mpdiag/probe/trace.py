@@ -19,29 +19,28 @@ Examples:
 
 from __future__ import annotations
 
-import os
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.hooks import RemovableHandle
 
-from mpdiag.core.text import display_name
-from mpdiag.record.nodes import MODULE_KEY, claim_nodes
-from mpdiag.probe._rerun import preserved
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.events import NonFiniteOrigin, internal_frame
+from mpdiag.probe._rerun import preserved
 from mpdiag.record.hooks import floating_tensors
+from mpdiag.record.nodes import MODULE_KEY, claim_nodes
 
 __all__ = ["trace_nonfinite", "NonFiniteOrigin"]
 
 
-def trace_nonfinite(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-                    batch: Any) -> NonFiniteOrigin | None:
+def trace_nonfinite(
+    model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any
+) -> NonFiniteOrigin | None:
     """Re-run forward and backward of one batch; the first operator producing NaN/inf, or None if clean.
 
     Args:
@@ -67,8 +66,9 @@ def trace_nonfinite(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.
     return watch.found
 
 
-def _run(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any,
-         watch: _FirstNonFinite) -> None:
+def _run(
+    model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, watch: _FirstNonFinite
+) -> None:
     with _module_tracking(model, watch), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
         # anomaly mode (without its NaN check) keeps each node's forward stack in node.metadata
@@ -105,13 +105,19 @@ class _FirstNonFinite(TorchDispatchMode):
             stack = traceback.format_stack()
         else:
             node = torch._C._current_autograd_node()
-            metadata = node.metadata if node is not None else {}
+            # torch declares Node.metadata an (abstract) method; the C++ nodes have it as a dict attribute
+            metadata: dict[str, Any] = node.metadata if node is not None else {}  # type: ignore[assignment]
             module, stack = metadata.get(MODULE_KEY), list(metadata.get("traceback_", ()))
         return NonFiniteOrigin(
-            op=str(func), module=module, phase=self.phase, stack=_user_frames(stack),
+            op=str(func),
+            module=module,
+            phase=self.phase,
+            stack=_user_frames(stack),
             nans=sum(int(torch.isnan(t).sum()) for t in bad),
             posinf=sum(int((t == float("inf")).sum()) for t in bad),
-            neginf=sum(int((t == float("-inf")).sum()) for t in bad), inputs_finite=inputs_finite)
+            neginf=sum(int((t == float("-inf")).sum()) for t in bad),
+            inputs_finite=inputs_finite,
+        )
 
 
 def _user_frames(stack: list[str]) -> tuple[str, ...]:
@@ -130,7 +136,8 @@ class _module_tracking:  # noqa: N801 - used as a context manager, like torch's 
     """Keeps the forward module stack and tags the autograd nodes each module's forward created."""
 
     def __init__(self, model: nn.Module, watch: _FirstNonFinite) -> None:
-        self.model, self.watch, self.handles = model, watch, []
+        self.model, self.watch = model, watch
+        self.handles: list[RemovableHandle] = []
 
     def __enter__(self) -> None:
         for name, module in self.model.named_modules():
@@ -144,6 +151,7 @@ class _module_tracking:  # noqa: N801 - used as a context manager, like torch's 
     def _enter(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
             self.watch.modules.append(name)
+
         return hook
 
     def _leave(self, name: str) -> Callable[..., None]:
@@ -151,4 +159,5 @@ class _module_tracking:  # noqa: N801 - used as a context manager, like torch's 
             if self.watch.modules and self.watch.modules[-1] == name:
                 self.watch.modules.pop()
             claim_nodes([t.grad_fn for t in _floating(output) if t.grad_fn is not None], name)
+
         return hook

@@ -13,14 +13,17 @@ import dataclasses
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeGuard, TypeVar, overload
 
 import numpy as np
 import torch
 
+from mpdiag.core.stats import DEFAULT_FORMATS, STATS, FormatSpecs, Reduce, Source, Stat, TensorStats, format_names
 from mpdiag.record import _cpu_kernel
 from mpdiag.record._layout import BucketLayout, layout_for
-from mpdiag.core.stats import DEFAULT_FORMATS, STATS, FormatSpecs, Reduce, Source, Stat, TensorStats, format_names
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 #: Why a tensor was not observed, for tensors that have no floating values to classify.
 SKIP_REASONS = {
@@ -45,7 +48,7 @@ def skip_reason(x: torch.Tensor) -> str | None:
 _DTYPE_NAMES = {d: str(d).replace("torch.", "") for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
 
 
-def is_dtensor(x: torch.Tensor) -> bool:
+def is_dtensor(x: torch.Tensor) -> TypeGuard[DTensor]:
     """A torch.distributed DTensor, told by its type's name so that torch.distributed need not be imported."""
     return type(x).__name__ == "DTensor"
 
@@ -58,6 +61,12 @@ def use_cpu_kernel() -> bool:
 def _float_dtype(device: torch.device) -> torch.dtype:
     # Device statistics are kept in fp64 where the device has it, so fp64 inputs keep their range.
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+#: What a part holds its counts and device statistics in: numpy arrays on the host, else tensors.
+_Held = TypeVar("_Held", np.ndarray, torch.Tensor)
+#: The keys the caller reads accumulators by (sites, for the recorder).
+_Key = TypeVar("_Key", bound=Hashable)
 
 
 class _DeviceStats:
@@ -78,7 +87,12 @@ class _DeviceStats:
         self.sign = np.array([-1.0 if s.reduce is Reduce.MIN else 1.0 for s in self.order])
         self.initial = self.sign * np.array([defaults[n] for n in self.names], dtype=np.float64)
 
-    def pack(self, values: Mapping[str, Any]) -> Any:
+    @overload
+    def pack(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+    @overload
+    def pack(self, values: Mapping[str, float]) -> np.ndarray: ...
+
+    def pack(self, values: Mapping[str, Any]) -> torch.Tensor | np.ndarray:
         """A kernel's values by name -> the part's vector (a tensor when they are tensors)."""
         if values and isinstance(next(iter(values.values())), torch.Tensor):
             return torch.stack([values[n] if sign > 0 else -values[n] for n, sign in zip(self.names, self.sign)])
@@ -87,37 +101,74 @@ class _DeviceStats:
     def unpack(self, vector: np.ndarray) -> dict[str, float]:
         return dict(zip(self.names, (self.sign * vector).tolist()))
 
-    def combine(self, into: Any, other: Any) -> None:
+    def combine(self, into: _Held, other: _Held) -> None:
         """into <- into combined with other, in place (numpy arrays or tensors alike)."""
         if self.n_sum:
-            into[:self.n_sum] += other[:self.n_sum]
-        tail, other_tail = into[self.n_sum:], other[self.n_sum:]
+            into[: self.n_sum] += other[: self.n_sum]
+        tail, other_tail = into[self.n_sum :], other[self.n_sum :]
         if isinstance(into, np.ndarray):
             np.maximum(tail, other_tail, out=tail)
         else:
             torch.maximum(tail, other_tail, out=tail)
 
 
-DEVICE_STATS = _DeviceStats(STATS, {f.name: f.default for f in dataclasses.fields(TensorStats)})
+DEVICE_STATS = _DeviceStats(
+    STATS, {f.name: f.default for f in dataclasses.fields(TensorStats) if f.default is not dataclasses.MISSING}
+)
 #: The statistics counted on the host as tensors are observed, and read from the accumulator as they are.
 HOST_STATS = tuple(s.name for s in STATS if s.source is Source.HOST)
 
 
 class _Part:
-    """Bucket counts and device statistics of tensors of one source dtype on one device.
+    """Bucket counts and device statistics of tensors of one source dtype on one device: a ``_HostPart``
+    (numpy arrays) or a ``_DevicePart`` (tensors); ``Part`` is either."""
 
-    Device tensors on the tensors' device; plain numpy arrays for CPU tensors that the compiled
-    kernel measures (they are on the host already, and numpy arrays are far cheaper to make and add).
-    """
+    __slots__ = ("layout", "device", "counts", "values")
 
-    __slots__ = ("layout", "device", "on_host", "counts", "values")
+    on_host: ClassVar[bool]
+    layout: BucketLayout
+    device: torch.device
 
-    def __init__(self, layout: BucketLayout, device: torch.device, on_host: bool) -> None:
-        self.layout, self.device, self.on_host = layout, device, on_host
-        if on_host:
-            self.counts = np.zeros(layout.n_buckets, dtype=np.int64)
-            self.values = DEVICE_STATS.initial.copy()
-            return
+
+class _HostPart(_Part):
+    """Plain numpy arrays, for CPU tensors that the compiled kernel measures (they are on the host
+    already, and numpy arrays are far cheaper to make and add)."""
+
+    __slots__ = ()
+
+    on_host = True
+    counts: np.ndarray
+    values: np.ndarray
+
+    def __init__(self, layout: BucketLayout, device: torch.device) -> None:
+        self.layout, self.device = layout, device
+        self.counts = np.zeros(layout.n_buckets, dtype=np.int64)
+        self.values = DEVICE_STATS.initial.copy()
+
+    def copy(self) -> _HostPart:
+        """A part of its own with the same values."""
+        part = _HostPart.__new__(_HostPart)
+        part.layout, part.device = self.layout, self.device
+        part.counts, part.values = self.counts.copy(), self.values.copy()
+        return part
+
+    def add(self, other: Part) -> None:
+        assert isinstance(other, _HostPart)  # parts share a key, on_host included, only with their own kind
+        self.counts += other.counts
+        DEVICE_STATS.combine(self.values, other.values)
+
+
+class _DevicePart(_Part):
+    """Tensors on the tensors' device."""
+
+    __slots__ = ()
+
+    on_host = False
+    counts: torch.Tensor
+    values: torch.Tensor
+
+    def __init__(self, layout: BucketLayout, device: torch.device) -> None:
+        self.layout, self.device = layout, device
         # Normal tensors even when created inside inference_mode, so in-place updates outside it work.
         with torch.inference_mode(False):
             self.counts = torch.zeros(layout.n_buckets, dtype=torch.int64, device=device)
@@ -126,20 +177,25 @@ class _Part:
             for i, value in enumerate(DEVICE_STATS.initial.tolist()):
                 self.values[i] = value
 
-    def copy(self) -> _Part:
+    def copy(self) -> _DevicePart:
         """A part of its own with the same values."""
-        part = _Part.__new__(_Part)
-        part.layout, part.device, part.on_host = self.layout, self.device, self.on_host
-        if self.on_host:
-            part.counts, part.values = self.counts.copy(), self.values.copy()
-        else:
-            with torch.inference_mode(False):  # as in __init__
-                part.counts, part.values = self.counts.clone(), self.values.clone()
+        part = _DevicePart.__new__(_DevicePart)
+        part.layout, part.device = self.layout, self.device
+        with torch.inference_mode(False):  # as in __init__
+            part.counts, part.values = self.counts.clone(), self.values.clone()
         return part
 
-    def add(self, other: _Part) -> None:
+    def add(self, other: Part) -> None:
+        assert isinstance(other, _DevicePart)  # as in _HostPart.add
         self.counts += other.counts
         DEVICE_STATS.combine(self.values, other.values)
+
+
+Part: TypeAlias = _HostPart | _DevicePart
+
+
+def _new_part(layout: BucketLayout, device: torch.device, on_host: bool) -> Part:
+    return _HostPart(layout, device) if on_host else _DevicePart(layout, device)
 
 
 class Observation:
@@ -151,7 +207,7 @@ class Observation:
 
     __slots__ = ("part", "dtype", "numel", "nonfinite")
 
-    def __init__(self, part: _Part, dtype: str, numel: int, nonfinite: int | None) -> None:
+    def __init__(self, part: Part, dtype: str, numel: int, nonfinite: int | None) -> None:
         self.part, self.dtype, self.numel, self.nonfinite = part, dtype, numel, nonfinite
 
 
@@ -166,13 +222,14 @@ def measure(x: torch.Tensor, format_names: tuple[str, ...]) -> Observation:
     dtype = x.dtype
     layout = layout_for(dtype, format_names)
     on_host = x.is_cpu and use_cpu_kernel()
-    part = _Part(layout, x.device, on_host)
+    # what _new_part does, inline: this runs for every tensor observed
+    part: Part = _HostPart(layout, x.device) if on_host else _DevicePart(layout, x.device)
     numel = x.numel()
     nonfinite = 0 if on_host else None
     if numel:
         if dtype != layout.source:
             x = x.to(layout.source)  # fp8 inputs widen exactly
-        if on_host:
+        if isinstance(part, _HostPart):  # on_host
             part.values[:] = DEVICE_STATS.pack(_cpu_kernel.count_into(x, layout, part.counts))
             nan, posinf, neginf = layout.nonfinite_buckets
             nonfinite = int(part.counts[nan] + part.counts[posinf] + part.counts[neginf])
@@ -181,16 +238,20 @@ def measure(x: torch.Tensor, format_names: tuple[str, ...]) -> Observation:
     return Observation(part, _DTYPE_NAMES.get(dtype) or str(dtype).replace("torch.", ""), numel, nonfinite)
 
 
-def _measure_with_torch(x: torch.Tensor, part: _Part) -> None:
+def _measure_with_torch(x: torch.Tensor, part: _DevicePart) -> None:
     """Any device: one bucketize against the layout's edges and a fixed-size histogram."""
     # bucketize copies a non-contiguous input anyway, and warns about it; copy without the warning.
     buckets = torch.bucketize(x.contiguous(), part.layout.edges_on(x.device)).reshape(-1)
     part.counts.index_add_(0, buckets, torch.ones((), dtype=torch.int64, device=x.device).expand(buckets.numel()))
     magnitude = torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0)
-    part.values.copy_(DEVICE_STATS.pack({
-        "amax": magnitude.amax(),
-        "amin_nonzero": torch.where(magnitude > 0, magnitude, math.inf).amin(),
-    }))
+    part.values.copy_(
+        DEVICE_STATS.pack(
+            {
+                "amax": magnitude.amax(),
+                "amin_nonzero": torch.where(magnitude > 0, magnitude, math.inf).amin(),
+            }
+        )
+    )
 
 
 class SiteAccumulator:
@@ -202,7 +263,7 @@ class SiteAccumulator:
 
     def __init__(self, format_names: tuple[str, ...]) -> None:
         self.format_names = format_names
-        self._parts: dict[tuple[torch.dtype, torch.device, bool], _Part] = {}
+        self._parts: dict[tuple[torch.dtype, torch.device, bool], Part] = {}
         self.dtypes: set[str] = set()
         self.calls = 0
 
@@ -252,12 +313,12 @@ class SiteAccumulator:
         """The source dtypes of the tensors observed (what their buckets are laid out by)."""
         return {source for source, _, _ in self._parts}
 
-    def gathered(self, source: torch.dtype, device: torch.device) -> _Part:
+    def gathered(self, source: torch.dtype, device: torch.device) -> Part:
         """This accumulator's parts of ``source`` merged into one on ``device`` (the parts it replaces may
         be on several devices), created empty when no such tensor was observed."""
         mine = [key for key in self._parts if key[0] == source]
         on_host = device.type == "cpu"
-        part = _Part(layout_for(source, self.format_names), device, on_host)
+        part = _new_part(layout_for(source, self.format_names), device, on_host)
         for key in mine:
             other = self._parts.pop(key)
             part.counts += _as_held(other.counts, part)
@@ -266,25 +327,29 @@ class SiteAccumulator:
         return part
 
 
-def _as_held(value: Any, part: _Part) -> Any:
+def _as_held(value: np.ndarray | torch.Tensor, part: Part) -> Any:
     """``value`` (a numpy array or a tensor anywhere) as ``part`` holds its own: numpy on the host, else
     a tensor of the part's dtype on its device."""
-    if part.on_host:
+    if isinstance(part, _HostPart):  # on_host
         return value if isinstance(value, np.ndarray) else value.detach().cpu().numpy()
     tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
     return tensor.to(part.device, part.values.dtype if tensor.is_floating_point() else tensor.dtype)
 
 
-def reduce_parts(parts: Sequence[_Part], all_reduce: Callable[[torch.Tensor, Reduce], None],
-                 device: torch.device) -> None:
+def reduce_parts(
+    parts: Sequence[Part], all_reduce: Callable[[torch.Tensor, Reduce], None], device: torch.device
+) -> None:
     """Reduce ``parts`` (from ``gathered``, in an order every rank shares) in place with ``all_reduce``
     (a collective given a tensor and SUM or MAX): one call per kind of reduction that the declared
     statistics need: the bucket counts and the summed device statistics by SUM, the rest by MAX."""
     if not parts:
         return
     n = DEVICE_STATS.n_sum
-    groups = [(Reduce.SUM, "counts", slice(None)), (Reduce.SUM, "values", slice(0, n)),
-              (Reduce.MAX, "values", slice(n, None))]
+    groups = [
+        (Reduce.SUM, "counts", slice(None)),
+        (Reduce.SUM, "values", slice(0, n)),
+        (Reduce.MAX, "values", slice(n, None)),
+    ]
     for reduce, attr, piece in groups:
         pieces = [_as_tensor(getattr(p, attr), device)[piece] for p in parts]
         if not pieces[0].numel():
@@ -295,7 +360,7 @@ def reduce_parts(parts: Sequence[_Part], all_reduce: Callable[[torch.Tensor, Red
         for p, x in zip(parts, pieces):
             size = x.numel()
             target = getattr(p, attr)[piece]
-            reduced = packed[offset:offset + size]
+            reduced = packed[offset : offset + size]
             if p.on_host:
                 target[:] = reduced.cpu().numpy()
             else:
@@ -321,19 +386,20 @@ def tensor_stats(tensor: torch.Tensor, formats: FormatSpecs = DEFAULT_FORMATS) -
     return acc.read()
 
 
-def read_many(accumulators: Mapping[Hashable, SiteAccumulator]) -> dict[Hashable, TensorStats]:
+def read_many(accumulators: Mapping[_Key, SiteAccumulator]) -> dict[_Key, TensorStats]:
     """Read every accumulator with one device-to-host transfer per device and decode them."""
     return read_with_extras(accumulators, [])[0]
 
 
-def read_with_extras(accumulators: Mapping[Hashable, SiteAccumulator],
-                     extras: Sequence[torch.Tensor]) -> tuple[dict[Hashable, TensorStats], list[np.ndarray]]:
+def read_with_extras(
+    accumulators: Mapping[_Key, SiteAccumulator], extras: Sequence[torch.Tensor]
+) -> tuple[dict[_Key, TensorStats], list[np.ndarray]]:
     """read_many, plus small int64 device tensors (``extras``) read in the same transfer per device."""
-    rows: list[tuple[Hashable, BucketLayout, np.ndarray, np.ndarray]] = []
-    on_device: dict[torch.device, list[tuple[Hashable, _Part]]] = {}
+    rows: list[tuple[_Key, BucketLayout, np.ndarray, np.ndarray]] = []
+    on_device: dict[torch.device, list[tuple[_Key, _DevicePart]]] = {}
     for key, acc in accumulators.items():
         for part in acc._parts.values():
-            if part.on_host:
+            if isinstance(part, _HostPart):  # on_host
                 rows.append((key, part.layout, part.counts, part.values))
             else:
                 on_device.setdefault(part.device, []).append((key, part))
@@ -349,20 +415,20 @@ def read_with_extras(accumulators: Mapping[Hashable, SiteAccumulator],
         for key, part in items:
             n = part.layout.n_buckets
             n_values = part.values.shape[0]
-            values = _from_int64(packed[offset + n:offset + n + n_values], part.values.dtype)
-            rows.append((key, part.layout, packed[offset:offset + n], values))
+            values = _from_int64(packed[offset + n : offset + n + n_values], part.values.dtype)
+            rows.append((key, part.layout, packed[offset : offset + n], values))
             offset += n + n_values
         for i in extras_by_device.get(device, []):
             size = extras[i].numel()
-            extras_host[i] = packed[offset:offset + size]
+            extras_host[i] = packed[offset : offset + size]
             offset += size
-    by_layout: dict[BucketLayout, list[tuple[Hashable, np.ndarray, np.ndarray]]] = {}
+    by_layout: dict[BucketLayout, list[tuple[_Key, np.ndarray, np.ndarray]]] = {}
     for key, layout, counts, values in rows:
         by_layout.setdefault(layout, []).append((key, counts, values))
-    decoded: dict[Hashable, list[dict[str, Any]]] = {key: [] for key in accumulators}
-    for layout, items in by_layout.items():
-        fields = layout.decode_many(np.stack([counts for _, counts, _ in items]))
-        for (key, _, values), f in zip(items, fields):
+    decoded: dict[_Key, list[dict[str, Any]]] = {key: [] for key in accumulators}
+    for layout, entries in by_layout.items():
+        fields = layout.decode_many(np.stack([counts for _, counts, _ in entries]))
+        for (key, _, values), f in zip(entries, fields):
             decoded[key].append({**f, **DEVICE_STATS.unpack(values)})
     return {key: _finish(acc, decoded[key]) for key, acc in accumulators.items()}, extras_host
 

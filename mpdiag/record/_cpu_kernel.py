@@ -40,15 +40,17 @@ from mpdiag.core.casting import INT_VIEW
 try:  # optional: the torch path is exact too, only slower on CPU
     import numba
     from numba.extending import overload
+
+    _HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised where numba is absent
-    numba = None
+    _HAVE_NUMBA = False  # and ``numba`` undefined: only code that runs when it is installed uses it
 
 KEY_BITS = 13
 _KEY_MASK = (1 << KEY_BITS) - 1
 _CHUNK = 4096  # elements per pass of the hot loop; its noted exceptions fit a buffer this long
 _DIRECT_BELOW = 8192  # fewer elements than this: each element's bucket directly
 _PARALLEL_FROM = 65536  # below this many elements, threads cost more than they save
-_ENABLED = numba is not None and os.environ.get("MPDIAG_NUMBA", "1") != "0"  # read once, at import
+_ENABLED = _HAVE_NUMBA and os.environ.get("MPDIAG_NUMBA", "1") != "0"  # read once, at import
 
 
 def available() -> bool:
@@ -99,15 +101,25 @@ class KernelTables:
         self.to_float = _bits_to_float(source)
         self.no_extremes = np.array([0, self.inf_bits], dtype=np.int64)  # [max, min non-zero magnitude]
         # The tables in the order the compiled functions take them.
-        self.args = (self.special, self.scan_from, self.key_bucket, self.boundaries, self.bucket_flat, self.stride,
-                     self.magnitude_mask, self.inf_bits, self.tiny_below)
+        self.args = (
+            self.special,
+            self.scan_from,
+            self.key_bucket,
+            self.boundaries,
+            self.bucket_flat,
+            self.stride,
+            self.magnitude_mask,
+            self.inf_bits,
+            self.tiny_below,
+        )
 
 
-if numba is not None:
+if _HAVE_NUMBA:
     # Not numba's cache=True, which writes beside this file, into the installed package.
     try:
         from mpdiag.record._kernel_cache import cached
     except ImportError:  # numba internals the cache relies on moved: compile in each process instead
+
         def cached(dispatcher):  # noqa: ANN001, ANN202
             return dispatcher
 
@@ -173,8 +185,20 @@ if numba is not None:
 
     @cached
     @numba.njit(nogil=True)
-    def _count(bits, special, scan_from, key_bucket, boundaries, bucket_of, stride, magnitude_mask, inf_bits,
-               tiny_below, counts, extremes):
+    def _count(
+        bits,
+        special,
+        scan_from,
+        key_bucket,
+        boundaries,
+        bucket_of,
+        stride,
+        magnitude_mask,
+        inf_bits,
+        tiny_below,
+        counts,
+        extremes,
+    ):
         shift = _key_shift(bits)
         _extremes(bits, magnitude_mask, inf_bits, extremes)
         if bits.shape[0] < _DIRECT_BELOW:
@@ -193,16 +217,41 @@ if numba is not None:
 
     @cached
     @numba.njit(parallel=True)
-    def _count_parallel(bits, special, scan_from, key_bucket, boundaries, bucket_of, stride, magnitude_mask,
-                        inf_bits, tiny_below, counts, extremes, n_pieces):
+    def _count_parallel(
+        bits,
+        special,
+        scan_from,
+        key_bucket,
+        boundaries,
+        bucket_of,
+        stride,
+        magnitude_mask,
+        inf_bits,
+        tiny_below,
+        counts,
+        extremes,
+        n_pieces,
+    ):
         size = (bits.shape[0] + n_pieces - 1) // n_pieces
         local_counts = np.zeros((n_pieces, counts.shape[0]), dtype=np.int64)
         local_ext = np.empty((n_pieces, 2), dtype=np.int64)
         for p in numba.prange(n_pieces):
             local_ext[p, 0] = extremes[0]
             local_ext[p, 1] = extremes[1]
-            _count(bits[p * size:(p + 1) * size], special, scan_from, key_bucket, boundaries, bucket_of, stride,
-                   magnitude_mask, inf_bits, tiny_below, local_counts[p], local_ext[p])
+            _count(
+                bits[p * size : (p + 1) * size],
+                special,
+                scan_from,
+                key_bucket,
+                boundaries,
+                bucket_of,
+                stride,
+                magnitude_mask,
+                inf_bits,
+                tiny_below,
+                local_counts[p],
+                local_ext[p],
+            )
         for p in range(n_pieces):
             counts += local_counts[p]
             extremes[0] = max(extremes[0], local_ext[p, 0])
@@ -249,7 +298,8 @@ def _bits_to_float(source: torch.dtype):  # noqa: ANN202
     if source is torch.bfloat16:  # bf16 is the top half of an fp32
         fp32 = _bits_to_float(torch.float32)
         return lambda bits: fp32(bits << 16)
-    int_code, float_code = {torch.float64: ("<q", "<d"), torch.float32: ("<i", "<f"),
-                            torch.float16: ("<h", "<e")}[source]
+    int_code, float_code = {torch.float64: ("<q", "<d"), torch.float32: ("<i", "<f"), torch.float16: ("<h", "<e")}[
+        source
+    ]
     pack, unpack = struct.Struct(int_code).pack, struct.Struct(float_code).unpack
     return lambda bits: unpack(pack(bits))[0]

@@ -23,8 +23,10 @@ import torch
 __all__ = ["untraced", "inlined_only", "prepare", "skip_own_frames"]
 
 _MARK = "_mpdiag_dynamo"
-_REASON = ("mpdiag's hooks record tensors eagerly, between compiled graphs; compile without fullgraph=True "
-           "while mpdiag.diagnose() is attached")
+_REASON = (
+    "mpdiag's hooks record tensors eagerly, between compiled graphs; compile without fullgraph=True "
+    "while mpdiag.diagnose() is attached"
+)
 
 
 def untraced(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mpdiag.core.version import __version__
 from numba.core.caching import (
     CompileResultCacheImpl,
     FunctionCache,
@@ -31,6 +30,8 @@ from numba.core.caching import (
 )
 from numba.core.dispatcher import Dispatcher
 from numba.misc.appdirs import user_cache_dir
+
+from mpdiag.core.version import __version__
 
 __all__ = ["CACHE_DIR_ENV", "cache_dir", "cached"]
 
@@ -66,8 +67,9 @@ class _CacheImpl(CompileResultCacheImpl):
         source = inspect.getfile(py_func)
         self._lineno = py_func.__code__.co_firstlineno
         self._locator = _UserCacheLocator(py_func, source, cache_dir())
-        self._filename_base = self.get_filename_base(f"{Path(source).stem}.{py_func.__qualname__}",
-                                                     getattr(sys, "abiflags", ""))
+        self._filename_base = self.get_filename_base(
+            f"{Path(source).stem}.{py_func.__qualname__}", getattr(sys, "abiflags", "")
+        )
 
 
 class _KernelCache(FunctionCache):

@@ -44,13 +44,15 @@ class BucketLayout:
         self.format_names = format_names
         magnitudes = self._boundary_magnitudes()
         self.magnitudes = magnitudes  # sorted: smallest positive value, ..., inf
-        self.edges = [-m for m in reversed(magnitudes)] + [_neighbour(m, source, -1) if math.isfinite(m)
-                                                           else float(torch.finfo(source).max)
-                                                           for m in magnitudes] + [math.inf]
+        self.edges = (
+            [-m for m in reversed(magnitudes)]
+            + [_neighbour(m, source, -1) if math.isfinite(m) else float(torch.finfo(source).max) for m in magnitudes]
+            + [math.inf]
+        )
         self.n_buckets = len(self.edges) + 1
         # (nan, +inf, -inf) buckets: NaN lands past the last edge, +inf on the last, -inf on the first
         self.nonfinite_buckets = (self.n_buckets - 1, self.n_buckets - 2, 0)
-        lower = [m for m in reversed(magnitudes)] + [0.0] + magnitudes[:-1] + [math.inf, math.nan]
+        lower = list(reversed(magnitudes)) + [0.0] + magnitudes[:-1] + [math.inf, math.nan]
         signs = [-1] * len(magnitudes) + [0] + [1] * len(magnitudes) + [0]
         self._build_tables(lower, signs)
         self._device_edges: dict[torch.device, torch.Tensor] = {}
@@ -100,8 +102,13 @@ class BucketLayout:
         Groups: the kind of value (numel is the total), the histogram bin, and each format's cast
         category. -1 where a bucket adds to no column of the group (NORMAL casts, say).
         """
-        groups = [np.where(np.isin(self.kind, (ZERO, NAN, POSINF, NEGINF)),
-                           np.searchsorted([ZERO, POSINF, NEGINF, NAN], self.kind).clip(0, 3), -1)]
+        groups = [
+            np.where(
+                np.isin(self.kind, (ZERO, NAN, POSINF, NEGINF)),
+                np.searchsorted([ZERO, POSINF, NEGINF, NAN], self.kind).clip(0, 3),
+                -1,
+            )
+        ]
         groups.append(np.where(self.kind == FINITE, self.hist_bin, -1))
         for f in range(len(self.format_names)):
             column = np.full(self.n_buckets, -1)
@@ -132,20 +139,31 @@ class BucketLayout:
         rows, buckets = np.nonzero(counts)
         targets = columns[buckets]  # (non-zero counts, groups)
         used = targets >= 0
-        fields = np.zeros(len(counts) * width, dtype=np.int64)
-        np.add.at(fields, (rows[:, None] * width + targets)[used],
-                  np.broadcast_to(counts[rows, buckets][:, None], targets.shape)[used])
-        fields = fields.reshape(len(counts), width)
+        flat = np.zeros(len(counts) * width, dtype=np.int64)
+        np.add.at(
+            flat,
+            (rows[:, None] * width + targets)[used],
+            np.broadcast_to(counts[rows, buckets][:, None], targets.shape)[used],
+        )
+        fields = flat.reshape(len(counts), width)
         fields.setflags(write=False)
         n_hist = len(HIST_EXPONENTS)
-        kinds, hist = fields[:, :4], fields[:, 4:4 + n_hist]
-        casts = fields[:, 4 + n_hist:].reshape(len(counts), len(self.format_names), 3)
+        kinds, hist = fields[:, :4], fields[:, 4 : 4 + n_hist]
+        casts = fields[:, 4 + n_hist :].reshape(len(counts), len(self.format_names), 3)
         numel = counts.sum(axis=1).tolist()
         zeros, posinf, neginf, nans = kinds.T.tolist()
-        return [{
-            "numel": numel[i], "zeros": zeros[i], "posinf": posinf[i], "neginf": neginf[i], "nans": nans[i],
-            "hist": hist[i], "casts": casts[i],
-        } for i in range(len(counts))]
+        return [
+            {
+                "numel": numel[i],
+                "zeros": zeros[i],
+                "posinf": posinf[i],
+                "neginf": neginf[i],
+                "nans": nans[i],
+                "hist": hist[i],
+                "casts": casts[i],
+            }
+            for i in range(len(counts))
+        ]
 
 
 def _category(magnitude: float, t) -> Category:

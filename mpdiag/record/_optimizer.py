@@ -31,9 +31,11 @@ def unwrap_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer, Any]:
         if inner is None or inner is current:
             break
         current = inner
-    raise AttachError(f"optimizer must be a torch.optim.Optimizer, or a wrapper that exposes one as .optimizer "
-                      f"(accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer); got "
-                      f"{type(optimizer).__name__}")
+    raise AttachError(
+        f"optimizer must be a torch.optim.Optimizer, or a wrapper that exposes one as .optimizer "
+        f"(accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer); got "
+        f"{type(optimizer).__name__}"
+    )
 
 
 def closure_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

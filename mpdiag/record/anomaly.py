@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from mpdiag.core.events import AnomalyRecord
@@ -53,9 +53,10 @@ class AnomalyWatch:
         if self._filter is None:
             return
         if not warnings.filters or warnings.filters[0] is not self._filter:
+            # typeshed declares warnings.filters a Sequence; it is the module's list, which filterwarnings() edits too
             if self._filter in warnings.filters:
-                warnings.filters.remove(self._filter)
-            warnings.filters.insert(0, self._filter)
+                warnings.filters.remove(self._filter)  # type: ignore[attr-defined]
+            warnings.filters.insert(0, self._filter)  # type: ignore[attr-defined]
             warnings._filters_mutated()  # type: ignore[attr-defined]  # as filterwarnings() does
         if warnings.showwarning != self._showwarning:
             self._previous_showwarning = warnings.showwarning
@@ -63,33 +64,47 @@ class AnomalyWatch:
 
     def uninstall(self) -> None:
         if self._filter is not None and self._filter in warnings.filters:
-            warnings.filters.remove(self._filter)
+            warnings.filters.remove(self._filter)  # type: ignore[attr-defined]  # a list (see keep_installed)
             warnings._filters_mutated()  # type: ignore[attr-defined]  # as filterwarnings() does
         if warnings.showwarning == self._showwarning:
             warnings.showwarning = self._previous_showwarning
         self._filter = None
 
-    def _showwarning(self, message: Any, category: type[Warning], filename: str, lineno: int,
-                     file: Any = None, line: str | None = None) -> None:
+    def _showwarning(
+        self,
+        message: Any,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
         text = str(message)
         match = _WARNING.match(text)
         if match:
             node, stack = match.groups()
-            self.records.append(AnomalyRecord(
-                message=f"Function '{node}' returned nan values", traceback=_frames(stack),
-                module=self._backward_module, node=node, step=self._step()))
+            self.records.append(
+                AnomalyRecord(
+                    message=f"Function '{node}' returned nan values",
+                    traceback=_frames(stack),
+                    module=self._backward_module,
+                    node=node,
+                    step=self._step(),
+                )
+            )
             if self._users_action(text, category) == "ignore":
                 return
         self._previous_showwarning(message, category, filename, lineno, file, line)
 
     def _users_action(self, text: str, category: type[Warning]) -> str:
         """What the user's own filters (all but ours) do with this warning."""
+        ours = None if self._filter is None else self._filter[:3]  # None: uninstalled, a stale showwarning
         for action, msg, cat, _module, _lineno in warnings.filters:
-            if (action, msg, cat) == self._filter[:3]:  # type: ignore[index]
+            if (action, msg, cat) == ours:
                 continue
             if (msg is None or msg.match(text)) and issubclass(category, cat):
                 return action
-        return warnings.defaultaction
+        return warnings.defaultaction  # type: ignore[attr-defined]  # exists at runtime; typeshed omits it
 
     # -- the module of each node --------------------------------------------------------------------
     def tag(self, name: str, output_grad_fns: list[Any]) -> None:
@@ -101,6 +116,7 @@ class AnomalyWatch:
     def _entering(self, name: str) -> Any:
         def prehook(grad_outputs: Any) -> None:
             self._backward_module = name
+
         return prehook
 
     # -- the error --------------------------------------------------------------------------------

@@ -30,15 +30,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpdiag.core.stats import STATS, Reduce
-from mpdiag.record._accumulate import SiteAccumulator, is_dtensor, reduce_parts
 from mpdiag.core.errors import AttachError
 from mpdiag.core.events import PHASES, NonFiniteEvent
 from mpdiag.core.run import Kind, Site
+from mpdiag.core.stats import STATS, Reduce
+from mpdiag.record._accumulate import Part, SiteAccumulator, is_dtensor, reduce_parts
 
-__all__ = ["active_group", "rank_of", "unwrap", "clean_name", "is_sharded", "is_replicated", "replicated_sites",
-           "grads_settle_late",
-           "reduce_accumulators", "gather_events", "describe_group"]
+__all__ = [
+    "active_group",
+    "rank_of",
+    "unwrap",
+    "clean_name",
+    "is_sharded",
+    "is_replicated",
+    "replicated_sites",
+    "grads_settle_late",
+    "reduce_accumulators",
+    "gather_events",
+    "describe_group",
+]
 
 _PER_RANK_KINDS = (Kind.ACTIVATION.value, Kind.ACTIVATION_GRAD.value)
 
@@ -57,8 +67,10 @@ def active_group(group: Any) -> Any:
     None without torch.distributed (everything then works as in a single process)."""
     if not torch.distributed.is_available() or not _dist().is_initialized():
         if group is not None:
-            raise AttachError("group= was given but no torch.distributed process group is initialised; call "
-                              "torch.distributed.init_process_group first (torchrun sets up its environment)")
+            raise AttachError(
+                "group= was given but no torch.distributed process group is initialised; call "
+                "torch.distributed.init_process_group first (torchrun sets up its environment)"
+            )
         return None
     return group if group is not None else _dist().group.WORLD
 
@@ -83,9 +95,11 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
         return model.module, True
     flat = [n for n, _ in model.named_parameters() if "flat_param" in n]
     if flat:
-        raise AttachError("this model is wrapped in FSDP (FullyShardedDataParallel) with flattened parameters, "
-                          f"so per-parameter statistics are not available (e.g. {flat[0]!r}); wrap it with "
-                          "use_orig_params=True, or use FSDP2's fully_shard")
+        raise AttachError(
+            "this model is wrapped in FSDP (FullyShardedDataParallel) with flattened parameters, "
+            f"so per-parameter statistics are not available (e.g. {flat[0]!r}); wrap it with "
+            "use_orig_params=True, or use FSDP2's fully_shard"
+        )
     return model, False
 
 
@@ -114,8 +128,12 @@ def is_replicated(param: torch.Tensor, ddp: bool) -> bool:
 
 def replicated_sites(params: Mapping[str, torch.Tensor], ddp: bool) -> set[Site]:
     """The parameter and gradient sites every rank holds whole and alike: not summed across ranks."""
-    return {Site(name, kind) for name, p in params.items() if is_replicated(p, ddp)
-            for kind in (Kind.PARAM, Kind.PARAM_GRAD)}
+    return {
+        Site(name, kind)
+        for name, p in params.items()
+        if is_replicated(p, ddp)
+        for kind in (Kind.PARAM, Kind.PARAM_GRAD)
+    }
 
 
 def grads_settle_late(params: Mapping[str, torch.Tensor], ddp: bool) -> bool:
@@ -128,10 +146,13 @@ def grads_settle_late(params: Mapping[str, torch.Tensor], ddp: bool) -> bool:
 def _describe(live: Mapping[Site, SiteAccumulator]) -> dict[tuple[str, str], tuple[dict[str, Any], list[str]]]:
     """Per site: its host statistics (calls, dtypes seen) and the source dtypes of what it observed (what
     the buckets are laid out by), in a form that pickles and fingerprints alike on every rank."""
-    return {(s.name, s.kind.value): ({k: sorted(v) if isinstance(v, frozenset) else v
-                                      for k, v in acc.host_stats().items()},
-                                     sorted(str(d) for d in acc.sources()))
-            for s, acc in live.items()}
+    return {
+        (s.name, s.kind.value): (
+            {k: sorted(v) if isinstance(v, frozenset) else v for k, v in acc.host_stats().items()},
+            sorted(str(d) for d in acc.sources()),
+        )
+        for s, acc in live.items()
+    }
 
 
 def _combine_host_stats(kind: str, mine: dict[str, Any] | None, theirs: dict[str, Any]) -> dict[str, Any]:
@@ -153,8 +174,9 @@ def _combine_host_stats(kind: str, mine: dict[str, Any] | None, theirs: dict[str
     return out
 
 
-def reduce_accumulators(live: dict[Site, SiteAccumulator], accumulator: Any, group: Any,
-                        replicated: set[Site]) -> dict[Site, SiteAccumulator]:
+def reduce_accumulators(
+    live: dict[Site, SiteAccumulator], accumulator: Any, group: Any, replicated: set[Site]
+) -> dict[Site, SiteAccumulator]:
     """Reduce every site's statistics across ``group``, in place; returns the sites to read (the union
     over ranks: a site only some ranks saw is read everywhere). ``accumulator(site)`` makes a missing one.
 
@@ -166,7 +188,7 @@ def reduce_accumulators(live: dict[Site, SiteAccumulator], accumulator: Any, gro
             seen, parts = union.get(key, (None, set()))
             union[key] = (_combine_host_stats(key[1], seen, host), parts | set(sources))
     device = _collective_device(group)
-    ordered = []
+    ordered: list[Part] = []
     out = {s: a for s, a in live.items() if s in replicated}
     for (name, kind), (host, sources) in sorted(union.items()):
         site = Site(name, Kind(kind))
@@ -236,8 +258,10 @@ def gather_events(events: Iterable[NonFiniteEvent], group: Any, replicated: set[
             entry[3].append(rank)
     out, firsts = [], set()
     for (step, phase, seq, name, kind), (nans, posinf, neginf, ranks) in sorted(
-            merged.items(), key=lambda item: (item[0][0], PHASES.index(item[0][1]), item[0][2])):
-        out.append(NonFiniteEvent(step, name, kind, phase, nans, posinf, neginf, seq, phase not in firsts,
-                                  ranks=tuple(ranks)))
+        merged.items(), key=lambda item: (item[0][0], PHASES.index(item[0][1]), item[0][2])
+    ):
+        out.append(
+            NonFiniteEvent(step, name, kind, phase, nans, posinf, neginf, seq, phase not in firsts, ranks=tuple(ranks))
+        )
         firsts.add(phase)
     return out

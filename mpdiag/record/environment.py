@@ -10,6 +10,8 @@ from torch import nn
 
 from mpdiag.core.errors import MpdiagError
 
+__all__ = ["describe", "autocast_dtype", "check_autocast"]
+
 
 def describe(model: nn.Module, formats: tuple[str, ...], scaler: Any = None) -> dict[str, Any]:
     """torch version, device, matmul precision and TF32 flags, anomaly mode, GradScaler settings, formats."""
@@ -79,5 +81,7 @@ def check_autocast(device_type: str, dtype: torch.dtype) -> None:
     except (RuntimeError, AssertionError) as err:
         raise MpdiagError(f"autocast on {device_type!r} is not available here: {err}") from err
     if probe.dtype != dtype:
-        raise MpdiagError(f"autocast on {device_type!r} does not run matmuls in {dtype} with torch "
-                          f"{torch.__version__}; replay on another device or with another dtype")
+        raise MpdiagError(
+            f"autocast on {device_type!r} does not run matmuls in {dtype} with torch "
+            f"{torch.__version__}; replay on another device or with another dtype"
+        )

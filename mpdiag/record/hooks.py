@@ -20,16 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpdiag.record import distributed
-from mpdiag.record._dynamo import inlined_only, untraced
-from mpdiag.record._accumulate import SKIP_REASONS, Observation, SiteAccumulator, measure, read_with_extras, skip_reason
-from mpdiag.core.text import display_name
-from mpdiag.record.anomaly import AnomalyWatch
-from mpdiag.record.environment import autocast_dtype
 from mpdiag.core.events import NonFiniteEvent
-from mpdiag.record.event_log import EventLog
 from mpdiag.core.run import Kind, Site
 from mpdiag.core.stats import TensorStats
+from mpdiag.core.text import display_name
+from mpdiag.record import distributed
+from mpdiag.record._accumulate import SKIP_REASONS, Observation, SiteAccumulator, measure, read_with_extras, skip_reason
+from mpdiag.record._dynamo import inlined_only, untraced
+from mpdiag.record.anomaly import AnomalyWatch
+from mpdiag.record.environment import autocast_dtype
+from mpdiag.record.event_log import EventLog
+
+__all__ = ["Recorder", "in_backward", "floating_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,13 @@ def floating_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
 class Recorder:
     """Owns the accumulators of one diagnosis and the bodies of its hooks."""
 
-    def __init__(self, format_names: tuple[str, ...], params: Mapping[str, nn.Parameter], group: Any = None,
-                 replicated: set[Site] | None = None) -> None:
+    def __init__(
+        self,
+        format_names: tuple[str, ...],
+        params: Mapping[str, nn.Parameter],
+        group: Any = None,
+        replicated: set[Site] | None = None,
+    ) -> None:
         self.format_names = format_names
         self.params = dict(params)
         self.group = group  # torch.distributed: statistics are reduced across it when a step closes
@@ -102,15 +109,19 @@ class Recorder:
         if reason is not None:
             if (site, reason) not in self._warned:
                 self._warned.add((site, reason))
-                log.info("mpdiag: not recording a tensor at %s (%s): %s", display_name(site.name), site.kind,
-                         SKIP_REASONS[reason])
+                log.info(
+                    "mpdiag: not recording a tensor at %s (%s): %s",
+                    display_name(site.name),
+                    site.kind,
+                    SKIP_REASONS[reason],
+                )
             return
         obs = self._measure_once(tensor)
         self.accumulator(site).add(obs)
         if seq is None:
             seq, self._seq = self._seq, self._seq + 1
         if obs.nonfinite != 0:  # unknown (on a device) or some: keep the NaN/inf counts for the close
-            self.events.note(seq, site.name, site.kind.value, obs.part.counts, obs.part.layout.nonfinite_buckets)
+            self.events.note(seq, site.name, site.kind, obs.part.counts, obs.part.layout.nonfinite_buckets)
 
     def _measure_once(self, tensor: torch.Tensor) -> Observation:
         """Measure ``tensor``, or reuse the measurement of the very same, unmodified tensor.
@@ -124,7 +135,7 @@ class Recorder:
             if ref() is tensor and tensor._version == version:
                 return obs
         obs = measure(tensor, self.format_names)
-        self._recent = [(weakref.ref(tensor), tensor._version, obs), *self._recent[:_RECENT - 1]]
+        self._recent = [(weakref.ref(tensor), tensor._version, obs), *self._recent[: _RECENT - 1]]
         return obs
 
     # -- hook bodies ------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = ["MODULE_KEY", "claim_nodes"]
+
 MODULE_KEY = "mpdiag_module"
 
 

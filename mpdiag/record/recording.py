@@ -32,19 +32,18 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from mpdiag.record import _dynamo
-from mpdiag.record import distributed
+from mpdiag.core.errors import AttachError, MpdiagError, MpdiagWarning
+from mpdiag.core.events import NonFiniteError, NonFiniteEvent
+from mpdiag.core.run import Kind, Run, Site
+from mpdiag.core.stats import DEFAULT_FORMATS, FormatSpecs, TensorStats, format_names
+from mpdiag.record import _dynamo, distributed
 from mpdiag.record._dynamo import inlined_only, untraced
 from mpdiag.record._loss_scale import LossScaleSnapshot
 from mpdiag.record._optimizer import closure_of, is_grad_scaler, unwrap_optimizer
 from mpdiag.record.anomaly import AnomalyWatch
 from mpdiag.record.environment import describe
-from mpdiag.core.errors import AttachError, MpdiagError, MpdiagWarning
 from mpdiag.record.hooks import Recorder, in_backward
-from mpdiag.core.events import NonFiniteError, NonFiniteEvent
-from mpdiag.core.run import Kind, Run, Site
 from mpdiag.record.sinks import Sink
-from mpdiag.core.stats import DEFAULT_FORMATS, FormatSpecs, TensorStats, format_names
 
 __all__ = ["Recording", "paused", "OnNonFinite"]
 
@@ -77,16 +76,19 @@ def _globs(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | No
     return patterns
 
 
-def _select_modules(model: nn.Module, include: str | Iterable[str] | None,
-                    exclude: str | Iterable[str] | None) -> dict[str, nn.Module]:
+def _select_modules(
+    model: nn.Module, include: str | Iterable[str] | None, exclude: str | Iterable[str] | None
+) -> dict[str, nn.Module]:
     """The modules to observe, by the user's names: wrapper levels (FSDP, checkpointing) are dropped from
     names, and where two modules then share a name the innermost, the real one, is kept."""
     include_globs, exclude_globs = _globs(include, "include"), _globs(exclude, "exclude")
     named = {distributed.clean_name(n): m for n, m in model.named_modules()}
     modules = {n: m for n, m in named.items() if _selected(n, include_globs, exclude_globs)}
     if not modules:
-        raise MpdiagError(f"include={include!r} / exclude={exclude!r} select none of the model's modules; "
-                          f"module names look like {list(named)[:4]}")
+        raise MpdiagError(
+            f"include={include!r} / exclude={exclude!r} select none of the model's modules; "
+            f"module names look like {list(named)[:4]}"
+        )
     return modules
 
 
@@ -99,12 +101,20 @@ def _selected(name: str, include: tuple[str, ...] | None, exclude: tuple[str, ..
 class Recording:
     """Hooks on one model, the current step, and the statistics recorded so far. See ``mpdiag.diagnose``."""
 
-    def __init__(self, model: nn.Module, *, formats: FormatSpecs = DEFAULT_FORMATS,
-                 every: int = 1, include: str | Iterable[str] | None = None,
-                 exclude: str | Iterable[str] | None = None,
-                 optimizer: torch.optim.Optimizer | None = None,
-                 scaler: torch.amp.GradScaler | None = None, on_nonfinite: OnNonFinite = "record",
-                 sinks: Sequence[Sink] = (), group: Any = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        formats: FormatSpecs = DEFAULT_FORMATS,
+        every: int = 1,
+        include: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        on_nonfinite: OnNonFinite = "record",
+        sinks: Sequence[Sink] = (),
+        group: Any = None,
+    ) -> None:
         _check_arguments(model, every, scaler)
         _dynamo.prepare(Recorder, Recording)
         optimizer, wrapper_scaler = unwrap_optimizer(optimizer) if optimizer is not None else (None, None)
@@ -113,7 +123,9 @@ class Recording:
         self._rank = distributed.rank_of(self._group)
         wrapper, (model, replicated) = model, distributed.unwrap(model)
         if on_nonfinite not in _ON_NONFINITE:
-            raise MpdiagError(f"on_nonfinite must be one of {', '.join(map(repr, _ON_NONFINITE))}, got {on_nonfinite!r}")
+            raise MpdiagError(
+                f"on_nonfinite must be one of {', '.join(map(repr, _ON_NONFINITE))}, got {on_nonfinite!r}"
+            )
         self.on_nonfinite = on_nonfinite
         self.formats = format_names(formats)
         self.every = every
@@ -125,8 +137,9 @@ class Recording:
         self._anomalies_written = 0
         params = _owned_parameters(modules)
         self._tied = _tied_parameters(model)  # each recorded once: the run answers to every name
-        self._recorder = Recorder(self.formats, params, group=self._group,
-                                  replicated=distributed.replicated_sites(params, replicated))
+        self._recorder = Recorder(
+            self.formats, params, group=self._group, replicated=distributed.replicated_sites(params, replicated)
+        )
         self._grads_at_close = self._group is not None and distributed.grads_settle_late(params, replicated)
         self._records: dict[int, dict[Site, TensorStats]] = {}
         self._loss_scales: dict[int, float] = {}
@@ -192,9 +205,14 @@ class Recording:
     @property
     def run(self) -> Run:
         """A snapshot of everything recorded so far, as plain data."""
-        return Run(formats=self.formats, records={s: dict(r) for s, r in self._records.items()},
-                   meta=self._meta(), loss_scales=dict(self._loss_scales),
-                   events=dict(self._events), anomalies=tuple(self._anomaly.records))
+        return Run(
+            formats=self.formats,
+            records={s: dict(r) for s, r in self._records.items()},
+            meta=self._meta(),
+            loss_scales=dict(self._loss_scales),
+            events=dict(self._events),
+            anomalies=tuple(self._anomaly.records),
+        )
 
     def _meta(self) -> dict[str, Any]:
         return {"every": self.every, "environment": dict(self._environment), "tied_parameters": self._tied}
@@ -245,7 +263,9 @@ class Recording:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"step {self._step}"
-        return f"<{type(self).__name__} {state}, {len(self._records)} recorded steps, formats {', '.join(self.formats)}>"
+        return (
+            f"<{type(self).__name__} {state}, {len(self._records)} recorded steps, formats {', '.join(self.formats)}>"
+        )
 
     # -- internals --------------------------------------------------------------------------------
     def _claim(self, model: nn.Module) -> None:
@@ -253,9 +273,11 @@ class Recording:
             if module in _ATTACHED:
                 where = f"module {name!r} of this model" if name else "this model"
                 as_name = _ATTACHED[module][1]
-                raise AttachError(f"{where} is already being diagnosed (as module {as_name!r} of the model a "
-                                  f"Diagnosis is attached to); close that Diagnosis (diag.close() or leave its "
-                                  f"with-block) before attaching another")
+                raise AttachError(
+                    f"{where} is already being diagnosed (as module {as_name!r} of the model a "
+                    f"Diagnosis is attached to); close that Diagnosis (diag.close() or leave its "
+                    f"with-block) before attaching another"
+                )
         for name, module in model.named_modules():
             _ATTACHED[module] = (self, name)
 
@@ -264,7 +286,9 @@ class Recording:
             if _ATTACHED.get(module, (None,))[0] is self:
                 del _ATTACHED[module]
 
-    def _install(self, model: nn.Module, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
+    def _install(
+        self, model: nn.Module, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None
+    ) -> None:
         rec = self._recorder
         for name, module in modules.items():
             self._handles.append(module.register_forward_hook(_bind(rec.on_forward, name)))
@@ -324,10 +348,14 @@ class Recording:
             return
         if "unclosed" not in self._warned and self._step_looks_over(model):
             self._warned.add("unclosed")
-            warnings.warn("mpdiag: a new training step began (weights updated or gradients cleared since the last "
-                          "backward) but no step was closed, so every step is being merged into one and param_grad "
-                          "keeps only the latest gradients; pass optimizer= to diagnose() or call diag.step() after "
-                          "each optimizer step", MpdiagWarning, stacklevel=4)
+            warnings.warn(
+                "mpdiag: a new training step began (weights updated or gradients cleared since the last "
+                "backward) but no step was closed, so every step is being merged into one and param_grad "
+                "keeps only the latest gradients; pass optimizer= to diagnose() or call diag.step() after "
+                "each optimizer step",
+                MpdiagWarning,
+                stacklevel=4,
+            )
 
     @inlined_only
     def _after_model_forward(self, model: nn.Module, args: Any, output: Any) -> None:
@@ -348,7 +376,8 @@ class Recording:
 
     def _close_step(self, report: bool = True) -> None:
         rec = self._recorder
-        step, events = self._step, []
+        step = self._step
+        events: list[NonFiniteEvent] = []
         if rec.recording:
             saw_backward = rec.saw_backward
             self._records[step], events = rec.collect(step)
@@ -362,8 +391,13 @@ class Recording:
             if rec.autocast_dtype is not None:
                 self._environment["autocast_dtype"] = rec.autocast_dtype
             for sink in self._sinks:
-                sink.write_step(step, self._records[step], tuple(events), self._loss_scales.get(step),
-                                {"environment": self._environment})
+                sink.write_step(
+                    step,
+                    self._records[step],
+                    tuple(events),
+                    self._loss_scales.get(step),
+                    {"environment": self._environment},
+                )
             self._write_anomalies()
         if self._scale_seen is not None:
             self._scale_seen.clear()
@@ -374,21 +408,29 @@ class Recording:
         if events and report:
             self._report_nonfinite(step, events)
 
-    def _check_recorded(self, step: int, stats: dict[Site, TensorStats], events: list[NonFiniteEvent],
-                        saw_backward: bool) -> None:
+    def _check_recorded(
+        self, step: int, stats: dict[Site, TensorStats], events: list[NonFiniteEvent], saw_backward: bool
+    ) -> None:
         """Warn, once each, about a recorded step that says the recording is not seeing training whole."""
         if "hooks" not in self._warned and saw_backward and not any(s.kind is Kind.ACTIVATION for s in stats):
             self._warned.add("hooks")
-            warnings.warn(f"mpdiag: step {step} ran backward but no module's forward hook ran: a model compiled with "
-                          f"torch.compile and called before diagnose() was attached keeps running its compiled "
-                          f"graph without the hooks (dynamo does not guard on hooks added later); attach before "
-                          f"the first compiled call", MpdiagWarning, stacklevel=4)
+            warnings.warn(
+                f"mpdiag: step {step} ran backward but no module's forward hook ran: a model compiled with "
+                f"torch.compile and called before diagnose() was attached keeps running its compiled "
+                f"graph without the hooks (dynamo does not guard on hooks added later); attach before "
+                f"the first compiled call",
+                MpdiagWarning,
+                stacklevel=4,
+            )
         if "scaler" not in self._warned and self._skips_may_be_merged(events):
             self._warned.add("scaler")
-            warnings.warn(f"mpdiag: step {step} held NaN/inf gradients over {self._forwards} forward passes without "
-                          f"an optimizer step; if a GradScaler skipped steps, pass it as diagnose(..., scaler=) so that "
-                          f"each skipped step closes on its own and gradients are judged unscaled",
-                          MpdiagWarning, stacklevel=4)
+            warnings.warn(
+                f"mpdiag: step {step} held NaN/inf gradients over {self._forwards} forward passes without "
+                f"an optimizer step; if a GradScaler skipped steps, pass it as diagnose(..., scaler=) so that "
+                f"each skipped step closes on its own and gradients are judged unscaled",
+                MpdiagWarning,
+                stacklevel=4,
+            )
 
     def _skips_may_be_merged(self, events: list[NonFiniteEvent]) -> bool:
         """Several forwards in one step and NaN/inf gradients, with no GradScaler to tell skips by: steps a
@@ -397,7 +439,7 @@ class Recording:
         return self._scale_seen is None and self._optimizer is not None and self._forwards > 1 and gradients_nonfinite
 
     def _write_anomalies(self) -> None:
-        for record in self._anomaly.records[self._anomalies_written:]:
+        for record in self._anomaly.records[self._anomalies_written :]:
             for sink in self._sinks:
                 sink.write_anomaly(record)
         self._anomalies_written = len(self._anomaly.records)
@@ -405,13 +447,18 @@ class Recording:
     def _report_nonfinite(self, step: int, events: list[NonFiniteEvent]) -> None:
         """After the step is recorded and the next one set up, so that raising loses nothing."""
         if self.on_nonfinite == "warn":
-            warnings.warn(f"mpdiag: non-finite values at {events[0]} ({len(events)} site(s) in this step)",
-                          MpdiagWarning, stacklevel=4)
+            warnings.warn(
+                f"mpdiag: non-finite values at {events[0]} ({len(events)} site(s) in this step)",
+                MpdiagWarning,
+                stacklevel=4,
+            )
         elif self.on_nonfinite == "raise":
             involved = {(e.name, e.kind) for e in events}
             recent = [s for s in sorted(self._records) if s <= step][-_HISTORY:]
-            history = {(n, k): [(s, self._records[s][Site(n, k)]) for s in recent if Site(n, k) in self._records[s]]
-                       for n, k in involved}
+            history = {
+                (n, k): [(s, self._records[s][Site(n, k)]) for s in recent if Site(n, k) in self._records[s]]
+                for n, k in involved
+            }
             raise NonFiniteError(events[0], events, history)
 
 
@@ -422,6 +469,7 @@ _HISTORY = 8  # recorded steps of history a NonFiniteError carries for each site
 def _bind(method: Any, name: str) -> Any:
     def hook(*args: Any) -> None:
         method(name, *args)
+
     return _dynamo.skip_own_frames(hook)
 
 
@@ -437,8 +485,10 @@ def _version_of_a_weight(params: dict[str, nn.Parameter]) -> int | None:
 
 def _check_arguments(model: object, every: object, scaler: object) -> None:
     if not isinstance(model, nn.Module):
-        raise AttachError(f"diagnose() expects a torch.nn.Module, got {type(model).__name__}; "
-                          f"pass the model itself (not its parameters or its output)")
+        raise AttachError(
+            f"diagnose() expects a torch.nn.Module, got {type(model).__name__}; "
+            f"pass the model itself (not its parameters or its output)"
+        )
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise MpdiagError(f"every must be a positive integer (record one step in every N), got {every!r}")
     if scaler is not None and not is_grad_scaler(scaler):

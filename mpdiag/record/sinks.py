@@ -27,8 +27,14 @@ class Sink(Protocol):
     def open(self, formats: tuple[str, ...], meta: Mapping[str, Any]) -> None:
         """The recording attached: ``formats`` are tracked, ``meta`` is the run's meta so far."""
 
-    def write_step(self, step: int, stats: Mapping[Site, TensorStats], events: tuple[NonFiniteEvent, ...],
-                   loss_scale: float | None, meta: Mapping[str, Any]) -> None:
+    def write_step(
+        self,
+        step: int,
+        stats: Mapping[Site, TensorStats],
+        events: tuple[NonFiniteEvent, ...],
+        loss_scale: float | None,
+        meta: Mapping[str, Any],
+    ) -> None:
         """One recorded step closed, with its statistics, non-finite events and loss scale; ``meta`` is
         the run's meta now (the environment can learn facts, e.g. the autocast dtype, as steps run)."""
 

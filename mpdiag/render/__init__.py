@@ -1,7 +1,7 @@
 """The stability report: one self-contained HTML file and its figures as PNG files beside it.
 
-Rendering is the last stage: it reads a Run (and the analysis computed from it here), never a model or
-hooks, so a report can be written during training, after it, or from a run file on another machine.
+Rendering is the last stage: it formats a Run and its ``Analysis``, never a model or hooks, so a report
+can be written during training, after it, or from a run file on another machine.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mpdiag.analysis.overall import Analysis, analyse
+from mpdiag.analysis.verdict import Verdict
+from mpdiag.core import formats as _formats
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.events import NonFiniteOrigin
 from mpdiag.core.run import Run
-from mpdiag.analyse.verdict import Verdict
-
 
 __all__ = ["report", "Report"]
 
@@ -37,8 +38,16 @@ class Report:
     seconds: float = 0.0
 
 
-def report(run: Run, out_dir: str | os.PathLike[str], *, top: int = 40, scale_format: str | None = None,
-           origin: NonFiniteOrigin | None = None, title: str | None = None) -> Report:
+def report(
+    run: Run,
+    out_dir: str | os.PathLike[str],
+    *,
+    top: int = 40,
+    scale_format: str | None = None,
+    origin: NonFiniteOrigin | None = None,
+    title: str | None = None,
+    analysis: Analysis | None = None,
+) -> Report:
     """Write ``report.html`` and one PNG per figure into ``out_dir`` (created if missing).
 
     Args:
@@ -49,6 +58,8 @@ def report(run: Run, out_dir: str | os.PathLike[str], *, top: int = 40, scale_fo
         scale_format: the format loss scaling is replayed for (default fp16 when tracked, else the first).
         origin: a ``mpdiag.trace_nonfinite`` result to show in the NaN/inf section.
         title: the page title (default "mpdiag stability report").
+        analysis: ``mpdiag.analyse(run, scale_format=...)`` where already computed (the CLI's demo prints
+            the terminal summary of the same one); analysed here when None.
 
     Examples:
         >>> import tempfile, torch, mpdiag
@@ -70,20 +81,19 @@ def report(run: Run, out_dir: str | os.PathLike[str], *, top: int = 40, scale_fo
         raise MpdiagError(f"top must be a positive number of sites, got {top}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    page, figures, verdicts = build(run, out, top=top, scale_format=_scale_format(run, scale_format),
-                                    origin=origin, title=title or "mpdiag stability report")
+    analysis = _analysed(run, scale_format, analysis)
+    page, figures = build(run, analysis, out, top=top, origin=origin, title=title or "mpdiag stability report")
     html = out / "report.html"
     html.write_text(page, encoding="utf-8")
-    return Report(html=html, figures=figures, verdicts=tuple(verdicts), seconds=time.perf_counter() - started)
+    return Report(html=html, figures=figures, verdicts=analysis.verdicts, seconds=time.perf_counter() - started)
 
 
-def _scale_format(run: Run, requested: str | None) -> str:
-    from mpdiag.core import formats as _formats
-
-    if requested is None:
-        return "fp16" if "fp16" in run.formats else run.formats[0]
-    name = _formats.get(requested).name
-    if name not in run.formats:
-        raise MpdiagError(f"scale_format {name!r} was not tracked in this run; tracked formats are "
-                          f"{', '.join(run.formats)}")
-    return name
+def _analysed(run: Run, scale_format: str | None, given: Analysis | None) -> Analysis:
+    if given is None:
+        return analyse(run, scale_format=scale_format)
+    if scale_format is not None and _formats.get(scale_format).name != given.scale_format:
+        raise MpdiagError(
+            f"scale_format {scale_format!r} differs from the given analysis's "
+            f"{given.scale_format!r}; pass scale_format to analyse() instead"
+        )
+    return given

@@ -1,4 +1,4 @@
-"""Assembling the report: analysis results in, figures written, the page's context out."""
+"""Assembling the report: a Run and its Analysis in, figures written, the page's context out."""
 
 from __future__ import annotations
 
@@ -6,25 +6,21 @@ import datetime
 import io
 import math
 import struct
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
+from mpdiag.analysis.overall import Analysis
+from mpdiag.core.events import NonFiniteOrigin
+from mpdiag.core.run import Kind, Run, Site, step_ranges
 from mpdiag.core.version import __version__
-from mpdiag.analyse.grad_scaler import recorded_settings, simulate_grad_scaler
 from mpdiag.render import figures as fig
 from mpdiag.render.page import EmbeddedFigure, render_page
 from mpdiag.render.table import columns, site_rows
-from mpdiag.core.run import Kind, Run, Site, step_ranges
-from mpdiag.analyse.scaling import LossScaleAdvice, advise, gradient_sites, underflow_per_step
-from mpdiag.analyse.riskiest import SiteRisk, riskiest
-from mpdiag.core.events import NonFiniteOrigin
-from mpdiag.analyse.verdict import Verdict, nonfinite_verdict, skips_verdict, verdicts
 
-#: Sites drawn in the over-time figure and thin curves in the loss-scale figure.
+#: Sites drawn in the over-time figure.
 _LINES = 8
 #: NaN/inf observations listed on the page (all of them are in the run).
 _EVENTS_SHOWN = 200
@@ -33,13 +29,11 @@ _DPI = 100
 FIGURES = ("ranges", "exponents_activations", "exponents_parameters", "over_time", "loss_scale", "grad_scaler")
 
 
-def build(run: Run, out: Path, *, top: int, scale_format: str, origin: NonFiniteOrigin | None,
-          title: str) -> tuple[str, dict[str, Path], list[Verdict]]:
-    """Compute the analysis, write the PNG files into ``out`` and return (page, figure files, verdicts)."""
-    advice = {name: advise(run, name) for name in run.formats} if gradient_sites(run) else {}
-    verdict_list = verdicts(run, advice)
-    risks = riskiest(run, run.formats[0], n=len(run.sites))  # the first format's, riskiest first
-    ranked = _sites(risks)
+def build(
+    run: Run, analysis: Analysis, out: Path, *, top: int, origin: NonFiniteOrigin | None, title: str
+) -> tuple[str, dict[str, Path]]:
+    """Write the figures of ``run`` and its ``analysis`` into ``out`` as PNG files; return (page, figure files)."""
+    ranked = [r.site for r in analysis.riskiest[run.formats[0]]]  # the first format's, riskiest first
     saved: dict[str, EmbeddedFigure] = {}
 
     def save(name: str, figure: Figure, caption: str, note: str = "") -> EmbeddedFigure:
@@ -47,33 +41,40 @@ def build(run: Run, out: Path, *, top: int, scale_format: str, origin: NonFinite
         return saved[name]
 
     sites, note = chosen(run, ranked, top)
-    save("ranges", fig.range_chart(run, sites, run.formats, note),
-         "Each site from its smallest to its largest non-zero value (thin) and its central 98% (thick), "
-         "against the normal (green) and subnormal (yellow) range of each format.", note)
+    save(
+        "ranges",
+        fig.range_chart(run, sites, run.formats, note),
+        "Each site from its smallest to its largest non-zero value (thin) and its central 98% (thick), "
+        "against the normal (green) and subnormal (yellow) range of each format.",
+        note,
+    )
     heatmaps = [save(name, figure, caption, note) for name, figure, caption, note in _heatmaps(run, ranked, top)]
-    lines, _ = chosen(run, closest_to_max(risks), _LINES)
-    save("over_time", fig.over_time(run, lines, run.formats, scale_format),
-         f"Largest value per step of the {len(lines)} sites closest to {run.formats[0]}'s max (NaN/inf first), "
-         f"and per-step counts of NaN/inf values and of values past {scale_format}'s overflow threshold.")
-    scaling = _scaling_section(run, advice.get(scale_format), save)
+    lines, _ = chosen(run, analysis.closest_to_max, _LINES)
+    save(
+        "over_time",
+        fig.over_time(run, lines, run.formats, analysis),
+        f"Largest value per step of the {len(lines)} sites closest to {run.formats[0]}'s max (NaN/inf first), "
+        f"and per-step counts of NaN/inf values and of values past {analysis.scale_format}'s overflow threshold.",
+    )
+    scaling = _scaling_section(run, analysis, save)
     context = dict(
-        title=title, overview=_overview(run), verdicts=verdict_list, nonfinite_text=nonfinite_verdict(run),
-        skips_text=skips_verdict(run),
-        environment=environment_rows(run.meta), figures=saved, heatmaps=heatmaps, scaling=scaling,
-        nonfinite=_nonfinite_section(run, origin), **_table_context(run),
-        version=__version__, generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
+        title=title,
+        overview=_overview(run),
+        verdicts=analysis.verdicts,
+        nonfinite_text=analysis.nonfinite,
+        skips_text=analysis.skips,
+        environment=environment_rows(run.meta),
+        figures=saved,
+        heatmaps=heatmaps,
+        scaling=scaling,
+        nonfinite=_nonfinite_section(run, origin),
+        **_table_context(run, analysis),
+        version=__version__,
+        generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    )
     for stale in set(FIGURES) - set(saved):  # from an earlier report in the same directory: not this run's
         (out / f"{stale}.png").unlink(missing_ok=True)
-    return render_page(**context), {name: out / f.file for name, f in saved.items()}, verdict_list
-
-
-def _sites(risks: Sequence[SiteRisk]) -> list[Site]:
-    return [Site(r.name, Kind.parse(r.kind)) for r in risks]
-
-
-def closest_to_max(risks: Sequence[SiteRisk]) -> list[Site]:
-    """The sites of ``risks`` ordered by how near their largest value comes to max (NaN/inf, overflow first)."""
-    return _sites(sorted(risks, key=lambda r: (r.nonfinite == 0, r.overflow == 0, r.headroom_bits)))
+    return render_page(**context), {name: out / f.file for name, f in saved.items()}
 
 
 def chosen(run: Run, ranked: Sequence[Site], n: int, kinds: Sequence[Kind] | None = None) -> tuple[list[Site], str]:
@@ -112,8 +113,10 @@ def _text(value: Any) -> str:
 
 
 def _overview(run: Run) -> str:
-    return (f"{len(run.steps)} recorded step(s) ({step_ranges(run.steps)}), {len(run.sites)} sites, "
-            f"formats {', '.join(run.formats)}")
+    return (
+        f"{len(run.steps)} recorded step(s) ({step_ranges(run.steps)}), {len(run.sites)} sites, "
+        f"formats {', '.join(run.formats)}"
+    )
 
 
 def _save(out: Path, name: str, figure: Figure, caption: str, note: str) -> EmbeddedFigure:
@@ -122,17 +125,18 @@ def _save(out: Path, name: str, figure: Figure, caption: str, note: str) -> Embe
     png = buffer.getvalue()
     (out / f"{name}.png").write_bytes(png)
     width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk: the image's real size
-    return EmbeddedFigure(name=name, file=f"{name}.png", caption=caption, note=note, png=png,
-                          width=width, height=height)
+    return EmbeddedFigure(
+        name=name, file=f"{name}.png", caption=caption, note=note, png=png, width=width, height=height
+    )
 
 
 def _heatmaps(run: Run, ranked: Sequence[Site], top: int) -> list[tuple[str, Figure, str, str]]:
     """Activations beside their gradients, and parameters beside theirs; a figure only where sites exist."""
     out = []
-    for name, pairs in (("exponents_activations", ((Kind.ACTIVATION, "activations"),
-                                                   (Kind.ACTIVATION_GRAD, "activation gradients"))),
-                        ("exponents_parameters", ((Kind.PARAM, "parameters"),
-                                                  (Kind.PARAM_GRAD, "parameter gradients")))):
+    for name, pairs in (
+        ("exponents_activations", ((Kind.ACTIVATION, "activations"), (Kind.ACTIVATION_GRAD, "activation gradients"))),
+        ("exponents_parameters", ((Kind.PARAM, "parameters"), (Kind.PARAM_GRAD, "parameter gradients"))),
+    ):
         panels, notes, kinds = {}, [], []
         for kind, what in pairs:
             sites, note = chosen(run, ranked, top, kinds=(kind,))
@@ -142,44 +146,55 @@ def _heatmaps(run: Run, ranked: Sequence[Site], top: int) -> list[tuple[str, Fig
                 notes += [f"{what}: {note}"] if note else []
                 kinds.append(what)
         if panels:
-            caption = (f"Share of each site's non-zero values per power of two ({' and '.join(kinds)}), "
-                       "with each format's max (solid), min normal (dashed) and min subnormal (dotted).")
+            caption = (
+                f"Share of each site's non-zero values per power of two ({' and '.join(kinds)}), "
+                "with each format's max (solid), min normal (dashed) and min subnormal (dotted)."
+            )
             out.append((name, fig.exponent_heatmap(run, panels, run.formats), caption, "; ".join(notes)))
     return out
 
 
-def _scaling_section(run: Run, advice: LossScaleAdvice | None,
-                     save: Callable[..., EmbeddedFigure]) -> dict[str, Any]:
-    if advice is None:
-        return {"reason": "No gradient was recorded (call backward() while diagnose() is attached), "
-                          "so there is no loss scaling to replay."}
-    demanding = advice.most_demanding(_LINES)
-    save("loss_scale", fig.loss_scale_curves(advice, demanding),
-         f"Share of gradients that {advice.fmt.name} flushes to zero at each loss scale 2^k: all gradients "
-         f"(black) and the {len(demanding)} sites that need the largest scale.")
-    settings = recorded_settings(run)
-    with warnings.catch_warnings(record=True) as caught:  # an every>1 run warns: the page says so instead
-        warnings.simplefilter("always")
-        simulation = simulate_grad_scaler(run, advice.fmt)  # from the run's own settings, where recorded
-    lost = underflow_per_step(run, advice.fmt, dict(zip(simulation.steps, simulation.scales)))
-    save("grad_scaler", fig.grad_scaler_trajectory(simulation, run.loss_scales, lost),
-         "The loss scale a dynamic GradScaler would use at each recorded step"
-         + (" with the run's own GradScaler settings" if settings else " (torch's defaults)")
-         + ", skipped steps marked, dots: the scale the run recorded; below: the share of gradients "
-           "flushed to zero at the simulated scale.")
-    text = str(simulation) + "".join(f"\nNB: {w.message}" for w in caught)
-    return {"reason": None, "advice": str(advice), "simulation": text}
+def _scaling_section(run: Run, analysis: Analysis, save: Callable[..., EmbeddedFigure]) -> dict[str, Any]:
+    scaling = analysis.scaling
+    if scaling is None:
+        return {
+            "reason": "No gradient was recorded (call backward() while diagnose() is attached), "
+            "so there is no loss scaling to replay."
+        }
+    save(
+        "loss_scale",
+        fig.loss_scale_curves(scaling),
+        f"Share of gradients that {scaling.advice.fmt.name} flushes to zero at each loss scale 2^k: all gradients "
+        f"(black) and the {len(scaling.demanding)} sites that need the largest scale.",
+    )
+    save(
+        "grad_scaler",
+        fig.grad_scaler_trajectory(scaling.simulation, run.loss_scales, scaling.flushed),
+        "The loss scale a dynamic GradScaler would use at each recorded step"
+        + (" with the run's own GradScaler settings" if scaling.own_settings else " (torch's defaults)")
+        + ", skipped steps marked, dots: the scale the run recorded; below: the share of gradients "
+        "flushed to zero at the simulated scale.",
+    )
+    # Every note is an approximation of the replay (a run that did not record every step): shown beneath it.
+    text = str(scaling.simulation) + "".join(f"\nNB: {note}" for note in analysis.notes)
+    return {"reason": None, "advice": str(scaling.advice), "simulation": text}
 
 
 def _nonfinite_section(run: Run, origin: NonFiniteOrigin | None) -> dict[str, Any]:
     events = run.nonfinite_events()  # in order: the first of a phase is Run.first_nonfinite(phase=...)
     first = {phase: next((str(e) for e in events if e.phase == phase), None) for phase in ("forward", "backward")}
-    return {"events": events[:_EVENTS_SHOWN], "total": len(events), "more": len(events) > _EVENTS_SHOWN,
-            "first_forward": first["forward"], "first_backward": first["backward"],
-            "anomalies": run.anomalies, "origin": str(origin) if origin is not None else None}
+    return {
+        "events": events[:_EVENTS_SHOWN],
+        "total": len(events),
+        "more": len(events) > _EVENTS_SHOWN,
+        "first_forward": first["forward"],
+        "first_backward": first["backward"],
+        "anomalies": run.anomalies,
+        "origin": str(origin) if origin is not None else None,
+    }
 
 
-def _table_context(run: Run) -> dict[str, Any]:
+def _table_context(run: Run, analysis: Analysis) -> dict[str, Any]:
     cols = columns(run.formats)
     groups: list[tuple[str, int]] = []
     for c in cols:
@@ -188,6 +203,11 @@ def _table_context(run: Run) -> dict[str, Any]:
         else:
             groups.append((c.group, 1))
     first_of_group = {i for i, c in enumerate(cols) if c.group and (i == 0 or cols[i - 1].group != c.group)}
-    rows = [{"cells": cells, "risky": any(c.risk for c in cells)} for cells in site_rows(run)]
-    return {"columns": cols, "groups": groups, "first_of_group": first_of_group, "rows": rows,
-            "kinds": [k.value for k in Kind if any(s.kind == k for s in run.sites)]}
+    rows = [{"cells": cells, "risky": any(c.risk for c in cells)} for cells in site_rows(run, analysis)]
+    return {
+        "columns": cols,
+        "groups": groups,
+        "first_of_group": first_of_group,
+        "rows": rows,
+        "kinds": [k.value for k in Kind if any(s.kind == k for s in run.sites)],
+    }

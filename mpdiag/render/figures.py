@@ -1,7 +1,7 @@
 """The report's figures, drawn with matplotlib's object API on the Agg canvas (no pyplot, no global state).
 
 Each function takes plain data (a Run, the sites to show, analysis results) and returns a Figure; the
-caller saves it. Nothing here computes a verdict: what a figure shows is read straight from the Run.
+caller saves it. Nothing here analyses: what a figure shows is read straight from the Run or its Analysis.
 """
 
 from __future__ import annotations
@@ -17,28 +17,39 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from mpdiag.analysis.grad_scaler import GradScalerSimulation
+from mpdiag.analysis.overall import Analysis, LossScaling
 from mpdiag.core import formats as _formats
-from mpdiag.core.formats import Format
-from mpdiag.analyse.grad_scaler import GradScalerSimulation
+from mpdiag.core.formats import Format, flush_exponent
 from mpdiag.core.run import Run, Site
-from mpdiag.analyse.scaling import LossScaleAdvice, flush_exponent
 from mpdiag.core.stats import HIST_EXPONENTS, TensorStats
-from mpdiag.analyse.verdict import site_label
 
-__all__ = ["range_chart", "exponent_heatmap", "over_time", "loss_scale_curves", "grad_scaler_trajectory",
-           "FORMAT_COLOURS"]
+__all__ = [
+    "range_chart",
+    "exponent_heatmap",
+    "over_time",
+    "loss_scale_curves",
+    "grad_scaler_trajectory",
+    "FORMAT_COLOURS",
+]
 
 #: One colour per format, the same in every figure.
-FORMAT_COLOURS = {"fp32": "#555555", "tf32": "#8c564b", "fp16": "#d62728", "bf16": "#1f77b4",
-                  "fp8_e4m3": "#9467bd", "fp8_e5m2": "#2ca02c"}
+FORMAT_COLOURS = {
+    "fp32": "#555555",
+    "tf32": "#8c564b",
+    "fp16": "#d62728",
+    "bf16": "#1f77b4",
+    "fp8_e4m3": "#9467bd",
+    "fp8_e5m2": "#2ca02c",
+}
 _OVERFLOW, _FLUSHED, _SUBNORMAL, _IN_RANGE = "#d62728", "#ff7f0e", "#e6b800", "#4c6a92"
 _LABEL_CHARS = 44
 _ROW_INCHES = 0.24
 
 
 def _label(site: Site) -> str:
-    text = site_label(site.name, site.kind)
-    return text if len(text) <= _LABEL_CHARS else "..." + text[-(_LABEL_CHARS - 3):]
+    text = site.label
+    return text if len(text) <= _LABEL_CHARS else "..." + text[-(_LABEL_CHARS - 3) :]
 
 
 def _percentile_exponents(stats: TensorStats, low: float = 0.01, high: float = 0.99) -> tuple[float, float] | None:
@@ -48,7 +59,7 @@ def _percentile_exponents(stats: TensorStats, low: float = 0.01, high: float = 0
         return None
     cumulative = np.cumsum(stats.hist)
     lo = int(HIST_EXPONENTS[np.searchsorted(cumulative, low * total, side="right")])
-    hi = int(HIST_EXPONENTS[min(np.searchsorted(cumulative, high * total, side="left"), len(cumulative) - 1)])
+    hi = int(HIST_EXPONENTS[min(int(np.searchsorted(cumulative, high * total, side="left")), len(cumulative) - 1)])
     return float(lo), float(hi + 1)
 
 
@@ -62,9 +73,12 @@ def _format_band(ax, fmt: Format) -> None:  # noqa: ANN001 - matplotlib Axes
 
 def _segments(lo: float, hi: float, fmt: Format) -> list[tuple[float, float, str]]:
     """[lo, hi] in log2 cut where ``fmt`` flushes, goes subnormal and overflows, each piece with its colour."""
-    cuts = [(-math.inf, flush_exponent(fmt), _FLUSHED), (flush_exponent(fmt), math.log2(fmt.min_normal), _SUBNORMAL),
-            (math.log2(fmt.min_normal), math.log2(fmt.overflow_threshold), _IN_RANGE),
-            (math.log2(fmt.overflow_threshold), math.inf, _OVERFLOW)]
+    cuts = [
+        (-math.inf, flush_exponent(fmt), _FLUSHED),
+        (flush_exponent(fmt), math.log2(fmt.min_normal), _SUBNORMAL),
+        (math.log2(fmt.min_normal), math.log2(fmt.overflow_threshold), _IN_RANGE),
+        (math.log2(fmt.overflow_threshold), math.inf, _OVERFLOW),
+    ]
     return [(max(lo, a), min(hi, b), colour) for a, b, colour in cuts if max(lo, a) < min(hi, b)]
 
 
@@ -88,10 +102,19 @@ def range_chart(run: Run, sites: Sequence[Site], formats: Sequence[str], note: s
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(ys, [_label(s) for s in sites], fontsize=8)
     axes[0].set_ylim(-0.8, len(sites) - 0.2)
-    fig.legend(handles=[Patch(color=_IN_RANGE, label="normal"), Patch(color=_SUBNORMAL, label="subnormal"),
-                        Patch(color=_FLUSHED, label="flushes to zero"), Patch(color=_OVERFLOW, label="overflows"),
-                        Line2D([], [], marker="x", color="black", ls="", label="NaN/inf seen")],
-               loc="outside lower center", ncols=5, fontsize=8, frameon=False)
+    fig.legend(
+        handles=[
+            Patch(color=_IN_RANGE, label="normal"),
+            Patch(color=_SUBNORMAL, label="subnormal"),
+            Patch(color=_FLUSHED, label="flushes to zero"),
+            Patch(color=_OVERFLOW, label="overflows"),
+            Line2D([], [], marker="x", color="black", ls="", label="NaN/inf seen"),
+        ],
+        loc="outside lower center",
+        ncols=5,
+        fontsize=8,
+        frameon=False,
+    )
     fig.suptitle("Range of each site against each format" + (f" ({note})" if note else ""), fontsize=11)
     return fig
 
@@ -106,12 +129,19 @@ def _draw_ranges(ax, ys: np.ndarray, stats: Sequence[TensorStats], fmt: Format) 
         thin += [((a, y), (b, y), colour) for a, b, colour in _segments(lo, hi, fmt)]
         central = _percentile_exponents(s)
         if central is not None:
-            thick += [((a, y), (b, y), colour)
-                      for a, b, colour in _segments(max(central[0], lo), min(central[1], hi), fmt)]
+            thick += [
+                ((a, y), (b, y), colour) for a, b, colour in _segments(max(central[0], lo), min(central[1], hi), fmt)
+            ]
     for segments, width in ((thin, 1.2), (thick, 5.0)):
         if segments:
-            ax.add_collection(LineCollection([(p, q) for p, q, _ in segments], colors=[c for _, _, c in segments],
-                                             linewidths=width, capstyle="butt"))
+            ax.add_collection(
+                LineCollection(
+                    [(p, q) for p, q, _ in segments],
+                    colors=[c for _, _, c in segments],
+                    linewidths=width,
+                    capstyle="butt",
+                )
+            )
     bad = [y for y, s in zip(ys, stats) if s.nonfinite]
     if bad:  # at the right edge, whatever the x limits turn out to be
         ax.plot(np.ones(len(bad)), bad, "x", color="black", clip_on=False, transform=ax.get_yaxis_transform())
@@ -157,11 +187,12 @@ def exponent_heatmap(run: Run, panels: Mapping[str, Sequence[Site]], formats: Se
     norm = LogNorm(vmin=1e-6, vmax=1.0)
     image = None
     for ax, (title, sites) in zip(axes, panels.items()):
-        matrix = matrices[title][:, lo:hi + 1]
+        matrix = matrices[title][:, lo : hi + 1]
         masked = np.ma.masked_where(~(matrix > 0), matrix)
         extent = (HIST_EXPONENTS[lo], HIST_EXPONENTS[hi] + 1, len(sites) - 0.5, -0.5)
-        image = ax.imshow(np.clip(masked, 1e-6, 1.0), aspect="auto", interpolation="nearest", cmap="viridis",
-                          norm=norm, extent=extent)
+        image = ax.imshow(
+            np.clip(masked, 1e-6, 1.0), aspect="auto", interpolation="nearest", cmap="viridis", norm=norm, extent=extent
+        )
         for fmt in fmts:
             colour = FORMAT_COLOURS.get(fmt.name, "black")
             for edge, style in ((fmt.max, "-"), (fmt.min_normal, "--"), (fmt.min_subnormal, ":")):
@@ -174,16 +205,18 @@ def exponent_heatmap(run: Run, panels: Mapping[str, Sequence[Site]], formats: Se
     if image is not None:
         fig.colorbar(image, ax=axes.tolist(), label="share of the site's non-zero values", shrink=0.8)
     handles = [Line2D([], [], color=FORMAT_COLOURS.get(f.name, "black"), label=f.name) for f in fmts]
-    handles += [Line2D([], [], color="black", ls=ls, label=what) for ls, what in
-                (("-", "max"), ("--", "min normal"), (":", "min subnormal"))]
+    handles += [
+        Line2D([], [], color="black", ls=ls, label=what)
+        for ls, what in (("-", "max"), ("--", "min normal"), (":", "min subnormal"))
+    ]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     fig.suptitle("Where values sit, power of two by power of two", fontsize=11)
     return fig
 
 
-def over_time(run: Run, sites: Sequence[Site], formats: Sequence[str], overflow_format: str) -> Figure:
+def over_time(run: Run, sites: Sequence[Site], formats: Sequence[str], analysis: Analysis) -> Figure:
     """Top: per-step amax of ``sites`` with each format's max; bottom: per step, NaN/inf values over all
-    sites and values past ``overflow_format``'s overflow threshold."""
+    sites and values past the overflow threshold of ``analysis.scale_format``."""
     steps = run.steps
     fig = Figure(figsize=(10, 6.5), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.4))
@@ -195,22 +228,24 @@ def over_time(run: Run, sites: Sequence[Site], formats: Sequence[str], overflow_
     for name in formats:
         fmt = _formats.get(name)
         if low - 8 <= math.log2(fmt.max) <= high + 8:  # only the maxima near the data, or the axis loses it
-            top.axhline(math.log2(fmt.max), color=FORMAT_COLOURS.get(name, "black"), ls="--", lw=1.2,
-                        label=f"{name} max")
+            top.axhline(
+                math.log2(fmt.max), color=FORMAT_COLOURS.get(name, "black"), ls="--", lw=1.2, label=f"{name} max"
+            )
     top.set_ylabel("log2 of the largest |value| in the step")
     top.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     top.grid(alpha=0.3)
-    fmt = _formats.get(overflow_format)
-    # Per-step sums over the sites that have any at all (a large run has a thousand sites and few of those).
-    with_nonfinite = [s for s in run.sites if run.stats(*s).nonfinite]
-    with_overflow = [s for s in run.sites if run.stats(*s).overflow(fmt)]
-    nonfinite = [sum(run.records[step][s].nonfinite for s in with_nonfinite if s in run.records[step]) for step in steps]
-    overflow = [sum(run.records[step][s].overflow(fmt) for s in with_overflow if s in run.records[step])
-                for step in steps]
+    fmt = _formats.get(analysis.scale_format)
+    nonfinite = [analysis.nonfinite_per_step[step] for step in steps]
+    overflow = [analysis.overflow_per_step[step] for step in steps]
     width = 0.4 if len(steps) < 200 else 1.0
     bottom.bar(np.array(steps) - width / 2, nonfinite, width=width, color="black", label="NaN/inf values")
-    bottom.bar(np.array(steps) + width / 2, overflow, width=width, color=_OVERFLOW,
-               label=f"values past {fmt.name}'s overflow threshold")
+    bottom.bar(
+        np.array(steps) + width / 2,
+        overflow,
+        width=width,
+        color=_OVERFLOW,
+        label=f"values past {fmt.name}'s overflow threshold",
+    )
     if any(nonfinite) or any(overflow):
         bottom.set_yscale("symlog", linthresh=1)
     else:
@@ -230,15 +265,16 @@ def _nothing(ax, text: str) -> None:  # noqa: ANN001
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#5b6470", fontsize=9)
 
 
-def loss_scale_curves(advice: LossScaleAdvice, sites: Sequence[Site]) -> Figure:
-    """Underflow share against log2(loss scale): all gradients (thick) and ``sites`` (thin), the overflow
-    wall, the window with at most ``advice.max_underflow`` underflow, and the recommended scale."""
+def loss_scale_curves(scaling: LossScaling) -> Figure:
+    """Underflow share against log2(loss scale): all gradients (thick) and the most demanding sites (thin),
+    the overflow wall, the window with at most ``max_underflow`` underflow, and the recommended scale."""
+    advice = scaling.advice
     ks = advice.exponents.astype(int)
-    overall = advice.curve()
+    overall = scaling.curve
     fig = Figure(figsize=(10, 5), layout="constrained")
     ax = fig.subplots()
-    for site in sites:
-        ax.plot(ks, [100 * o.underflow for o in advice.curve(site)], lw=0.9, alpha=0.75, label=_label(site))
+    for site, curve in scaling.demanding.items():
+        ax.plot(ks, [100 * o.underflow for o in curve], lw=0.9, alpha=0.75, label=_label(site))
     ax.plot(ks, [100 * o.underflow for o in overall], color="black", lw=2.5, label="all gradients")
     wall = next((int(k) for k, o in zip(ks, overall) if o.overflow), None)
     if wall is not None:
@@ -246,11 +282,22 @@ def loss_scale_curves(advice: LossScaleAdvice, sites: Sequence[Site]) -> Figure:
         ax.axvline(wall - 0.5, color=_OVERFLOW, lw=2, label=f"overflow from 2^{wall}")
     if advice.window is not None:
         low, high = (math.log2(v) for v in advice.window)
-        ax.axvspan(low - 0.5, high + 0.5, color="#2ca02c", alpha=0.15, lw=0,
-                   label=f"window (underflow <= {100 * advice.max_underflow:g}%)")
+        ax.axvspan(
+            low - 0.5,
+            high + 0.5,
+            color="#2ca02c",
+            alpha=0.15,
+            lw=0,
+            label=f"window (underflow <= {100 * advice.max_underflow:g}%)",
+        )
     if advice.recommended is not None:
-        ax.axvline(math.log2(advice.recommended), color="#2ca02c", ls="--", lw=1.5,
-                   label=f"recommended 2^{int(math.log2(advice.recommended))}")
+        ax.axvline(
+            math.log2(advice.recommended),
+            color="#2ca02c",
+            ls="--",
+            lw=1.5,
+            label=f"recommended 2^{int(math.log2(advice.recommended))}",
+        )
     ax.set_xlim(*_interesting_scales(ks, overall, wall))
     ax.set_xlabel("log2(loss scale)")
     ax.set_ylabel("gradients flushed to zero (%)")
@@ -268,16 +315,21 @@ def _interesting_scales(ks: np.ndarray, overall: Sequence, wall: int | None) -> 
     return low - 0.5, high + 0.5
 
 
-def grad_scaler_trajectory(simulation: GradScalerSimulation, recorded: Mapping[int, float],
-                           underflow: Mapping[int, float]) -> Figure:
+def grad_scaler_trajectory(
+    simulation: GradScalerSimulation, recorded: Mapping[int, float], underflow: Mapping[int, float]
+) -> Figure:
     """log2 of the scale a dynamic GradScaler would use at each step, skipped steps marked, the scale the
     run actually recorded beside it (when a GradScaler was attached); below, the share of gradients
     flushed to zero at the simulated scale, step by step."""
     fig = Figure(figsize=(10, 5.2), layout="constrained")
     ax, lost = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     steps_lost = sorted(underflow)
-    lost.bar(steps_lost, [100 * underflow[s] for s in steps_lost], width=0.8 if len(steps_lost) < 200 else 1.0,
-             color=_FLUSHED)
+    lost.bar(
+        steps_lost,
+        [100 * underflow[s] for s in steps_lost],
+        width=0.8 if len(steps_lost) < 200 else 1.0,
+        color=_FLUSHED,
+    )
     lost.set_ylabel("flushed (%)")
     if not any(underflow.values()):
         _nothing(lost, "no gradient flushed to zero at the simulated scale")
@@ -289,12 +341,25 @@ def grad_scaler_trajectory(simulation: GradScalerSimulation, recorded: Mapping[i
     ax.step(steps, log_scales, where="post", color="black", lw=1.5, label="simulated GradScaler")
     skipped = np.array(simulation.skipped, dtype=bool)
     if skipped.any():
-        ax.plot(steps[skipped], log_scales[skipped], "x", color=_OVERFLOW, ms=7,
-                label=f"skipped step ({int(skipped.sum())})")
+        ax.plot(
+            steps[skipped],
+            log_scales[skipped],
+            "x",
+            color=_OVERFLOW,
+            ms=7,
+            label=f"skipped step ({int(skipped.sum())})",
+        )
     if recorded:
         rec_steps = sorted(recorded)
-        ax.plot(rec_steps, np.log2([recorded[s] for s in rec_steps]), "o", color="#1f77b4", ms=3, alpha=0.7,
-                label="recorded scale")
+        ax.plot(
+            rec_steps,
+            np.log2([recorded[s] for s in rec_steps]),
+            "o",
+            color="#1f77b4",
+            ms=3,
+            alpha=0.7,
+            label="recorded scale",
+        )
     shown = list(log_scales) + ([math.log2(v) for v in recorded.values()] if recorded else [])
     ax.set_ylim(math.floor(min(shown)) - 1, math.ceil(max(shown)) + 1)  # whole powers of two, even when flat
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))

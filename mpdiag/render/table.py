@@ -9,15 +9,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from mpdiag.core import formats as _formats
-from mpdiag.core.text import display_name
+from mpdiag.analysis.overall import Analysis
+from mpdiag.analysis.riskiest import SiteRisk
 from mpdiag.core.run import Run, Site
 from mpdiag.core.stats import TensorStats
-from mpdiag.analyse.riskiest import footroom_bits, headroom_bits
-from mpdiag.analyse.verdict import percent
+from mpdiag.core.text import display_name, percent
 
-__all__ = ["Cell", "Column", "site_rows", "columns"]
+__all__ = ["Cell", "Column", "Risk", "site_rows", "columns"]
+
+#: How a cell is highlighted (its CSS class): not at all, as marginal, or as values lost.
+Risk = Literal["", "warn", "bad"]
 
 #: Headroom below this many bits is highlighted as marginal.
 MARGINAL_BITS = 2.0
@@ -37,48 +40,56 @@ class Column:
 class Cell:
     text: str
     key: float | str  # what the column sorts by
-    risk: str = ""  # "", "warn" or "bad"
+    risk: Risk = ""
 
 
 def columns(formats: Sequence[str]) -> list[Column]:
-    cols = [Column("site", "", False, "module or parameter name"),
-            Column("kind", "", False, "what was observed"),
-            Column("dtype", "", False, "dtypes the observed tensors had"),
-            Column("amax", "", True, "largest finite |value|"),
-            Column("amin≠0", "", True, "smallest non-zero finite |value|"),
-            Column("NaN/inf", "", True, "non-finite values seen")]
+    cols = [
+        Column("site", "", False, "module or parameter name"),
+        Column("kind", "", False, "what was observed"),
+        Column("dtype", "", False, "dtypes the observed tensors had"),
+        Column("amax", "", True, "largest finite |value|"),
+        Column("amin≠0", "", True, "smallest non-zero finite |value|"),
+        Column("NaN/inf", "", True, "non-finite values seen"),
+    ]
     for name in formats:
-        cols += [Column("head", name, True, f"bits from amax to {name}'s max (negative: past it)"),
-                 Column("foot", name, True, f"bits from amin≠0 to {name}'s smallest normal (negative: subnormal)"),
-                 Column("under%", name, True, f"share of non-zero values {name} flushes to zero"),
-                 Column("subn%", name, True, f"share of non-zero values left subnormal in {name}"),
-                 Column("over%", name, True, f"share of finite values at or past {name}'s overflow threshold")]
+        cols += [
+            Column("head", name, True, f"bits from amax to {name}'s max (negative: past it)"),
+            Column("foot", name, True, f"bits from amin≠0 to {name}'s smallest normal (negative: subnormal)"),
+            Column("under%", name, True, f"share of non-zero values {name} flushes to zero"),
+            Column("subn%", name, True, f"share of non-zero values left subnormal in {name}"),
+            Column("over%", name, True, f"share of finite values at or past {name}'s overflow threshold"),
+        ]
     return cols
 
 
-def site_rows(run: Run, sites: Sequence[Site] | None = None) -> list[list[Cell]]:
-    """One row of cells per site (merged over steps), in the order of ``columns``."""
-    return [_row(site, run.stats(site.name, site.kind), run.formats) for site in (sites or run.sites)]
+def site_rows(run: Run, analysis: Analysis, sites: Sequence[Site] | None = None) -> list[list[Cell]]:
+    """One row of cells per site (merged over steps), in the order of ``columns``: the site's own
+    statistics from ``run``, its risk in each format from ``analysis``."""
+    risks = {name: {r.site: r for r in analysis.riskiest[name]} for name in run.formats}
+    return [
+        _row(site, run.stats(site.name, site.kind), [risks[name][site] for name in run.formats])
+        for site in (sites or run.sites)
+    ]
 
 
-def _row(site: Site, s: TensorStats, formats: Sequence[str]) -> list[Cell]:
-    cells = [Cell(display_name(site.name), site.name), Cell(site.kind.value, site.kind.value),
-             Cell(", ".join(sorted(s.dtypes)) or "-", ",".join(sorted(s.dtypes))),
-             _number(s.amax if s.finite_nonzero else math.nan),
-             _number(s.amin_nonzero if s.finite_nonzero else math.nan),
-             Cell(str(s.nonfinite), s.nonfinite, "bad" if s.nonfinite else "")]
-    nonzero, finite = s.finite_nonzero, s.finite
-    for name in formats:
-        fmt = _formats.get(name)
-        head = headroom_bits(s.amax, fmt) if nonzero else math.inf
-        foot = footroom_bits(s.amin_nonzero, fmt) if nonzero else math.inf
-        under = s.underflow(fmt) / nonzero if nonzero else 0.0
-        sub = s.subnormal(fmt) / nonzero if nonzero else 0.0
-        over = s.overflow(fmt) / finite if finite else 0.0
-        cells += [_bits(head, bad_below=0.0), _bits(foot, bad_below=-math.inf),
-                  _share(under, "warn" if under > VISIBLE_UNDERFLOW else ""),
-                  _share(sub, "warn" if sub > VISIBLE_UNDERFLOW else ""),
-                  _share(over, "bad" if over else "")]
+def _row(site: Site, s: TensorStats, risks: Sequence[SiteRisk]) -> list[Cell]:
+    cells = [
+        Cell(display_name(site.name), site.name),
+        Cell(site.kind.value, site.kind.value),
+        Cell(", ".join(sorted(s.dtypes)) or "-", ",".join(sorted(s.dtypes))),
+        _number(s.amax if s.finite_nonzero else math.nan),
+        _number(s.amin_nonzero if s.finite_nonzero else math.nan),
+        Cell(str(s.nonfinite), s.nonfinite, "bad" if s.nonfinite else ""),
+    ]
+    for r in risks:  # a site without non-zero values has inf head- and footroom: shown as "-"
+        cells += [
+            _bits(r.headroom_bits, bad_below=0.0),
+            _bits(r.footroom_bits, bad_below=-math.inf),
+            _share(r.underflow, "warn" if r.underflow > VISIBLE_UNDERFLOW else ""),
+            _share(r.subnormal, "warn" if r.subnormal > VISIBLE_UNDERFLOW else ""),
+            _share(r.overflow_share, "bad" if r.overflow_share else ""),
+        ]
     return cells
 
 
@@ -91,9 +102,9 @@ def _number(value: float) -> Cell:
 def _bits(value: float, bad_below: float) -> Cell:
     if math.isinf(value):
         return Cell("-", value)
-    risk = "bad" if value < bad_below else "warn" if value < MARGINAL_BITS else ""
+    risk: Risk = "bad" if value < bad_below else "warn" if value < MARGINAL_BITS else ""
     return Cell(f"{value:+.1f}", value, risk)
 
 
-def _share(value: float, risk: str) -> Cell:
+def _share(value: float, risk: Risk) -> Cell:
     return Cell(percent(value), value, risk)

@@ -1,4 +1,4 @@
-"""The riskiest sites per format: plain rows for the terminal summary (and anything else that ranks).
+"""The riskiest sites per format: plain rows for the terminal summary, the report's figures and its table.
 
 For each tracked format a site's risk is, in order: it held NaN/inf; values would overflow; and then
 the nearer of its two edges in bits: headroom (its largest value below the format's max) or footroom
@@ -16,13 +16,14 @@ Examples:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mpdiag.core import formats as _formats
 from mpdiag.core.formats import Format
-from mpdiag.core.run import Run
+from mpdiag.core.run import Kind, Run, Site
 
-__all__ = ["SiteRisk", "riskiest", "headroom_bits", "footroom_bits"]
+__all__ = ["SiteRisk", "riskiest", "closest_to_max", "headroom_bits", "footroom_bits"]
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,19 @@ class SiteRisk:
     """One site against one format, over the chosen steps."""
 
     name: str
-    kind: str
+    kind: Kind
     amax: float
     headroom_bits: float  # log2(max / amax): negative past max, inf for an all-zero site
     footroom_bits: float  # log2(amin_nonzero / min_normal): negative for subnormal values, inf if none
     underflow: float  # fraction of non-zero finite values flushed to zero
     overflow: int  # values at or past the overflow threshold
     nonfinite: int  # NaN and inf values already there
+    subnormal: float  # fraction of non-zero finite values left subnormal
+    overflow_share: float  # fraction of finite values at or past the overflow threshold
+
+    @property
+    def site(self) -> Site:
+        return Site(self.name, self.kind)
 
     def key(self) -> tuple[bool, bool, float, float]:
         return (self.nonfinite == 0, self.overflow == 0, min(self.headroom_bits, self.footroom_bits), -self.underflow)
@@ -60,7 +67,23 @@ def riskiest(run: Run, fmt: str | Format, n: int = 8, step: int | None = None) -
     for site in run.sites if step is None else list(run.records.get(step, {})):
         s = run.stats(site.name, site.kind, step)
         finite_nonzero = max(s.finite_nonzero, 1)
-        rows.append(SiteRisk(site.name, site.kind.value, s.amax, headroom_bits(s.amax, fmt),
-                             footroom_bits(s.amin_nonzero, fmt),
-                             s.underflow(fmt) / finite_nonzero, s.overflow(fmt), s.nonfinite))
+        rows.append(
+            SiteRisk(
+                site.name,
+                site.kind,
+                s.amax,
+                headroom_bits(s.amax, fmt),
+                footroom_bits(s.amin_nonzero, fmt),
+                s.underflow(fmt) / finite_nonzero,
+                s.overflow(fmt),
+                s.nonfinite,
+                s.subnormal(fmt) / finite_nonzero,
+                s.overflow(fmt) / max(s.finite, 1),
+            )
+        )
     return sorted(rows, key=SiteRisk.key)[:n]
+
+
+def closest_to_max(risks: Sequence[SiteRisk]) -> list[Site]:
+    """The sites of ``risks`` ordered by how near their largest value comes to max (NaN/inf, overflow first)."""
+    return [r.site for r in sorted(risks, key=lambda r: (r.nonfinite == 0, r.overflow == 0, r.headroom_bits))]

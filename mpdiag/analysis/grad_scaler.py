@@ -24,20 +24,34 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from mpdiag.analysis.gradients import gradient_sites, skips_within, true_gradient_steps
 from mpdiag.core import formats as _formats
 from mpdiag.core.errors import MpdiagError, MpdiagWarning
 from mpdiag.core.formats import Format
 from mpdiag.core.run import Run
-from mpdiag.analyse.scaling import gradient_sites, scaler_overflows, true_gradient_steps
 
-__all__ = ["simulate_grad_scaler", "GradScalerSimulation", "scaler_trajectory", "recorded_settings", "MpdiagWarning"]
+__all__ = [
+    "simulate_grad_scaler",
+    "simulate_run_scaler",
+    "GradScalerSimulation",
+    "scaler_trajectory",
+    "recorded_settings",
+    "APPROXIMATE",
+    "MpdiagWarning",
+]
+
+#: Why a replay of a run that did not record every step is approximate: the warning, and the note of ``analyse``.
+APPROXIMATE = (
+    "the run did not record every step, so the replayed GradScaler trajectory is approximate: "
+    "record with every=1 to replay it exactly"
+)
 
 
 @dataclass(frozen=True)
@@ -67,15 +81,25 @@ class GradScalerSimulation:
     def __str__(self) -> str:
         scales = sorted(set(self.scales))
         note = " (approximate: not every step was recorded)" if self.approximate else ""
-        return (f"GradScaler replay for {self.fmt.name}{note}: {len(self.steps)} steps, {self.total_skipped} skipped "
-                f"{self.skipped_steps[:10]}{'...' if self.total_skipped > 10 else ''}; scale from "
-                f"2^{math.log2(scales[0]):g} to 2^{math.log2(scales[-1]):g}, final 2^{math.log2(self.final_scale):g}")
+        return (
+            f"GradScaler replay for {self.fmt.name}{note}: {len(self.steps)} steps, {self.total_skipped} skipped "
+            f"{self.skipped_steps[:10]}{'...' if self.total_skipped > 10 else ''}; scale from "
+            f"2^{math.log2(scales[0]):g} to 2^{math.log2(scales[-1]):g}, final 2^{math.log2(self.final_scale):g}"
+        )
 
 
-def scaler_trajectory(overflows: Callable[[int, float], bool], n_steps: int, *, init_scale: float = 2.0**16,
-                      growth_factor: float = 2.0, backoff_factor: float = 0.5, growth_interval: int = 2000,
-                      hysteresis: int = 1, min_scale: float | None = None,
-                      max_scale: float | None = None) -> tuple[list[float], list[bool], float]:
+def scaler_trajectory(
+    overflows: Callable[[int, float], bool],
+    n_steps: int,
+    *,
+    init_scale: float = 2.0**16,
+    growth_factor: float = 2.0,
+    backoff_factor: float = 0.5,
+    growth_interval: int = 2000,
+    hysteresis: int = 1,
+    min_scale: float | None = None,
+    max_scale: float | None = None,
+) -> tuple[list[float], list[bool], float]:
     """Run the dynamic-scaler update rule: ``overflows(i, scale)`` says whether step i overflows at scale.
 
     Returns (the scale used at each step, whether each step was skipped, the final scale).
@@ -106,10 +130,19 @@ def scaler_trajectory(overflows: Callable[[int, float], bool], n_steps: int, *, 
     return scales, skipped, float(scale)
 
 
-def simulate_grad_scaler(run: Run, fmt: str | torch.dtype | Format = "fp16", *, init_scale: float | None = None,
-                         growth_factor: float | None = None, backoff_factor: float | None = None,
-                         growth_interval: int | None = None, hysteresis: int = 1, min_scale: float | None = None,
-                         max_scale: float | None = None, steps: Sequence[int] | None = None) -> GradScalerSimulation:
+def simulate_grad_scaler(
+    run: Run,
+    fmt: str | torch.dtype | Format = "fp16",
+    *,
+    init_scale: float | None = None,
+    growth_factor: float | None = None,
+    backoff_factor: float | None = None,
+    growth_interval: int | None = None,
+    hysteresis: int = 1,
+    min_scale: float | None = None,
+    max_scale: float | None = None,
+    steps: Sequence[int] | None = None,
+) -> GradScalerSimulation:
     """Replay a dynamic loss scaler over the recorded steps' true gradients.
 
     The four settings of torch's GradScaler default to those of the run's own scaler where one was
@@ -133,31 +166,73 @@ def simulate_grad_scaler(run: Run, fmt: str | torch.dtype | Format = "fp16", *, 
         >>> sim.skipped, sim.final_scale
         ((True, True, False), 16384.0)
     """
-    fmt = _formats.get(fmt)
+    given = {
+        "init_scale": init_scale,
+        "growth_factor": growth_factor,
+        "backoff_factor": backoff_factor,
+        "growth_interval": growth_interval,
+    }
+    simulation = _simulate(
+        run,
+        _formats.get(fmt),
+        given,
+        hysteresis=hysteresis,
+        min_scale=min_scale,
+        max_scale=max_scale,
+        steps=steps,
+        scaler_skips=None,
+    )
+    if simulation.approximate:
+        warnings.warn(APPROXIMATE, MpdiagWarning, stacklevel=2)
+    return simulation
+
+
+def simulate_run_scaler(run: Run, fmt: Format, scaler_skips: Mapping[int, float]) -> GradScalerSimulation:
+    """The replay ``simulate_grad_scaler(run, fmt)`` makes (the run's own GradScaler settings where recorded,
+    every step), without its warning: ``approximate`` says as much, and ``analyse`` shows it as a note.
+    ``scaler_skips`` is the run's ``scaler_overflows``, computed once by the caller."""
+    return _simulate(run, fmt, {}, hysteresis=1, min_scale=None, max_scale=None, steps=None, scaler_skips=scaler_skips)
+
+
+def _simulate(
+    run: Run,
+    fmt: Format,
+    given: Mapping[str, Any],
+    *,
+    hysteresis: int,
+    min_scale: float | None,
+    max_scale: float | None,
+    steps: Sequence[int] | None,
+    scaler_skips: Mapping[int, float] | None,
+) -> GradScalerSimulation:
     chosen = true_gradient_steps(run, steps)
     sites = gradient_sites(run)
     if not sites:
         raise MpdiagError("the run recorded no gradients; call backward() while diagnose() is attached")
     approximate = int(run.meta.get("every", 1)) > 1 or chosen != list(range(chosen[0], chosen[-1] + 1))
-    if approximate:
-        warnings.warn("the run did not record every step, so the replayed GradScaler trajectory is approximate: "
-                      "record with every=1 to replay it exactly", MpdiagWarning, stacklevel=2)
-    given = {"init_scale": init_scale, "growth_factor": growth_factor, "backoff_factor": backoff_factor,
-             "growth_interval": growth_interval}
     recorded = recorded_settings(run)
     if chosen[0] in run.loss_scales:  # the scale the run's own scaler had at the first step replayed
         recorded["init_scale"] = run.loss_scale(chosen[0])
     settings = {**_TORCH_DEFAULTS, **recorded, **{k: v for k, v in given.items() if v is not None}}
-    overflowed = scaler_overflows(run, chosen)  # steps the run's own GradScaler skipped
+    overflowed = skips_within(run, chosen, scaler_skips)  # steps the run's own GradScaler skipped
     peaks = [_largest_true_gradient(run, step, sites, overflowed.get(step, math.inf)) for step in chosen]
     scales, skipped, final = scaler_trajectory(
-        lambda i, scale: peaks[i] * scale >= fmt.overflow_threshold, len(chosen), hysteresis=hysteresis,
-        min_scale=min_scale, max_scale=max_scale, **settings)
+        lambda i, scale: peaks[i] * scale >= fmt.overflow_threshold,
+        len(chosen),
+        hysteresis=hysteresis,
+        min_scale=min_scale,
+        max_scale=max_scale,
+        **settings,
+    )
     return GradScalerSimulation(fmt, tuple(chosen), tuple(scales), tuple(skipped), final, approximate)
 
 
-_TORCH_DEFAULTS: dict[str, Any] = {"init_scale": 2.0**16, "growth_factor": 2.0, "backoff_factor": 0.5,
-                                   "growth_interval": 2000}
+_TORCH_DEFAULTS: dict[str, Any] = {
+    "init_scale": 2.0**16,
+    "growth_factor": 2.0,
+    "backoff_factor": 0.5,
+    "growth_interval": 2000,
+}
 
 
 def recorded_settings(run: Run) -> dict[str, Any]:
@@ -184,4 +259,5 @@ def _check(init_scale: float, growth: float, backoff: float, interval: int, hyst
     if not (init_scale > 0 and growth > 1.0 and 0.0 < backoff < 1.0 and interval >= 1 and hysteresis >= 1):
         raise MpdiagError(
             "expected init_scale > 0, growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1 and "
-            f"hysteresis >= 1; got {init_scale}, {growth}, {backoff}, {interval}, {hysteresis}")
+            f"hysteresis >= 1; got {init_scale}, {growth}, {backoff}, {interval}, {hysteresis}"
+        )

@@ -22,23 +22,35 @@ What counts, per format:
 
 from __future__ import annotations
 
+import enum
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from mpdiag.analysis.gradients import exponent_of, flushed_per_step, gradient_sites, scaler_overflows
+from mpdiag.analysis.riskiest import SiteRisk, riskiest
+from mpdiag.analysis.scaling import LossScaleAdvice, advise
 from mpdiag.core import formats as _formats
-from mpdiag.core.text import display_name, percent, shown as _shown
 from mpdiag.core.errors import MpdiagError
-from mpdiag.core.formats import Format
+from mpdiag.core.formats import Format, flush_exponent
 from mpdiag.core.run import Kind, Run, Site, step_ranges
-from mpdiag.analyse.scaling import (LossScaleAdvice, advise, exponent_of, flush_exponent, flushed_per_step, gradient_sites,
-                            scaler_overflows)
 from mpdiag.core.stats import HIST_EXPONENTS, TensorStats
-from mpdiag.analyse.riskiest import SiteRisk, riskiest
+from mpdiag.core.text import percent
+from mpdiag.core.text import shown as _shown
 
-__all__ = ["Verdict", "verdicts", "nonfinite_verdict", "skips_verdict", "scaled_underflow", "percent", "site_label"]
+__all__ = [
+    "Level",
+    "Verdict",
+    "verdicts",
+    "verdict",
+    "nonfinite_verdict",
+    "skips_verdict",
+    "scaled_underflow",
+    "percent",
+    "site_label",
+]
 
 #: A site whose largest value is fewer bits than this below a format's max is called out.
 HEADROOM_BITS = 8
@@ -46,13 +58,25 @@ HEADROOM_BITS = 8
 TOLERATED_UNDERFLOW = 1e-3
 
 
+class Level(str, enum.Enum):
+    """How bad a verdict is, mildest first: a verdict is as bad as the worst thing it found."""
+
+    OK = "ok"
+    WARN = "warn"  # fixable or marginal
+    FAIL = "fail"  # values would be lost to overflow, or no loss scale avoids both overflow and underflow
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class Verdict:
-    """The verdict on one format. ``level`` is "fail" (values would be lost to overflow, or no loss
-    scale avoids both overflow and underflow), "warn" (fixable or marginal) or "ok"."""
+    """The verdict on one format. ``level`` is ``Level.FAIL`` (values would be lost to overflow, or no
+    loss scale avoids both overflow and underflow), ``Level.WARN`` (fixable or marginal) or ``Level.OK``;
+    a str enum, so it also equals "fail", "warn" and "ok"."""
 
     fmt: str
-    level: str
+    level: Level
     sentence: str
     overflow_sites: tuple[str, ...]  # site labels, most overflowing values first
     first_overflow_step: int | None
@@ -65,8 +89,8 @@ class Verdict:
 
 
 def site_label(name: str, kind: str | Kind) -> str:
-    """How a site is named to people: 'blocks.0.attn (activation_grad)'."""
-    return f"{display_name(name)} ({Kind.parse(kind).value})"
+    """How a site is named to people: 'blocks.0.attn (activation_grad)' (``Site.label``)."""
+    return Site(name, Kind.parse(kind)).label
 
 
 def verdicts(run: Run, advice: Mapping[str, LossScaleAdvice] | None = None) -> list[Verdict]:
@@ -82,51 +106,62 @@ def verdicts(run: Run, advice: Mapping[str, LossScaleAdvice] | None = None) -> l
         ...     layer(torch.tensor([[3e4, 3e4, 3e4]])).sum().backward()  # 9e4: past fp16's max only
         >>> fp16, bf16 = verdicts(diag.run)
         >>> fp16.level, fp16.first_overflow_step, bf16.level
-        ('fail', 0, 'ok')
+        (<Level.FAIL: 'fail'>, 0, <Level.OK: 'ok'>)
     """
     if not run.steps:
         raise MpdiagError("the run has no recorded steps; train at least one step with diagnose() attached")
+    skips = scaler_overflows(run)
     has_gradients = bool(gradient_sites(run))
     out = []
     for name in run.formats:
         fmt = _formats.get(name)
         adv = None
         if has_gradients:
-            adv = (advice or {}).get(fmt.name) or advise(run, fmt)
-        out.append(_verdict(run, fmt, adv))
+            adv = (advice or {}).get(fmt.name) or advise(run, fmt, scaler_skips=skips)
+        out.append(verdict(run, fmt, adv, ranked=riskiest(run, fmt, n=len(run.sites)), scaler_skips=skips))
     return out
 
 
-def nonfinite_verdict(run: Run) -> str | None:
+def nonfinite_verdict(run: Run, *, scaler_skips: Mapping[int, float] | None = None) -> str | None:
     """Where NaN/inf of the model's own first appeared and how far it spread, or None when the run held
-    none (the overflow of a GradScaler's scaled gradients, which it skips, is ``skips_verdict``'s)."""
-    skipped = scaler_overflows(run)
+    none (the overflow of a GradScaler's scaled gradients, which it skips, is ``skips_verdict``'s).
+    ``scaler_skips``: the run's ``scaler_overflows`` where already computed."""
+    skipped = scaler_overflows(run) if scaler_skips is None else scaler_skips
     events = [e for e in run.nonfinite_events() if e.step not in skipped]
     if not events:
         return None
     first = events[0]
     steps = sorted({e.step for e in events})
     sites = {(e.name, e.kind) for e in events}
-    text = (f"NaN/inf first appeared at step {first.step} in the {first.phase} pass, in "
-            f"{site_label(first.name, first.kind)}; {len(sites)} site(s) held non-finite values in "
-            f"{len(steps)} step(s)")
+    text = (
+        f"NaN/inf first appeared at step {first.step} in the {first.phase} pass, in "
+        f"{site_label(first.name, first.kind)}; {len(sites)} site(s) held non-finite values in "
+        f"{len(steps)} step(s)"
+    )
     if run.anomalies:
         text += f"; anomaly mode reported {len(run.anomalies)} error(s), first in {run.anomalies[0].node}"
     return text + "."
 
 
-def skips_verdict(run: Run) -> str | None:
-    """What the run's GradScaler skipped, as it is designed to (its scaled gradients overflowed), or None."""
-    skipped = scaler_overflows(run)
+def skips_verdict(run: Run, *, scaler_skips: Mapping[int, float] | None = None) -> str | None:
+    """What the run's GradScaler skipped, as it is designed to (its scaled gradients overflowed), or None.
+    ``scaler_skips``: the run's ``scaler_overflows`` where already computed."""
+    skipped = scaler_overflows(run) if scaler_skips is None else scaler_skips
     if not skipped:
         return None
-    return (f"The GradScaler skipped {len(skipped)} of {len(run.steps)} recorded step(s), as it is designed to: "
-            f"their scaled gradients overflowed at {_scale_span(run, skipped)} and it backed off (steps "
-            f"{step_ranges(sorted(skipped))}). That is routine, not NaN/inf of the model; the loss-scale "
-            f"advice counts those scales as overflowing.")
+    return (
+        f"The GradScaler skipped {len(skipped)} of {len(run.steps)} recorded step(s), as it is designed to: "
+        f"their scaled gradients overflowed at {_scale_span(run, skipped)} and it backed off (steps "
+        f"{step_ranges(sorted(skipped))}). That is routine, not NaN/inf of the model; the loss-scale "
+        f"advice counts those scales as overflowing."
+    )
 
 
-def _verdict(run: Run, fmt: Format, adv: LossScaleAdvice | None) -> Verdict:
+def verdict(
+    run: Run, fmt: Format, adv: LossScaleAdvice | None, *, ranked: Sequence[SiteRisk], scaler_skips: Mapping[int, float]
+) -> Verdict:
+    """The verdict on ``fmt`` from what ``verdicts`` computes for every format: the format's advice (None
+    without gradients), every site's ``riskiest`` row for it and the run's ``scaler_overflows``."""
     merged = {site: run.stats(site.name, site.kind) for site in run.sites}
     # Under a GradScaler the recorded gradients are scaled: their overflow and headroom belong to the
     # loss scale (the scaler skips such steps and backs off), which the advice judges on the true
@@ -134,18 +169,22 @@ def _verdict(run: Run, fmt: Format, adv: LossScaleAdvice | None) -> Verdict:
     judged = {s: v for s, v in merged.items() if not (run.loss_scales and _is_gradient(s))}
     overflowing = sorted((s for s in judged if judged[s].overflow(fmt)), key=lambda s: -judged[s].overflow(fmt))
     # Only sites that overflow in some step can overflow in a given one: look at those alone.
-    first_overflow = next((step for step in run.steps
-                           if any(run.records[step][s].overflow(fmt) for s in overflowing if s in run.records[step])),
-                          None)
+    first_overflow = next(
+        (
+            step
+            for step in run.steps
+            if any(run.records[step][s].overflow(fmt) for s in overflowing if s in run.records[step])
+        ),
+        None,
+    )
     activation_underflow = _underflow_share([v for s, v in merged.items() if s.kind == Kind.ACTIVATION], fmt)
-    closest = min((r for r in riskiest(run, fmt, n=len(merged)) if Site(r.name, Kind(r.kind)) in judged),
-                  key=lambda r: r.headroom_bits, default=None)
+    closest = min((r for r in ranked if r.site in judged), key=lambda r: r.headroom_bits, default=None)
     scaled = _worst_with_tensor_scaling(merged, fmt) if _is_fp8(fmt) else None
 
-    parts, level = [], "ok"
+    parts, level = [], Level.OK
     if overflowing:
         parts.append(f"{len(overflowing)} site(s) overflow, first at step {first_overflow}")
-        level = "fail"
+        level = Level.FAIL
     gradient_underflow = recommended = recorded = None
     if adv is not None:
         gradient_underflow = adv.at(1.0).underflow
@@ -158,38 +197,54 @@ def _verdict(run: Run, fmt: Format, adv: LossScaleAdvice | None) -> Verdict:
                 recommended = adv.recommended
                 after = adv.at(recommended).underflow
                 parts.append(f"recommended scale 2^{exponent_of(recommended)} ({percent(after)} underflow then)")
-                level = _worse(level, "warn")
+                level = _worse(level, Level.WARN)
             else:
-                parts.append(f"no loss scale avoids both overflow and underflow (overflow first in "
-                             f"{_shown(adv.overflow_limiter)}, underflow worst in {_shown(adv.underflow_limiter)})")
-                level = "fail"
+                parts.append(
+                    f"no loss scale avoids both overflow and underflow (overflow first in "
+                    f"{_shown(adv.overflow_limiter)}, underflow worst in {_shown(adv.underflow_limiter)})"
+                )
+                level = Level.FAIL
     if activation_underflow > TOLERATED_UNDERFLOW:
         parts.append(f"{percent(activation_underflow)} of activations flush to zero")
-        level = _worse(level, "warn")
+        level = _worse(level, Level.WARN)
     if scaled is not None and scaled[1] > TOLERATED_UNDERFLOW:
         parts.append(f"even scaled per tensor, {scaled[0]} loses {percent(scaled[1])} to underflow")
-        level = _worse(level, "warn")
+        level = _worse(level, Level.WARN)
     if closest is not None and not overflowing:
         if closest.headroom_bits < HEADROOM_BITS:
-            parts.append(f"{site_label(closest.name, closest.kind)} comes within "
-                         f"{closest.headroom_bits:.1f} bits of max")
-            level = _worse(level, "warn")
+            parts.append(f"{closest.site.label} comes within {closest.headroom_bits:.1f} bits of max")
+            level = _worse(level, Level.WARN)
         else:
             parts.append(f"no site within {HEADROOM_BITS} bits of max")
-    skipped = scaler_overflows(run)  # a GradScaler's skipped steps hold inf by design: not the model's
-    contaminated = [site for site, v in merged.items() if v.nonfinite and any(
-        run.records[step][site].nonfinite for step in run.steps if step not in skipped and site in run.records[step])]
+    # A GradScaler's skipped steps hold inf by design: not the model's.
+    contaminated = [
+        site
+        for site, v in merged.items()
+        if v.nonfinite
+        and any(
+            run.records[step][site].nonfinite
+            for step in run.steps
+            if step not in scaler_skips and site in run.records[step]
+        )
+    ]
     if contaminated:  # their NaN/inf hide what the values would have been: the run cannot be called safe
         parts.append(f"{len(contaminated)} site(s) held NaN/inf, judged on their finite values only")
-        level = _worse(level, "warn")
+        level = _worse(level, Level.WARN)
     if not parts:
         parts.append("nothing recorded")
-    return Verdict(fmt=fmt.name, level=level, sentence=f"{fmt.name}: " + "; ".join(parts) + ".",
-                   overflow_sites=tuple(site_label(s.name, s.kind) for s in overflowing),
-                   first_overflow_step=first_overflow, gradient_underflow=gradient_underflow,
-                   recommended_scale=recommended, recorded_scale_underflow=recorded,
-                   activation_underflow=activation_underflow,
-                   closest=closest, scaled_underflow=scaled)
+    return Verdict(
+        fmt=fmt.name,
+        level=level,
+        sentence=f"{fmt.name}: " + "; ".join(parts) + ".",
+        overflow_sites=tuple(s.label for s in overflowing),
+        first_overflow_step=first_overflow,
+        gradient_underflow=gradient_underflow,
+        recommended_scale=recommended,
+        recorded_scale_underflow=recorded,
+        activation_underflow=activation_underflow,
+        closest=closest,
+        scaled_underflow=scaled,
+    )
 
 
 def _scale_span(run: Run, steps: Iterable[int] | None = None) -> str:
@@ -209,8 +264,8 @@ def _is_gradient(site: Site) -> bool:
     return site.kind in (Kind.ACTIVATION_GRAD, Kind.PARAM_GRAD)
 
 
-def _worse(a: str, b: str) -> str:
-    order = ("ok", "warn", "fail")
+def _worse(a: Level, b: Level) -> Level:
+    order = list(Level)
     return max(a, b, key=order.index)
 
 
@@ -241,4 +296,4 @@ def _worst_with_tensor_scaling(merged: Mapping[Site, TensorStats], fmt: Format) 
     if not shares:
         return None
     share, site = max(shares, key=lambda pair: pair[0])
-    return site_label(site.name, site.kind), share
+    return site.label, share

@@ -30,17 +30,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from mpdiag.analysis.gradients import exponent_of, gradient_sites, skips_within, true_gradient_steps, true_stats
 from mpdiag.core import formats as _formats
-from mpdiag.core.text import display_name, percent, shown as _shown
 from mpdiag.core.errors import MpdiagError
-from mpdiag.core.formats import Format
+from mpdiag.core.formats import Format, flush_exponent
 from mpdiag.core.run import Kind, Run, Site, step_ranges
 from mpdiag.core.stats import HIST_EXPONENTS, TensorStats
+from mpdiag.core.text import display_name, percent
+from mpdiag.core.text import shown as _shown
 
-__all__ = ["advise", "LossScaleAdvice", "ScaleOutcome", "gradient_sites", "true_gradient_steps", "flush_exponent",
-           "exponent_of", "underflow_per_step", "flushed_per_step", "scaler_overflows"]
-
-GRADIENT_KINDS = (Kind.ACTIVATION_GRAD, Kind.PARAM_GRAD)
+__all__ = ["advise", "LossScaleAdvice", "ScaleOutcome"]
 
 
 @dataclass(frozen=True)
@@ -79,10 +78,16 @@ class _Curves:
         those imply (``_implied_peaks``): inf for NaN/inf of the model (every scale overflows), the
         smallest overflowing true gradient for a step a GradScaler skipped (scales from that step's on
         overflow; nothing is known below it)."""
-        hists = np.array([np.sum([s.hist for s in stats], axis=0) if stats else np.zeros(len(HIST_EXPONENTS))
-                          for stats in per_site.values()], dtype=np.int64).reshape(len(per_site), len(HIST_EXPONENTS))
-        amax = [max(max((s.amax for s in stats), default=0.0), implied.get(site, 0.0))
-                for site, stats in per_site.items()]
+        hists = np.array(
+            [
+                np.sum([s.hist for s in stats], axis=0) if stats else np.zeros(len(HIST_EXPONENTS))
+                for stats in per_site.values()
+            ],
+            dtype=np.int64,
+        ).reshape(len(per_site), len(HIST_EXPONENTS))
+        amax = [
+            max(max((s.amax for s in stats), default=0.0), implied.get(site, 0.0)) for site, stats in per_site.items()
+        ]
         below = np.concatenate([np.zeros((len(per_site), 1), dtype=np.int64), np.cumsum(hists, axis=1)], axis=1)
         return cls(tuple(per_site), hists.sum(axis=1), np.array(amax, dtype=np.float64), below)
 
@@ -91,8 +96,12 @@ class _Curves:
         return self.below[:, min(max(exponent - int(HIST_EXPONENTS[0]), 0), len(HIST_EXPONENTS))]
 
     def only(self, index: int) -> _Curves:
-        return _Curves((self.sites[index],), self.nonzero[index:index + 1], self.amax[index:index + 1],
-                       self.below[index:index + 1])
+        return _Curves(
+            (self.sites[index],),
+            self.nonzero[index : index + 1],
+            self.amax[index : index + 1],
+            self.below[index : index + 1],
+        )
 
 
 @dataclass(frozen=True)
@@ -158,8 +167,10 @@ class LossScaleAdvice:
         wanted = Site(site[0], Kind.parse(site[1]))
         if wanted in self._curves.sites:
             return self._curves.only(self._curves.sites.index(wanted))
-        raise MpdiagError(f"{wanted.name!r} ({wanted.kind}) is not a gradient site of this advice; "
-                          f"gradient sites are activation_grad and param_grad sites, e.g. {self.sites[:3]}")
+        raise MpdiagError(
+            f"{wanted.name!r} ({wanted.kind}) is not a gradient site of this advice; "
+            f"gradient sites are activation_grad and param_grad sites, e.g. {self.sites[:3]}"
+        )
 
     @property
     def limiting_sites(self) -> tuple[str | None, str | None]:
@@ -167,50 +178,55 @@ class LossScaleAdvice:
         return self.overflow_limiter, self.underflow_limiter
 
     def __str__(self) -> str:
-        lines = [f"Loss-scale advice for {self.fmt.name} over {len(self.steps)} recorded step(s), "
-                 f"{len(self._curves.sites)} gradient sites:"]
+        lines = [
+            f"Loss-scale advice for {self.fmt.name} over {len(self.steps)} recorded step(s), "
+            f"{len(self._curves.sites)} gradient sites:"
+        ]
         if self.recommended is None:
             lines.append("  no loss scale keeps every step below overflow")
         else:
             at = self.at(self.recommended)
-            lines.append(f"  recommended scale 2^{exponent_of(self.recommended)} ({self.margin_bits} bit(s) below "
-                         f"overflow): {percent(at.underflow)} of gradients underflow, {percent(at.subnormal)} subnormal")
+            lines.append(
+                f"  recommended scale 2^{exponent_of(self.recommended)} ({self.margin_bits} bit(s) below "
+                f"overflow): {percent(at.underflow)} of gradients underflow, {percent(at.subnormal)} subnormal"
+            )
         if self.window is None:
-            lines.append(f"  no scale keeps underflow at or below {percent(self.max_underflow)} without overflowing: "
-                         f"the gradients span more than {self.fmt.name} represents "
-                         f"(overflow first in {_shown(self.overflow_limiter)}, underflow worst in {_shown(self.underflow_limiter)})")
+            lines.append(
+                f"  no scale keeps underflow at or below {percent(self.max_underflow)} without overflowing: "
+                f"the gradients span more than {self.fmt.name} represents "
+                f"(overflow first in {_shown(self.overflow_limiter)}, "
+                f"underflow worst in {_shown(self.underflow_limiter)})"
+            )
         else:
             low, high = (exponent_of(v) for v in self.window)
-            lines.append(f"  window 2^{low} .. 2^{high}: no overflow and at most {percent(self.max_underflow)} underflow")
+            lines.append(
+                f"  window 2^{low} .. 2^{high}: no overflow and at most {percent(self.max_underflow)} underflow"
+            )
         without = self.at(1.0)
-        lines.append(f"  without scaling: {percent(without.underflow)} underflow"
-                     + (", overflow" if without.overflow else ""))
+        lines.append(
+            f"  without scaling: {percent(without.underflow)} underflow" + (", overflow" if without.overflow else "")
+        )
         if self.overflow_limiter:
             lines.append(f"  overflows first: {display_name(self.overflow_limiter)}")
         if self.skipped_steps:
-            lines.append(f"  the GradScaler skipped {len(self.skipped_steps)} step(s), as it is designed to: their "
-                         f"scaled gradients overflowed (steps {step_ranges(list(self.skipped_steps))})")
+            lines.append(
+                f"  the GradScaler skipped {len(self.skipped_steps)} step(s), as it is designed to: their "
+                f"scaled gradients overflowed (steps {step_ranges(list(self.skipped_steps))})"
+            )
         if self.nonfinite_steps:
             lines.append(f"  steps with NaN/inf gradients before any scaling: {list(self.nonfinite_steps)}")
         return "\n".join(lines)
 
 
-def gradient_sites(run: Run) -> list[Site]:
-    return [s for s in run.sites if s.kind in GRADIENT_KINDS]
-
-
-def true_gradient_steps(run: Run, steps: Iterable[int] | None = None) -> list[int]:
-    chosen = run.steps if steps is None else sorted(set(steps))
-    missing = sorted(set(chosen) - set(run.steps))
-    if missing:
-        raise MpdiagError(f"steps {missing} were not recorded; recorded steps: {run.steps}")
-    if not chosen:
-        raise MpdiagError("the run has no recorded steps; train at least one step with diagnose() attached")
-    return chosen
-
-
-def advise(run: Run, fmt: str | torch.dtype | Format = "fp16", *, steps: Sequence[int] | None = None,
-           margin_bits: int = 1, max_underflow: float = 1e-3) -> LossScaleAdvice:
+def advise(
+    run: Run,
+    fmt: str | torch.dtype | Format = "fp16",
+    *,
+    steps: Sequence[int] | None = None,
+    margin_bits: int = 1,
+    max_underflow: float = 1e-3,
+    scaler_skips: Mapping[int, float] | None = None,
+) -> LossScaleAdvice:
     """Replay every power-of-two loss scale on the recorded gradients and recommend one.
 
     Args:
@@ -219,6 +235,8 @@ def advise(run: Run, fmt: str | torch.dtype | Format = "fp16", *, steps: Sequenc
         steps: recorded steps to consider (default all).
         margin_bits: how far below overflow the recommended scale keeps the largest gradient.
         max_underflow: the underflow fraction the window tolerates.
+        scaler_skips: ``mpdiag.analysis.gradients.scaler_overflows(run)`` where already computed (``analyse``
+            shares it between its analyses); computed here when None.
 
     Examples:
         >>> import torch, mpdiag
@@ -236,19 +254,25 @@ def advise(run: Run, fmt: str | torch.dtype | Format = "fp16", *, steps: Sequenc
     chosen = true_gradient_steps(run, steps)
     sites = gradient_sites(run)
     if not sites:
-        raise MpdiagError("the run recorded no gradients (activation_grad or param_grad sites); "
-                          "call backward() while diagnose() is attached")
-    per_step = {step: {site: _true_stats(run, site, step) for site in sites if site in run.records[step]}
-                for step in chosen}
-    skipped = scaler_overflows(run, chosen)
-    nonfinite_steps = tuple(s for s, stats in per_step.items()
-                            if s not in skipped and any(v.nonfinite for v in stats.values()))
+        raise MpdiagError(
+            "the run recorded no gradients (activation_grad or param_grad sites); "
+            "call backward() while diagnose() is attached"
+        )
+    per_step = {
+        step: {site: true_stats(run, site, step) for site in sites if site in run.records[step]} for step in chosen
+    }
+    skipped = skips_within(run, chosen, scaler_skips)
+    nonfinite_steps = tuple(
+        s for s, stats in per_step.items() if s not in skipped and any(v.nonfinite for v in stats.values())
+    )
     exponents = _exponent_range(per_step.values(), fmt)
 
     implied = _implied_peaks({s: per_step[s] for s in nonfinite_steps}, skipped)
     bounds = _implied_peaks({s: per_step[s] for s in skipped}, skipped)  # a skip still bounds the scale
-    curves = _Curves.of({site: [v[site] for v in per_step.values() if site in v] for site in sites},
-                        {site: max(implied.get(site, 0.0), bounds.get(site, 0.0)) for site in implied.keys() | bounds})
+    curves = _Curves.of(
+        {site: [v[site] for v in per_step.values() if site in v] for site in sites},
+        {site: max(implied.get(site, 0.0), bounds.get(site, 0.0)) for site in implied.keys() | bounds},
+    )
     finite_steps = [v for s, v in per_step.items() if s not in nonfinite_steps]
     finite_curves = _Curves.of({site: [v[site] for v in finite_steps if site in v] for site in sites}, bounds)
     recommended = _recommend(finite_curves, exponents, margin_bits, fmt)
@@ -258,14 +282,24 @@ def advise(run: Run, fmt: str | torch.dtype | Format = "fp16", *, steps: Sequenc
     with_values = np.flatnonzero(curves.amax > 0)
     largest = with_values[np.argmax(curves.amax[with_values])] if with_values.size else None
     return LossScaleAdvice(
-        fmt=fmt, steps=tuple(chosen), margin_bits=margin_bits, max_underflow=max_underflow, exponents=exponents,
-        recommended=recommended, window=window,
+        fmt=fmt,
+        steps=tuple(chosen),
+        margin_bits=margin_bits,
+        max_underflow=max_underflow,
+        exponents=exponents,
+        recommended=recommended,
+        window=window,
         overflow_limiter=curves.sites[largest].name if largest is not None else None,
-        underflow_limiter=underflow_limiter, nonfinite_steps=nonfinite_steps, skipped_steps=tuple(skipped),
-        _curves=curves)
+        underflow_limiter=underflow_limiter,
+        nonfinite_steps=nonfinite_steps,
+        skipped_steps=tuple(skipped),
+        _curves=curves,
+    )
 
 
-def _implied_peaks(per_step: Mapping[int, Mapping[Site, TensorStats]], skipped: Mapping[int, float]) -> dict[Site, float]:
+def _implied_peaks(
+    per_step: Mapping[int, Mapping[Site, TensorStats]], skipped: Mapping[int, float]
+) -> dict[Site, float]:
     """For each site that held NaN/inf in some step, the largest true |gradient| that implies: the bound
     of a step a GradScaler skipped, inf for NaN/inf of the model's own."""
     implied: dict[Site, float] = {}
@@ -274,37 +308,6 @@ def _implied_peaks(per_step: Mapping[int, Mapping[Site, TensorStats]], skipped: 
             if v.nonfinite:
                 implied[site] = max(implied.get(site, 0.0), skipped.get(step, math.inf))
     return implied
-
-
-def scaler_overflows(run: Run, steps: Iterable[int] | None = None) -> dict[int, float]:
-    """The recorded steps a GradScaler skipped because its scaled gradients overflowed, each with the
-    smallest true |gradient| that overflow implies: the overflow threshold of the narrowest dtype the
-    step's gradients were held in, divided by the step's loss scale.
-
-    A step counts when it was recorded at a loss scale above 1, only gradients held NaN/inf (activations
-    and parameters were finite: the forward was fine) and so the scaler found inf and skipped it, as it
-    is designed to. NaN/inf anywhere else, or without scaling, are the model's own.
-
-    NB: the narrowest dtype, not the dtype of the sites that held inf: under autocast an fp32 parameter's
-    gradient is reduced in fp16 (and overflows there) before it is cast to fp32.
-    """
-    out: dict[int, float] = {}
-    ever_held = [site for site in run.sites if run.stats(site.name, site.kind).nonfinite]  # merged: cached
-    if not ever_held or not run.loss_scales:
-        return out
-    for step in run.steps if steps is None else steps:
-        scale = run.loss_scale(step)
-        records = run.records[step]
-        held = [site for site in ever_held if site in records and records[site].nonfinite]
-        if scale <= 1.0 or not held or any(site.kind not in GRADIENT_KINDS for site in held):
-            continue
-        dtypes = {d for site, stats in records.items() if site.kind in GRADIENT_KINDS for d in stats.dtypes}
-        threshold = min(_formats.get(d).overflow_threshold for d in dtypes & _SCALED_DTYPES | {"float32"})
-        out[step] = threshold / scale
-    return out
-
-
-_SCALED_DTYPES = {"float16", "bfloat16", "float32"}  # gradient dtypes a GradScaler's overflow can happen in
 
 
 def _needs_no_scaling(curves: _Curves, fmt: Format, max_underflow: float) -> bool:
@@ -321,62 +324,14 @@ def _needs_no_scaling(curves: _Curves, fmt: Format, max_underflow: float) -> boo
     return bool(curves.nonzero.sum()) and not unscaled.overflow and unscaled.underflow <= max_underflow
 
 
-def underflow_per_step(run: Run, fmt: str | torch.dtype | Format, scales: Mapping[int, float]) -> dict[int, float]:
-    """For each step in ``scales``, the share of its non-zero finite true gradients that ``fmt`` would flush
-    to zero at that step's loss scale (a power of two), e.g. the scales a simulated GradScaler chose."""
-    return {step: flushed / nonzero if nonzero else 0.0
-            for step, (flushed, nonzero) in flushed_per_step(run, fmt, scales).items()}
-
-
-def flushed_per_step(run: Run, fmt: str | torch.dtype | Format,
-                     scales: Mapping[int, float]) -> dict[int, tuple[int, int]]:
-    """For each step in ``scales``: (true gradients ``fmt`` flushes to zero at that step's scale, non-zero
-    finite true gradients). Whole log2 bins, so exact but for values exactly on the flush tie."""
-    fmt = _formats.get(fmt)
-    sites = gradient_sites(run)
-    out = {}
-    for step, scale in scales.items():
-        hists = [_true_stats(run, site, step).hist for site in sites if site in run.records[step]]
-        hist = np.sum(hists, axis=0) if hists else np.zeros(len(HIST_EXPONENTS), dtype=np.int64)
-        flushed = hist[HIST_EXPONENTS < flush_exponent(fmt) - exponent_of(scale)].sum()
-        out[step] = (int(flushed), int(hist.sum()))
-    return out
-
-
-def _true_stats(run: Run, site: Site, step: int) -> TensorStats:
-    """The site's statistics at ``step`` divided by that step's loss scale (exact for powers of two)."""
-    stats = run.records[step][site]
-    scale = run.loss_scale(step)
-    if scale == 1.0:
-        return stats
-    shift = exponent_of(scale, what="a recorded loss scale")
-    # Bin i moves to bin i - shift; bins pushed past either end of fp32's range collect in the end bins.
-    hist = np.zeros_like(stats.hist)
-    np.add.at(hist, np.clip(np.arange(len(hist)) - shift, 0, len(hist) - 1), stats.hist)
-    return TensorStats(stats.formats, numel=stats.numel, zeros=stats.zeros, nans=stats.nans,
-                       posinf=stats.posinf, neginf=stats.neginf, amax=stats.amax / scale,
-                       amin_nonzero=stats.amin_nonzero / scale, hist=hist, casts=stats.casts,
-                       dtypes=stats.dtypes, calls=stats.calls)
-
-
-def exponent_of(scale: float, what: str = "a loss scale") -> int:
-    mantissa, exponent = math.frexp(scale)
-    if scale <= 0 or mantissa != 0.5 or not math.isfinite(scale):
-        raise MpdiagError(f"expected {what} that is a power of two (2.0**k), got {scale!r}")
-    return exponent - 1
-
-
-def flush_exponent(fmt: Format) -> int:
-    """log2 of the largest magnitude that rounds to zero: half the smallest subnormal (a tie to even 0)."""
-    return math.frexp(fmt.min_subnormal)[1] - 2
-
-
 def _normal_exponent(fmt: Format) -> int:
     return math.frexp(fmt.min_normal)[1] - 1
 
 
-_MIN_SCALE_EXPONENT, _MAX_SCALE_EXPONENT = math.frexp(np.finfo(np.float64).tiny)[1] - 1, \
-    math.frexp(np.finfo(np.float64).max)[1] - 1
+_MIN_SCALE_EXPONENT, _MAX_SCALE_EXPONENT = (
+    math.frexp(np.finfo(np.float64).tiny)[1] - 1,
+    math.frexp(np.finfo(np.float64).max)[1] - 1,
+)
 
 
 def _exponent_range(steps: Iterable[dict[Site, TensorStats]], fmt: Format) -> np.ndarray:
@@ -395,7 +350,7 @@ def _exponent_range(steps: Iterable[dict[Site, TensorStats]], fmt: Format) -> np
 
 def _outcome(curves: _Curves, k: int, fmt: Format) -> ScaleOutcome:
     """x * 2^k underflows iff |x| < 2^(flush - k) (ties themselves aside) and is subnormal below 2^(normal - k)."""
-    scale = 2.0 ** k
+    scale = 2.0**k
     under = curves.count_below(flush_exponent(fmt) - k)
     sub = curves.count_below(_normal_exponent(fmt) - k) - under
     nonzero = int(curves.nonzero.sum())
@@ -403,10 +358,13 @@ def _outcome(curves: _Curves, k: int, fmt: Format) -> ScaleOutcome:
         overflowing = np.flatnonzero(curves.amax * scale >= fmt.overflow_threshold)
     overflowing = overflowing[np.argsort(-curves.amax[overflowing], kind="stable")]  # largest gradient first
     return ScaleOutcome(
-        scale=scale, overflow=bool(overflowing.size), underflow=int(under.sum()) / nonzero if nonzero else 0.0,
+        scale=scale,
+        overflow=bool(overflowing.size),
+        underflow=int(under.sum()) / nonzero if nonzero else 0.0,
         subnormal=int(sub.sum()) / nonzero if nonzero else 0.0,
         overflow_sites=tuple(curves.sites[i].name for i in overflowing),
-        worst_underflow_site=_worst_underflow(curves, under))
+        worst_underflow_site=_worst_underflow(curves, under),
+    )
 
 
 def _worst_underflow(curves: _Curves, under: np.ndarray) -> str | None:
@@ -434,8 +392,9 @@ def _recommend(curves: _Curves, exponents: np.ndarray, margin_bits: int, fmt: Fo
     return None
 
 
-def _window(curves: _Curves, exponents: np.ndarray, fmt: Format,
-            max_underflow: float) -> tuple[tuple[float, float] | None, str | None]:
+def _window(
+    curves: _Curves, exponents: np.ndarray, fmt: Format, max_underflow: float
+) -> tuple[tuple[float, float] | None, str | None]:
     """Scales with no overflow and little underflow; and the site limiting the low end."""
     outcomes = [_outcome(curves, int(k), fmt) for k in exponents]
     good = [int(k) for k, o in zip(exponents, outcomes) if not o.overflow and o.underflow <= max_underflow]
