@@ -8,14 +8,15 @@ and passed on.
 
 Examples:
     >>> import torch, mpdiag
-    >>> layer = torch.nn.Linear(3, 1, bias=False)
-    >>> with torch.no_grad():
-    ...     _ = layer.weight.fill_(1.0)
-    >>> with mpdiag.diagnose(layer, formats=("fp16", "bf16")) as diag:
-    ...     layer(torch.tensor([[3e4, 3e4, 3e4]])).sum().backward()  # 9e4: past fp16's max only
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 1, bias=False))
+    >>> _ = torch.nn.init.constant_(model[0].weight, 1.0)
+    >>> with mpdiag.diagnose(model, formats=("fp16", "bf16")) as diag:
+    ...     model(torch.full((1, 3), 3e4)).sum().backward()  # 9e4: past fp16's max only
     >>> result = mpdiag.analyse(diag.run)
-    >>> [(v.fmt, str(v.level)) for v in result.verdicts], result.overflow_per_step, result.notes
-    ([('fp16', 'fail'), ('bf16', 'ok')], {0: 1}, ())
+    >>> [(v.fmt, str(v.level)) for v in result.verdicts], result.notes
+    ([('fp16', 'fail'), ('bf16', 'ok')], ())
+    >>> result.overflow_per_step  # the one value, seen by the Sequential and by its layer
+    {0: 2}
 """
 
 from __future__ import annotations

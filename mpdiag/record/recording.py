@@ -4,19 +4,7 @@ A Recording owns every hook handle and removes them all on exit, also when the t
 Closing a step is the only place the host reads device values: once per recorded step. Users get one
 from ``mpdiag.diagnose`` (a ``Diagnosis``: this, and the report).
 
-Examples:
-    >>> import torch, mpdiag
-    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
-    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    >>> with mpdiag.diagnose(model, optimizer=opt) as diag:
-    ...     for _ in range(3):
-    ...         opt.zero_grad()
-    ...         model(torch.randn(4, 8)).pow(2).mean().backward()
-    ...         opt.step()  # closes the step
-    >>> diag.run.steps
-    [0, 1, 2]
-    >>> diag.run.stats("2.weight", "param_grad", step=2).numel
-    8
+Its example is ``mpdiag.diagnose``'s: a Diagnosis is a Recording that can also write the report.
 """
 
 from __future__ import annotations
