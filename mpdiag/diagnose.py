@@ -21,7 +21,7 @@ Examples:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from torch import nn
 from mpdiag.core.stats import DEFAULT_FORMATS, FormatSpecs
 from mpdiag.io.runfile import RunFileSink
 from mpdiag.record.recording import OnNonFinite, Recording
+from mpdiag.record.sinks import Sink
 from mpdiag.render import Report, report
 
 __all__ = ["diagnose", "Diagnosis"]
@@ -38,6 +39,17 @@ __all__ = ["diagnose", "Diagnosis"]
 class Diagnosis(Recording):
     """Hooks on one model, the current step, the statistics recorded so far, and the report of them.
     See ``diagnose``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        run_file: str | os.PathLike[str] | None = None,
+        sinks: Sequence[Sink] = (),
+        **options: Any,
+    ) -> None:
+        run_files = (RunFileSink(run_file),) if run_file is not None else ()
+        super().__init__(model, sinks=(*run_files, *sinks), **options)
 
     def report(self, out_dir: str | os.PathLike[str], **options: Any) -> Report | None:
         """Write the HTML report of everything recorded so far into ``out_dir``; see ``mpdiag.report``.
@@ -60,6 +72,7 @@ def diagnose(
     on_nonfinite: OnNonFinite = "record",
     run_file: str | os.PathLike[str] | None = None,
     group: Any = None,
+    sinks: Sequence[Sink] = (),
 ) -> Diagnosis:
     """Record, per module and parameter, how values sit against each format's range.
 
@@ -84,6 +97,8 @@ def diagnose(
             closes (default: the default group, when one is initialised). The model may be wrapped in
             DistributedDataParallel or sharded with FSDP2's ``fully_shard``; names are the user's own.
             Every rank must close the same steps (``optimizer=`` does), as with any collective.
+        sinks: more destinations for every recorded step as it closes, besides the Run in memory and
+            ``run_file`` (``mpdiag.record.sinks.Sink``: opened at attach, closed at detach; rank 0 only).
 
     Returns:
         A ``Diagnosis``, usable as a context manager.
@@ -98,7 +113,6 @@ def diagnose(
         >>> stats.overflow("fp16"), stats.overflow("bf16")
         (8, 0)
     """
-    sinks = (RunFileSink(run_file),) if run_file is not None else ()
     return Diagnosis(
         model,
         formats=formats,
@@ -108,6 +122,7 @@ def diagnose(
         optimizer=optimizer,
         scaler=scaler,
         on_nonfinite=on_nonfinite,
+        run_file=run_file,
         sinks=sinks,
         group=group,
     )

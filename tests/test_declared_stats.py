@@ -14,7 +14,7 @@ import torch
 import mpdiag
 from mpdiag.core.stats import STATS, Reduce, Source, Stat, Storage, TensorStats
 from mpdiag.record import _accumulate
-from mpdiag.record._accumulate import SiteAccumulator, _DeviceStats, reduce_parts
+from mpdiag.record._accumulate import SiteAccumulator, _DeviceStats, _HostPart, reduce_parts
 
 
 def test_every_statistic_of_tensor_stats_is_declared():
@@ -46,13 +46,59 @@ _WITH_A_SUM = (
 def test_device_statistics_pack_combine_and_unpack_as_declared(as_tensor):
     layout = _DeviceStats(_WITH_A_SUM, {"total": 0.0, "top": 0.0, "bottom": math.inf})
     assert layout.names == ["total", "top", "bottom"] and layout.n_sum == 1
-    wrap = torch.tensor if as_tensor else (lambda v: v)
-    first = layout.pack({"total": wrap(3.0), "top": wrap(2.0), "bottom": wrap(0.5)})
-    second = layout.pack({"total": wrap(4.0), "top": wrap(7.0), "bottom": wrap(0.25)})
+    first_values, second_values = {"total": 3.0, "top": 2.0, "bottom": 0.5}, {"total": 4.0, "top": 7.0, "bottom": 0.25}
+    if as_tensor:
+        first = layout.pack({k: torch.tensor(v) for k, v in first_values.items()})
+        second = layout.pack({k: torch.tensor(v) for k, v in second_values.items()})
+    else:
+        first, second = np.empty(3), np.empty(3)
+        layout.pack_into(first, first_values)
+        layout.pack_into(second, second_values)
     layout.combine(first, second)
     vector = first.numpy() if as_tensor else first
     assert layout.unpack(vector) == {"total": 7.0, "top": 7.0, "bottom": 0.25}
     assert layout.unpack(layout.initial) == {"total": 0.0, "top": 0.0, "bottom": math.inf}
+
+
+def _host_part(counts: list[int], values: np.ndarray) -> _HostPart:
+    part = _HostPart.__new__(_HostPart)
+    part.counts, part.values = np.array(counts, dtype=np.int64), values.copy()
+    return part
+
+
+def test_a_summed_device_statistic_is_summed_across_ranks_and_the_rest_by_max():
+    """Two simulated ranks reduce parts of a declaration with a summed device statistic: the sum is
+    summed, the max taken, the (negated) min taken; the bucket counts summed."""
+    layout = _DeviceStats(_WITH_A_SUM, {"total": 0.0, "top": 0.0, "bottom": math.inf})
+    ranks = [
+        [_host_part([1, 2], np.array([3.0, 2.0, -0.5]))],
+        [_host_part([4, 0], np.array([4.0, 7.0, -0.25]))],
+    ]
+    sent: list[list[torch.Tensor]] = [[], []]
+    device = torch.device("cpu")
+    for rank in (0, 1):
+        reduce_parts(ranks[rank], lambda t, op, r=rank: sent[r].append(t.clone()), device, layout)
+    ops = {Reduce.SUM: torch.add, Reduce.MAX: torch.maximum}
+    seen_ops = []
+    for rank in (0, 1):
+        calls = iter(range(len(sent[rank])))
+
+        def all_reduce(t, op, r=rank, c=calls):
+            seen_ops.append(op)
+            t.copy_(ops[op](t, sent[1 - r][next(c)]))
+
+        reduce_parts(ranks[rank], all_reduce, device, layout)
+    assert seen_ops == [Reduce.SUM, Reduce.SUM, Reduce.MAX] * 2  # counts; the sums; the max and negated min
+    for (part,) in ranks:
+        assert part.counts.tolist() == [5, 2]
+        assert layout.unpack(part.values) == {"total": 7.0, "top": 7.0, "bottom": 0.25}
+
+
+def test_a_bucket_statistic_the_layout_does_not_decode_is_refused():
+    extra = (*STATS, Stat("positives", Reduce.SUM, Source.BUCKETS, Storage.INTEGER))
+    with pytest.raises(TypeError, match="decode the new ones in _layout.decode_many"):
+        _accumulate._check_decoded(extra)
+    _accumulate._check_decoded(STATS)
 
 
 def test_a_union_cannot_be_a_device_statistic():

@@ -20,9 +20,9 @@ from torch import nn
 
 import mpdiag
 from mpdiag.analysis.scaling import advise
-from mpdiag.analysis.verdict import percent
 from mpdiag.core.errors import MpdiagError, UnknownFormatError
 from mpdiag.core.stats import HIST_EXPONENTS
+from mpdiag.core.text import percent
 from mpdiag.render import figures
 
 XSS = "<script>alert(1)</script>"

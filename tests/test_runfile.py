@@ -162,6 +162,28 @@ def test_files_of_schema_version_1_still_load(tmp_path: Path) -> None:
     assert run.nonfinite_events() == diag.run.nonfinite_events() and run.first_nonfinite().ranks == ()
 
 
+def test_files_of_schema_version_2_still_load(tmp_path: Path) -> None:
+    """Version 2 laid the stats columns out in its own order (calls and dtypes before the histogram)."""
+    path = tmp_path / "v2.mpdiag"
+    model = nn.Sequential(nn.Linear(2, 2))
+    with mpdiag.diagnose(model, run_file=path) as diag:
+        model(torch.tensor([[3e5, 1e-9]])).sum().backward()
+    v2_columns = "numel, zeros, nans, posinf, neginf, amax, amin_nonzero, calls, dtypes, hist_first, hist, casts"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE stats_v2 (step INTEGER NOT NULL, site INTEGER NOT NULL REFERENCES sites (id), "
+            "numel INTEGER, zeros INTEGER, nans INTEGER, posinf INTEGER, neginf INTEGER, amax REAL, "
+            "amin_nonzero REAL, calls INTEGER, dtypes TEXT, hist_first INTEGER, hist BLOB, casts BLOB, "
+            "PRIMARY KEY (step, site))"
+        )
+        db.execute(f"INSERT INTO stats_v2 SELECT step, site, {v2_columns} FROM stats")
+        db.execute("DROP TABLE stats")
+        db.execute("ALTER TABLE stats_v2 RENAME TO stats")
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        assert [row[1] for row in db.execute("PRAGMA table_info(stats)")][9:11] == ["calls", "dtypes"]
+    assert mpdiag.load(path).records == diag.run.records
+
+
 def test_a_truncated_file_is_an_error_not_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "run.mpdiag"
     make_run_file(path)

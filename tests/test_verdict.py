@@ -14,8 +14,9 @@ from torch import nn
 
 import mpdiag
 from mpdiag.analysis.scaling import advise
-from mpdiag.analysis.verdict import nonfinite_verdict, percent, scaled_underflow, verdicts
+from mpdiag.analysis.verdict import nonfinite_verdict, scaled_underflow, verdicts
 from mpdiag.core import formats
+from mpdiag.core.text import percent
 from mpdiag.record._accumulate import tensor_stats
 
 

@@ -44,7 +44,6 @@ __all__ = [
     "scaler_trajectory",
     "recorded_settings",
     "APPROXIMATE",
-    "MpdiagWarning",
 ]
 
 #: Why a replay of a run that did not record every step is approximate: the warning, and the note of ``analyse``.

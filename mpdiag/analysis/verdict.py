@@ -48,7 +48,6 @@ __all__ = [
     "nonfinite_verdict",
     "skips_verdict",
     "scaled_underflow",
-    "percent",
     "site_label",
 ]
 

@@ -30,7 +30,7 @@ from mpdiag.core.events import PHASES, AnomalyRecord, NonFiniteEvent, order
 from mpdiag.core.sites import Kind, Site
 from mpdiag.core.stats import TensorStats
 
-__all__ = ["Kind", "Site", "Run"]
+__all__ = ["Run", "step_ranges"]
 
 
 @dataclass(frozen=True)

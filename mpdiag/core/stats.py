@@ -113,7 +113,7 @@ class Storage(str, enum.Enum):
 class Stat:
     """The declaration of one statistic of a TensorStats: everything else derives from it (merging,
     equality, the recorder's device state and its one transfer per step, the all-reduce across ranks,
-    the run-file columns). Declared on the TensorStats field with ``stat(...)``."""
+    the run-file columns). Declared on the TensorStats field with ``_stat(...)``."""
 
     name: str
     reduce: Reduce

@@ -41,7 +41,10 @@ from mpdiag.core.stats import STATS, Stat, Storage, TensorStats
 
 __all__ = ["load", "RunWriter", "RunFileSink", "RunFileError", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 2  # 2: events name the ranks they appeared on (torch.distributed)
+# 2: events name the ranks they appeared on (torch.distributed). 3: the stats table's columns follow the
+# statistics' declarations and are read by name, so that a statistic added later needs no new version
+# (older files read it as empty, older readers ignore its column); readers of 2 read by position.
+SCHEMA_VERSION = 3
 _APPLICATION_ID = 0x6D706467  # "mpdg": marks the SQLite file as an mpdiag run file
 
 _SCHEMA = """
@@ -66,7 +69,6 @@ class RunWriter:
 
     def __init__(self, path: str | os.PathLike[str], formats: tuple[str, ...], meta: Mapping[str, Any]) -> None:
         self.path = Path(path)
-        self.formats = formats
         if self.path.exists():
             raise RunFileError(f"run file {self.path} already exists; choose a new path or delete it first")
         try:

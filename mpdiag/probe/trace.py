@@ -35,7 +35,7 @@ from mpdiag.probe._rerun import preserved
 from mpdiag.record.hooks import floating_tensors
 from mpdiag.record.nodes import MODULE_KEY, claim_nodes
 
-__all__ = ["trace_nonfinite", "NonFiniteOrigin"]
+__all__ = ["trace_nonfinite"]
 
 
 def trace_nonfinite(

@@ -13,14 +13,14 @@ import dataclasses
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeGuard, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeGuard, TypeVar
 
 import numpy as np
 import torch
 
 from mpdiag.core.stats import DEFAULT_FORMATS, STATS, FormatSpecs, Reduce, Source, Stat, TensorStats, format_names
 from mpdiag.record import _cpu_kernel
-from mpdiag.record._layout import BucketLayout, layout_for
+from mpdiag.record._layout import DECODED, BucketLayout, layout_for
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -86,26 +86,32 @@ class _DeviceStats:
         self.n_sum = len(by_reduce[Reduce.SUM])
         self.sign = np.array([-1.0 if s.reduce is Reduce.MIN else 1.0 for s in self.order])
         self.initial = self.sign * np.array([defaults[n] for n in self.names], dtype=np.float64)
+        self._signed = list(zip(self.names, self.sign.tolist()))
+        # A new device vector: one fill with the commonest initial value, then the others one by one.
+        values = self.initial.tolist()
+        self.fill = max(set(values), key=values.count) if values else 0.0
+        self.not_fill = [(i, v) for i, v in enumerate(values) if v != self.fill]
 
-    @overload
-    def pack(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
-    @overload
-    def pack(self, values: Mapping[str, float]) -> np.ndarray: ...
+    def pack(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """A kernel's values (0-dim tensors) by name -> the part's vector, on their device."""
+        return torch.stack([values[n] if sign > 0 else -values[n] for n, sign in self._signed])
 
-    def pack(self, values: Mapping[str, Any]) -> torch.Tensor | np.ndarray:
-        """A kernel's values by name -> the part's vector (a tensor when they are tensors)."""
-        if values and isinstance(next(iter(values.values())), torch.Tensor):
-            return torch.stack([values[n] if sign > 0 else -values[n] for n, sign in zip(self.names, self.sign)])
-        return self.sign * np.array([values[n] for n in self.names], dtype=np.float64)
+    def pack_into(self, vector: np.ndarray, values: Mapping[str, float]) -> None:
+        """A kernel's values (floats) by name -> ``vector``, in place (the host kernel's path: no arrays made)."""
+        for i, (name, sign) in enumerate(self._signed):
+            vector[i] = values[name] if sign > 0 else -values[name]
 
     def unpack(self, vector: np.ndarray) -> dict[str, float]:
         return dict(zip(self.names, (self.sign * vector).tolist()))
 
     def combine(self, into: _Held, other: _Held) -> None:
-        """into <- into combined with other, in place (numpy arrays or tensors alike)."""
-        if self.n_sum:
+        """into <- into combined with other, in place (numpy arrays or tensors alike). Runs for every
+        observation a site adds: without summed statistics, one maximum of the whole vectors."""
+        if not self.n_sum:
+            tail, other_tail = into, other
+        else:
             into[: self.n_sum] += other[: self.n_sum]
-        tail, other_tail = into[self.n_sum :], other[self.n_sum :]
+            tail, other_tail = into[self.n_sum :], other[self.n_sum :]
         if isinstance(into, np.ndarray):
             np.maximum(tail, other_tail, out=tail)
         else:
@@ -117,6 +123,20 @@ DEVICE_STATS = _DeviceStats(
 )
 #: The statistics counted on the host as tensors are observed, and read from the accumulator as they are.
 HOST_STATS = tuple(s.name for s in STATS if s.source is Source.HOST)
+
+
+def _check_decoded(stats: Sequence[Stat]) -> None:
+    """A statistic declared to come from the buckets must be one the layout decodes: else it would
+    silently read as its default."""
+    declared = {s.name for s in stats if s.source is Source.BUCKETS}
+    if declared != set(DECODED):
+        raise TypeError(
+            f"statistics declared Source.BUCKETS {sorted(declared)} differ from those the bucket "
+            f"layout decodes {sorted(DECODED)}: decode the new ones in _layout.decode_many"
+        )
+
+
+_check_decoded(STATS)
 
 
 class _Part:
@@ -152,8 +172,7 @@ class _HostPart(_Part):
         part.counts, part.values = self.counts.copy(), self.values.copy()
         return part
 
-    def add(self, other: Part) -> None:
-        assert isinstance(other, _HostPart)  # parts share a key, on_host included, only with their own kind
+    def add(self, other: _HostPart) -> None:  # parts share a key, on_host included, only with their own kind
         self.counts += other.counts
         DEVICE_STATS.combine(self.values, other.values)
 
@@ -173,8 +192,10 @@ class _DevicePart(_Part):
         with torch.inference_mode(False):
             self.counts = torch.zeros(layout.n_buckets, dtype=torch.int64, device=device)
             # filled on the device: torch.tensor([...], device=...) would copy from the host each time
-            self.values = torch.empty(len(DEVICE_STATS.names), dtype=_float_dtype(device), device=device)
-            for i, value in enumerate(DEVICE_STATS.initial.tolist()):
+            self.values = torch.full(
+                DEVICE_STATS.initial.shape, DEVICE_STATS.fill, dtype=_float_dtype(device), device=device
+            )
+            for i, value in DEVICE_STATS.not_fill:
                 self.values[i] = value
 
     def copy(self) -> _DevicePart:
@@ -185,8 +206,7 @@ class _DevicePart(_Part):
             part.counts, part.values = self.counts.clone(), self.values.clone()
         return part
 
-    def add(self, other: Part) -> None:
-        assert isinstance(other, _DevicePart)  # as in _HostPart.add
+    def add(self, other: _DevicePart) -> None:  # as in _HostPart.add
         self.counts += other.counts
         DEVICE_STATS.combine(self.values, other.values)
 
@@ -230,7 +250,7 @@ def measure(x: torch.Tensor, format_names: tuple[str, ...]) -> Observation:
         if dtype != layout.source:
             x = x.to(layout.source)  # fp8 inputs widen exactly
         if isinstance(part, _HostPart):  # on_host
-            part.values[:] = DEVICE_STATS.pack(_cpu_kernel.count_into(x, layout, part.counts))
+            DEVICE_STATS.pack_into(part.values, _cpu_kernel.count_into(x, layout, part.counts))
             nan, posinf, neginf = layout.nonfinite_buckets
             nonfinite = int(part.counts[nan] + part.counts[posinf] + part.counts[neginf])
         else:
@@ -291,8 +311,8 @@ class SiteAccumulator:
         part = self._parts.get(key)
         if part is None:  # a copy, not a share: the observation may feed another site
             self._parts[key] = src.copy()
-        else:
-            part.add(src)
+        else:  # the key holds on_host: part and src are of one kind (mypy cannot see it)
+            part.add(src)  # type: ignore[arg-type]
 
     def read(self) -> TensorStats:
         """This accumulator's statistics, read from the device now."""
@@ -337,14 +357,17 @@ def _as_held(value: np.ndarray | torch.Tensor, part: Part) -> Any:
 
 
 def reduce_parts(
-    parts: Sequence[Part], all_reduce: Callable[[torch.Tensor, Reduce], None], device: torch.device
+    parts: Sequence[Part],
+    all_reduce: Callable[[torch.Tensor, Reduce], None],
+    device: torch.device,
+    stats: _DeviceStats = DEVICE_STATS,
 ) -> None:
     """Reduce ``parts`` (from ``gathered``, in an order every rank shares) in place with ``all_reduce``
     (a collective given a tensor and SUM or MAX): one call per kind of reduction that the declared
     statistics need: the bucket counts and the summed device statistics by SUM, the rest by MAX."""
     if not parts:
         return
-    n = DEVICE_STATS.n_sum
+    n = stats.n_sum
     groups = [
         (Reduce.SUM, "counts", slice(None)),
         (Reduce.SUM, "values", slice(0, n)),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ import torch
 from mpdiag.core import formats as _formats
 from mpdiag.core.casting import INT_VIEW, Category, source_dtype, thresholds
 from mpdiag.core.stats import HIST_EXPONENTS
+
+#: The statistics a bucket histogram decodes to (``decode_many``): those declared ``Source.BUCKETS``.
+DECODED = ("numel", "zeros", "posinf", "neginf", "nans", "hist", "casts")
 
 # Bucket kinds (host-side decode only).
 ZERO, FINITE, POSINF, NEGINF, NAN = range(5)
@@ -152,18 +156,16 @@ class BucketLayout:
         casts = fields[:, 4 + n_hist :].reshape(len(counts), len(self.format_names), 3)
         numel = counts.sum(axis=1).tolist()
         zeros, posinf, neginf, nans = kinds.T.tolist()
-        return [
-            {
-                "numel": numel[i],
-                "zeros": zeros[i],
-                "posinf": posinf[i],
-                "neginf": neginf[i],
-                "nans": nans[i],
-                "hist": hist[i],
-                "casts": casts[i],
-            }
-            for i in range(len(counts))
-        ]
+        decoded: dict[str, Any] = {
+            "numel": numel,
+            "zeros": zeros,
+            "posinf": posinf,
+            "neginf": neginf,
+            "nans": nans,
+            "hist": hist,
+            "casts": casts,
+        }
+        return [{name: decoded[name][i] for name in DECODED} for i in range(len(counts))]
 
 
 def _category(magnitude: float, t) -> Category:

@@ -50,7 +50,7 @@ __all__ = [
     "describe_group",
 ]
 
-_PER_RANK_KINDS = (Kind.ACTIVATION.value, Kind.ACTIVATION_GRAD.value)
+_PER_RANK_KINDS = (Kind.ACTIVATION, Kind.ACTIVATION_GRAD)
 
 # Wrapper modules that insert a level into module and parameter names.
 _WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
@@ -143,11 +143,11 @@ def grads_settle_late(params: Mapping[str, torch.Tensor], ddp: bool) -> bool:
 
 
 # -- reducing the statistics ----------------------------------------------------------------------
-def _describe(live: Mapping[Site, SiteAccumulator]) -> dict[tuple[str, str], tuple[dict[str, Any], list[str]]]:
+def _describe(live: Mapping[Site, SiteAccumulator]) -> dict[Site, tuple[dict[str, Any], list[str]]]:
     """Per site: its host statistics (calls, dtypes seen) and the source dtypes of what it observed (what
     the buckets are laid out by), in a form that pickles and fingerprints alike on every rank."""
     return {
-        (s.name, s.kind.value): (
+        s: (
             {k: sorted(v) if isinstance(v, frozenset) else v for k, v in acc.host_stats().items()},
             sorted(str(d) for d in acc.sources()),
         )
@@ -155,7 +155,7 @@ def _describe(live: Mapping[Site, SiteAccumulator]) -> dict[tuple[str, str], tup
     }
 
 
-def _combine_host_stats(kind: str, mine: dict[str, Any] | None, theirs: dict[str, Any]) -> dict[str, Any]:
+def _combine_host_stats(kind: Kind, mine: dict[str, Any] | None, theirs: dict[str, Any]) -> dict[str, Any]:
     """Two ranks' host statistics of one site, combined as each is declared; but per-rank data was observed
     once per rank (summed), while a sharded parameter was observed once, whatever its shards (max)."""
     if mine is None:
@@ -182,16 +182,15 @@ def reduce_accumulators(
 
     Sites in ``replicated`` keep this rank's own statistics."""
     mine = _describe({s: a for s, a in live.items() if s not in replicated})
-    union: dict[tuple[str, str], tuple[dict[str, Any], set[str]]] = {}
+    union: dict[Site, tuple[dict[str, Any], set[str]]] = {}
     for described in _gather_unless_all_alike(mine, group):
-        for key, (host, sources) in described.items():
-            seen, parts = union.get(key, (None, set()))
-            union[key] = (_combine_host_stats(key[1], seen, host), parts | set(sources))
+        for site, (host, sources) in described.items():
+            seen, parts = union.get(site, (None, set()))
+            union[site] = (_combine_host_stats(site.kind, seen, host), parts | set(sources))
     device = _collective_device(group)
     ordered: list[Part] = []
     out = {s: a for s, a in live.items() if s in replicated}
-    for (name, kind), (host, sources) in sorted(union.items()):
-        site = Site(name, Kind(kind))
+    for site, (host, sources) in sorted(union.items()):
         acc = live.get(site) or accumulator(site)
         acc.set_host_stats(host)
         ordered.extend(acc.gathered(_dtype(source), device) for source in sorted(sources))
@@ -202,7 +201,7 @@ def reduce_accumulators(
 
 def _reduce_ops() -> dict[Reduce, Any]:
     dist = _dist()
-    return {Reduce.SUM: dist.ReduceOp.SUM, Reduce.MAX: dist.ReduceOp.MAX, Reduce.MIN: dist.ReduceOp.MIN}
+    return {Reduce.SUM: dist.ReduceOp.SUM, Reduce.MAX: dist.ReduceOp.MAX}  # what reduce_parts asks for
 
 
 def _gather_unless_all_alike(mine: Any, group: Any) -> list[Any]:
