@@ -108,6 +108,13 @@ def test_a_layer_imports_only_the_layers_below_it(module):
     assert violations(GRAPH, module) == [], f"{module} ({layer}) may import only {sorted(ALLOWED[layer])}"
 
 
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if _layer(m) == "probe"))
+def test_a_probe_reaches_recording_only_through_its_small_public_entry(module):
+    """mpdiag.record's package exports what probes need (paused() above all); its modules stay inside."""
+    inside = sorted(t for t in GRAPH[module] if _layer(t) == "record" and t != "mpdiag.record")
+    assert inside == [], f"{module} imports {inside}; import from mpdiag.record (its __all__) instead"
+
+
 def test_no_import_cycles():
     assert cycle(GRAPH) is None
 

@@ -53,6 +53,7 @@ class LossScaling:
             they were recorded (else torch's defaults).
         own_settings: whether the replay used the run's own GradScaler settings.
         flushed: step -> the share of its true gradients flushed to zero at the simulated scale.
+        advice_text: the advice in words (``str(advice)``, which evaluates outcomes: computed here).
     """
 
     advice: LossScaleAdvice
@@ -61,6 +62,7 @@ class LossScaling:
     simulation: GradScalerSimulation
     own_settings: bool
     flushed: Mapping[int, float]
+    advice_text: str
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ def _loss_scaling(run: Run, advice: LossScaleAdvice, skips: Mapping[int, float])
         simulation=simulation,
         own_settings=bool(recorded_settings(run)),
         flushed=underflow_per_step(run, advice.fmt, dict(zip(simulation.steps, simulation.scales))),
+        advice_text=str(advice),
     )
 
 

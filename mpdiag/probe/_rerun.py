@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpdiag.record.recording import paused
+from mpdiag.record import paused
 
 
 @contextlib.contextmanager

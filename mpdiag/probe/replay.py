@@ -28,8 +28,7 @@ from mpdiag.core import formats as _formats
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.run import Kind, Site
 from mpdiag.probe._rerun import preserved
-from mpdiag.record.environment import check_autocast
-from mpdiag.record.hooks import floating_tensors
+from mpdiag.record import check_autocast, floating_tensors
 
 __all__ = ["replay_loss_scale", "ReplayResult"]
 

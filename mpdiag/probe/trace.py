@@ -32,8 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.events import NonFiniteOrigin, internal_frame
 from mpdiag.probe._rerun import preserved
-from mpdiag.record.hooks import floating_tensors
-from mpdiag.record.nodes import MODULE_KEY, claim_nodes
+from mpdiag.record import MODULE_KEY, claim_nodes, floating_tensors
 
 __all__ = ["trace_nonfinite"]
 

@@ -2,4 +2,16 @@
 
 Imports ``mpdiag.core`` only. The session object is ``recording.Recording``; the kernels behind it are
 ``_accumulate`` (any device, torch ops) and ``_cpu_kernel`` (CPU tensors, compiled with numba).
+
+What the probes (``mpdiag.probe``: re-runs of a batch on the live model) need from recording is exported
+here, and they import nothing else of it: pausing every recording attached to a model, the tensors in a
+module's output, the tag that names the module behind an autograd node, and the check that autocast
+can run a dtype on a device.
 """
+
+from mpdiag.record.environment import check_autocast
+from mpdiag.record.hooks import floating_tensors
+from mpdiag.record.nodes import MODULE_KEY, claim_nodes
+from mpdiag.record.recording import paused
+
+__all__ = ["paused", "floating_tensors", "claim_nodes", "MODULE_KEY", "check_autocast"]

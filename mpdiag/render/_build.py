@@ -177,7 +177,7 @@ def _scaling_section(run: Run, analysis: Analysis, save: Callable[..., EmbeddedF
     )
     # Every note is an approximation of the replay (a run that did not record every step): shown beneath it.
     text = str(scaling.simulation) + "".join(f"\nNB: {note}" for note in analysis.notes)
-    return {"reason": None, "advice": str(scaling.advice), "simulation": text}
+    return {"reason": None, "advice": scaling.advice_text, "simulation": text}
 
 
 def _nonfinite_section(run: Run, origin: NonFiniteOrigin | None) -> dict[str, Any]:
