@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import statistics
 from collections.abc import Callable, Iterator
 
@@ -26,7 +25,7 @@ import torch
 from _timing import interleaved_rounds
 
 import mpdiag
-from mpdiag.record import _cpu_kernel
+from mpdiag.record import _accumulate, _cpu_kernel
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
 
@@ -103,7 +102,7 @@ def main() -> None:
 def _without_kernel(make: Callable[[], contextlib.AbstractContextManager[object]]) -> Iterator[None]:
     """``make()``'s context with the CPU kernel replaced by a stub that counts nothing."""
     real = _cpu_kernel.count_into
-    _cpu_kernel.count_into = lambda x, layout, counts: {"amax": 0.0, "amin_nonzero": math.inf}
+    _cpu_kernel.count_into = lambda x, layout, counts: _accumulate.DEVICE_STATS.unpack(_accumulate.DEVICE_STATS.initial)
     try:
         with make():
             yield

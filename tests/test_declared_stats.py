@@ -33,6 +33,19 @@ def test_merging_follows_each_declaration():
     assert merged.dtypes == {"float32", "float64"} and merged.amin_nonzero == 2e-9 and merged.amax == 5e4
 
 
+@pytest.mark.parametrize("shift", [-3, 0, 7, 40])
+def test_undoing_a_loss_scale_follows_each_declaration(shift):
+    """Statistics of x, rescaled as declared, equal those of x / 2**shift, but for the casts, which stay
+    those the recorded (scaled) values went through."""
+    x = torch.tensor([0.0, 3.0, -1e-3, 7e4, 2e-30, float("inf"), float("nan")], dtype=torch.float64)
+    recorded = mpdiag.tensor_stats(x, ("fp16", "bf16"))
+    true = mpdiag.tensor_stats(x / 2.0**shift, ("fp16", "bf16"))
+    rescaled = recorded.rescaled(shift)
+    for stat in STATS:
+        want = getattr(recorded if stat.name == "casts" else true, stat.name)
+        np.testing.assert_array_equal(getattr(rescaled, stat.name), want, err_msg=stat.name)
+
+
 # A declaration with a summed device statistic (what a mean would add): the device state derives from it.
 _WITH_A_SUM = (
     Stat("total", Reduce.SUM, Source.DEVICE, Storage.REAL),

@@ -55,24 +55,7 @@ def true_stats(run: Run, site: Site, step: int) -> TensorStats:
     scale = run.loss_scale(step)
     if scale == 1.0:
         return stats
-    shift = exponent_of(scale, what="a recorded loss scale")
-    # Bin i moves to bin i - shift; bins pushed past either end of fp32's range collect in the end bins.
-    hist = np.zeros_like(stats.hist)
-    np.add.at(hist, np.clip(np.arange(len(hist)) - shift, 0, len(hist) - 1), stats.hist)
-    return TensorStats(
-        stats.formats,
-        numel=stats.numel,
-        zeros=stats.zeros,
-        nans=stats.nans,
-        posinf=stats.posinf,
-        neginf=stats.neginf,
-        amax=stats.amax / scale,
-        amin_nonzero=stats.amin_nonzero / scale,
-        hist=hist,
-        casts=stats.casts,
-        dtypes=stats.dtypes,
-        calls=stats.calls,
-    )
+    return stats.rescaled(exponent_of(scale, what="a recorded loss scale"))
 
 
 def exponent_of(scale: float, what: str = "a loss scale") -> int:

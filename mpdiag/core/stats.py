@@ -85,7 +85,7 @@ def format_names(specs: FormatSpecs) -> tuple[str, ...]:
 class Reduce(str, enum.Enum):
     """How a statistic combines over tensors, calls, steps and ranks (exactly, in any order)."""
 
-    SUM = "sum"
+    SUM = "sum"  # exact for counts; a float sum would merge only up to rounding (not associatively)
     MAX = "max"
     MIN = "min"
     UNION = "union"  # of a set of names
@@ -103,10 +103,19 @@ class Storage(str, enum.Enum):
     """How a statistic is stored in a run file (``mpdiag.io.runfile``)."""
 
     INTEGER = "integer"
-    REAL = "real"  # non-finite values are stored as NULL and read back as the default
+    REAL = "real"  # NaN (which no statistic over finite values is) is stored as NULL, read back as the default
     NAMES = "names"  # a set of names, comma-joined
     SPAN = "span"  # a histogram: its first non-zero bin and the packed bins up to its last
     ARRAY = "array"  # a packed int64 array of the statistic's shape
+
+
+class Rescale(str, enum.Enum):
+    """What a statistic becomes when every observed value is divided by a power of two (the loss scale),
+    so that analyses can tell true gradients from the scaled ones that were recorded."""
+
+    KEEP = "keep"  # counts of elements, dtypes, and the casts the recorded tensors themselves went through
+    DIVIDE = "divide"  # a magnitude: divided by the same power of two (exact)
+    SHIFT = "shift"  # the log2 histogram: bins move down by the exponent
 
 
 @dataclass(frozen=True)
@@ -119,11 +128,20 @@ class Stat:
     reduce: Reduce
     source: Source
     storage: Storage
+    rescale: Rescale = Rescale.KEEP
 
 
-def _stat(default: Any = None, *, reduce: Reduce, source: Source, storage: Storage, factory: Any = None) -> Any:
+def _stat(
+    default: Any = None,
+    *,
+    reduce: Reduce,
+    source: Source,
+    storage: Storage,
+    rescale: Rescale = Rescale.KEEP,
+    factory: Any = None,
+) -> Any:
     """A TensorStats field with its declaration (the name is filled in from the field)."""
-    metadata = {"stat": (reduce, source, storage)}
+    metadata = {"stat": (reduce, source, storage, rescale)}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -161,9 +179,13 @@ class TensorStats:
     nans: int = _count()
     posinf: int = _count()
     neginf: int = _count()
-    amax: float = _stat(0.0, reduce=Reduce.MAX, source=Source.DEVICE, storage=Storage.REAL)
-    amin_nonzero: float = _stat(math.inf, reduce=Reduce.MIN, source=Source.DEVICE, storage=Storage.REAL)
-    hist: np.ndarray = _stat(reduce=Reduce.SUM, source=Source.BUCKETS, storage=Storage.SPAN, factory=_empty_hist)
+    amax: float = _stat(0.0, reduce=Reduce.MAX, source=Source.DEVICE, storage=Storage.REAL, rescale=Rescale.DIVIDE)
+    amin_nonzero: float = _stat(
+        math.inf, reduce=Reduce.MIN, source=Source.DEVICE, storage=Storage.REAL, rescale=Rescale.DIVIDE
+    )
+    hist: np.ndarray = _stat(
+        reduce=Reduce.SUM, source=Source.BUCKETS, storage=Storage.SPAN, rescale=Rescale.SHIFT, factory=_empty_hist
+    )
     # the default None stands for zeros (one row per format, which a default cannot know): always an array once built
     casts: np.ndarray = _stat(None, reduce=Reduce.SUM, source=Source.BUCKETS, storage=Storage.ARRAY)
     dtypes: frozenset[str] = _stat(frozenset(), reduce=Reduce.UNION, source=Source.HOST, storage=Storage.NAMES)
@@ -272,12 +294,33 @@ class TensorStats:
         return row
 
     def __repr__(self) -> str:
-        casts = ", ".join(f"{n}: u{r[0]}/s{r[1]}/o{r[2]}" for n, r in zip(self.formats, self.casts))
-        return (
-            f"TensorStats(numel={self.numel}, zeros={self.zeros}, nans={self.nans}, posinf={self.posinf}, "
-            f"neginf={self.neginf}, amax={self.amax:.6g}, amin_nonzero={self.amin_nonzero:.6g}, "
-            f"calls={self.calls}, casts={{{casts}}})"
+        scalars = ", ".join(
+            f"{s.name}={getattr(self, s.name):.6g}"
+            if s.storage is Storage.REAL
+            else f"{s.name}={getattr(self, s.name)}"
+            for s in STATS
+            if s.storage is Storage.INTEGER or s.storage is Storage.REAL
         )
+        casts = ", ".join(f"{n}: u{r[0]}/s{r[1]}/o{r[2]}" for n, r in zip(self.formats, self.casts))
+        return f"TensorStats({scalars}, casts={{{casts}}})"
+
+    def rescaled(self, shift: int) -> TensorStats:
+        """The statistics of the same values divided by 2**shift (a loss scale undone), each as declared
+        (``Rescale``): exact, since a power of two only moves exponents. Bins pushed past either end of
+        fp32's range collect in the end bins."""
+        if shift == 0:
+            return self
+        values = {}
+        for s in STATS:
+            value = getattr(self, s.name)
+            if s.rescale is Rescale.DIVIDE:
+                value = value / 2.0**shift
+            elif s.rescale is Rescale.SHIFT:
+                moved = np.zeros_like(value)
+                np.add.at(moved, np.clip(np.arange(len(value)) - shift, 0, len(value) - 1), value)
+                value = moved
+            values[s.name] = value
+        return TensorStats(self.formats, **values)
 
 
 #: The declaration of every statistic, in field order.

@@ -200,8 +200,8 @@ def _columns(stat: Stat) -> list[tuple[str, str]]:
 
 
 def _encode(stat: Stat, value: Any) -> tuple[Any, ...]:
-    if stat.storage is Storage.REAL:
-        return (value if math.isfinite(value) else None,)  # SQLite has no inf literal worth trusting
+    if stat.storage is Storage.REAL:  # SQLite keeps inf; NaN becomes NULL (and files of schema 2 wrote inf so)
+        return (None if math.isnan(value) else value,)
     if stat.storage is Storage.NAMES:
         return (",".join(sorted(value)),)
     if stat.storage is Storage.SPAN:  # only the bins from the first non-empty one to the last
