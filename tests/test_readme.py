@@ -31,6 +31,23 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert test_command in ci
 
 
+def test_ci_stops_at_the_first_failing_command(tmp_path: Path) -> None:
+    """Under set -e a failure before the last && of a list does not stop the script: .ci/run chains only
+    the README's command, and checks its status right after."""
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert "set -euo pipefail" in lines
+    test_command = _shell_blocks()[1].split("&& ", 2)[-1]
+    # "[ test ] && x=y" is a condition, meant to be false at times; any other list would hide a failure
+    chained = [line for line in lines if "&&" in line and not line.startswith(("#", "["))]
+    assert chained == [test_command]
+    after = lines[lines.index(test_command) + 1 :]
+    assert next(line for line in after if not line.startswith("#")).startswith("status=$?")
+    # the shell behaviour that makes this necessary
+    script = tmp_path / "s.sh"
+    script.write_text("set -euo pipefail\nfalse && true\necho reached\n")
+    assert subprocess.run(["bash", str(script)], capture_output=True, text=True).stdout == "reached\n"
+
+
 def test_python_examples_run_in_order(tmp_path: Path, monkeypatch) -> None:
     from torch_support import cpu_fp16_autocast
 

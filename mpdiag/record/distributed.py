@@ -5,8 +5,9 @@ sites (a MAX all-reduce of a fingerprint of each rank's sites; only when they di
 the names), then reduce the statistics with one all-reduce per kind of reduction their declarations
 need (``mpdiag.core.stats.STATS``; today one SUM of the bucket counts and one MAX of the extremes,
 [amax, -amin_nonzero]), on the statistics' own device. Because the statistics merge exactly, the result
-is what one process would have recorded on all ranks' data. A further, tiny collective asks whether any rank saw NaN/inf; only then are the step's non-finite events
-gathered, so that each event names the ranks it appeared on.
+is what one process would have recorded on all ranks' data. A further, tiny collective asks whether
+any rank saw NaN/inf; only then are the step's non-finite events gathered, so that each event names the
+ranks it appeared on.
 
 What is summed and what is not: activations and their gradients are per-rank data (each rank its own
 micro-batch), so they are summed. Parameters that every rank holds whole (DistributedDataParallel) are
