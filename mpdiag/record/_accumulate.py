@@ -160,10 +160,11 @@ class _HostPart(_Part):
     counts: np.ndarray
     values: np.ndarray
 
-    def __init__(self, layout: BucketLayout, device: torch.device) -> None:
+    def __init__(self, layout: BucketLayout, device: torch.device, *, initial: bool = True) -> None:
+        """``initial=False`` leaves the device statistics unset, for a caller that overwrites them all."""
         self.layout, self.device = layout, device
         self.counts = np.zeros(layout.n_buckets, dtype=np.int64)
-        self.values = DEVICE_STATS.initial.copy()
+        self.values = DEVICE_STATS.initial.copy() if initial else np.empty_like(DEVICE_STATS.initial)
 
     def copy(self) -> _HostPart:
         """A part of its own with the same values."""
@@ -186,15 +187,19 @@ class _DevicePart(_Part):
     counts: torch.Tensor
     values: torch.Tensor
 
-    def __init__(self, layout: BucketLayout, device: torch.device) -> None:
+    def __init__(self, layout: BucketLayout, device: torch.device, *, initial: bool = True) -> None:
+        """``initial=False`` leaves the device statistics unset, for a caller that overwrites them all
+        (one launch instead of a fill and a write per value that differs)."""
         self.layout, self.device = layout, device
         # Normal tensors even when created inside inference_mode, so in-place updates outside it work.
         with torch.inference_mode(False):
             self.counts = torch.zeros(layout.n_buckets, dtype=torch.int64, device=device)
+            shape, dtype = DEVICE_STATS.initial.shape, _float_dtype(device)
+            if not initial:
+                self.values = torch.empty(shape, dtype=dtype, device=device)
+                return
             # filled on the device: torch.tensor([...], device=...) would copy from the host each time
-            self.values = torch.full(
-                DEVICE_STATS.initial.shape, DEVICE_STATS.fill, dtype=_float_dtype(device), device=device
-            )
+            self.values = torch.full(shape, DEVICE_STATS.fill, dtype=dtype, device=device)
             for i, value in DEVICE_STATS.not_fill:
                 self.values[i] = value
 
@@ -242,9 +247,11 @@ def measure(x: torch.Tensor, format_names: tuple[str, ...]) -> Observation:
     dtype = x.dtype
     layout = layout_for(dtype, format_names)
     on_host = x.is_cpu and use_cpu_kernel()
-    # what _new_part does, inline: this runs for every tensor observed
-    part: Part = _HostPart(layout, x.device) if on_host else _DevicePart(layout, x.device)
     numel = x.numel()
+    # what _new_part does, inline: this runs for every tensor observed. The kernels below write every
+    # device statistic of a non-empty tensor, so only an empty one needs their initial values.
+    kind = _HostPart if on_host else _DevicePart
+    part: Part = kind(layout, x.device, initial=not numel)
     nonfinite = 0 if on_host else None
     if numel:
         if dtype != layout.source:
