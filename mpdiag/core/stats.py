@@ -32,6 +32,7 @@ from mpdiag.core.errors import MpdiagError
 from mpdiag.core.formats import Format
 
 __all__ = [
+    "merge_values",
     "TensorStats",
     "HIST_EXPONENTS",
     "DEFAULT_FORMATS",
@@ -263,7 +264,7 @@ class TensorStats:
         if other is not None:
             raise MpdiagError(f"cannot merge stats of formats {first.formats} with stats of formats {other}")
         return TensorStats(
-            first.formats, **{s.name: _MERGE[s.reduce]([getattr(i, s.name) for i in items]) for s in STATS}
+            first.formats, **{s.name: merge_values(s.reduce, [getattr(i, s.name) for i in items]) for s in STATS}
         )
 
     def __eq__(self, other: object) -> bool:
@@ -332,3 +333,9 @@ _MERGE: dict[Reduce, Callable[[list[Any]], Any]] = {
     Reduce.MIN: min,
     Reduce.UNION: lambda values: frozenset().union(*values),
 }
+
+
+def merge_values(reduce: Reduce, values: list[Any]) -> Any:
+    """Values of one statistic (of several tensors, steps or ranks) merged by ``reduce``: sums (of
+    numbers or arrays), the max, the min, or the union of sets of names (any iterables)."""
+    return _MERGE[reduce](values)

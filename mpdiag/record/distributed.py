@@ -34,7 +34,7 @@ from torch import nn
 from mpdiag.core.errors import AttachError
 from mpdiag.core.events import PHASES, NonFiniteEvent
 from mpdiag.core.run import Kind, Site
-from mpdiag.core.stats import STATS, Reduce
+from mpdiag.core.stats import STATS, Reduce, merge_values
 from mpdiag.record._accumulate import Part, SiteAccumulator, is_dtensor, reduce_parts
 
 __all__ = [
@@ -163,15 +163,8 @@ def _combine_host_stats(kind: Kind, mine: dict[str, Any] | None, theirs: dict[st
         return {k: frozenset(v) if isinstance(v, list) else v for k, v in theirs.items()}
     out = {}
     for stat in (s for s in STATS if s.name in theirs):
-        a, b = mine[stat.name], theirs[stat.name]
-        if stat.reduce is Reduce.UNION:
-            out[stat.name] = frozenset(a) | frozenset(b)
-        elif stat.reduce is Reduce.SUM and kind in _PER_RANK_KINDS:
-            out[stat.name] = a + b
-        elif stat.reduce is Reduce.MIN:
-            out[stat.name] = min(a, b)
-        else:
-            out[stat.name] = max(a, b)
+        summed_once = stat.reduce is Reduce.SUM and kind not in _PER_RANK_KINDS
+        out[stat.name] = merge_values(Reduce.MAX if summed_once else stat.reduce, [mine[stat.name], theirs[stat.name]])
     return out
 
 
