@@ -14,7 +14,7 @@ import torch
 import mpdiag
 from mpdiag.core.stats import STATS, Reduce, Source, Stat, Storage, TensorStats
 from mpdiag.record import _accumulate
-from mpdiag.record._accumulate import SiteAccumulator, _DeviceStats, _HostPart, reduce_parts
+from mpdiag.record._accumulate import DEVICE_STATS, SiteAccumulator, _DeviceStats, _HostPart, reduce_parts
 
 
 def test_every_statistic_of_tensor_stats_is_declared():
@@ -79,6 +79,26 @@ def _host_part(counts: list[int], values: np.ndarray) -> _HostPart:
     return part
 
 
+def _reduce_as_two_ranks(ranks: list[list[_HostPart]], layout: _DeviceStats = DEVICE_STATS) -> list[Reduce]:
+    """reduce_parts on two simulated ranks: a first pass records what each rank sends, op by op; in the
+    second, each all-reduce combines with the other rank's tensor by the op asked for. Returns the ops."""
+    device = torch.device("cpu")
+    sent: list[list[torch.Tensor]] = [[], []]
+    for rank in (0, 1):
+        reduce_parts(ranks[rank], lambda t, op, r=rank: sent[r].append(t.clone()), device, layout)
+    ops = {Reduce.SUM: torch.add, Reduce.MAX: torch.maximum}
+    seen: list[Reduce] = []
+    for rank in (0, 1):
+        calls = iter(range(len(sent[rank])))
+
+        def all_reduce(t: torch.Tensor, op: Reduce, r: int = rank, c=calls) -> None:
+            seen.append(op)
+            t.copy_(ops[op](t, sent[1 - r][next(c)]))
+
+        reduce_parts(ranks[rank], all_reduce, device, layout)
+    return seen
+
+
 def test_a_summed_device_statistic_is_summed_across_ranks_and_the_rest_by_max():
     """Two simulated ranks reduce parts of a declaration with a summed device statistic: the sum is
     summed, the max taken, the (negated) min taken; the bucket counts summed."""
@@ -87,20 +107,7 @@ def test_a_summed_device_statistic_is_summed_across_ranks_and_the_rest_by_max():
         [_host_part([1, 2], np.array([3.0, 2.0, -0.5]))],
         [_host_part([4, 0], np.array([4.0, 7.0, -0.25]))],
     ]
-    sent: list[list[torch.Tensor]] = [[], []]
-    device = torch.device("cpu")
-    for rank in (0, 1):
-        reduce_parts(ranks[rank], lambda t, op, r=rank: sent[r].append(t.clone()), device, layout)
-    ops = {Reduce.SUM: torch.add, Reduce.MAX: torch.maximum}
-    seen_ops = []
-    for rank in (0, 1):
-        calls = iter(range(len(sent[rank])))
-
-        def all_reduce(t, op, r=rank, c=calls):
-            seen_ops.append(op)
-            t.copy_(ops[op](t, sent[1 - r][next(c)]))
-
-        reduce_parts(ranks[rank], all_reduce, device, layout)
+    seen_ops = _reduce_as_two_ranks(ranks, layout)
     assert seen_ops == [Reduce.SUM, Reduce.SUM, Reduce.MAX] * 2  # counts; the sums; the max and negated min
     for (part,) in ranks:
         assert part.counts.tolist() == [5, 2]
@@ -125,15 +132,7 @@ def test_reducing_parts_across_ranks_gives_the_statistics_of_all_their_data():
     accumulators = [SiteAccumulator(("fp16", "bf16")) for _ in data]
     for acc, x in zip(accumulators, data):
         acc.observe(x)
-    device = torch.device("cpu")
-    parts = [[acc.gathered(torch.float32, device)] for acc in accumulators]
-    sent: list[list[torch.Tensor]] = [[], []]
-    for rank in (0, 1):  # first pass: what each rank sends, op by op
-        reduce_parts(parts[rank], lambda t, op, r=rank: sent[r].append(t.clone()), device)
-    ops = {Reduce.SUM: torch.add, Reduce.MAX: torch.maximum}
-    for rank in (0, 1):
-        calls = iter(range(len(sent[rank])))
-        reduce_parts(parts[rank], lambda t, op, r=rank, c=calls: t.copy_(ops[op](t, sent[1 - r][next(c)])), device)
+    _reduce_as_two_ranks([[acc.gathered(torch.float32, torch.device("cpu"))] for acc in accumulators])
     whole = mpdiag.tensor_stats(torch.cat(data), ("fp16", "bf16"))
     for acc in accumulators:
         got = acc.read()
