@@ -4,7 +4,7 @@ Attach ``diagnose`` to a model, train, read per-layer statistics from ``diag.run
 HTML report with ``diag.report(out_dir)``.
 """
 
-from mpdiag import _moved
+from mpdiag import _moved, sinks
 from mpdiag.analysis import Analysis, analyse
 from mpdiag.analysis.grad_scaler import GradScalerSimulation, simulate_grad_scaler
 from mpdiag.analysis.scaling import LossScaleAdvice, ScaleOutcome, advise
@@ -17,6 +17,7 @@ from mpdiag.core.run import Kind, Run, Site
 from mpdiag.core.stats import TensorStats
 from mpdiag.core.version import __version__ as __version__  # re-exported, as the alias tells linters
 from mpdiag.diagnose import Diagnosis, diagnose
+from mpdiag.integrations.tensorboard import to_tensorboard
 from mpdiag.io.runfile import RunFileError, load
 from mpdiag.probe.replay import replay_loss_scale
 from mpdiag.probe.trace import trace_nonfinite
@@ -56,6 +57,8 @@ __all__ = [
     "report",
     "Report",
     "load",
+    "to_tensorboard",
+    "sinks",
     "RunFileError",
     "MpdiagError",
     "MpdiagWarning",

@@ -107,6 +107,22 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tensorboard(args: argparse.Namespace) -> int:
+    from mpdiag.integrations.tensorboard import to_tensorboard
+    from mpdiag.io.runfile import load
+
+    run = load(args.run)
+    try:
+        log_dir = to_tensorboard(run, args.log_dir)
+    except ImportError as err:  # names the extra to install
+        raise MpdiagError(str(err)) from err
+    print(
+        f"wrote {len(run.steps)} recorded steps of {args.run} to {log_dir}\n"
+        f"view them with: tensorboard --logdir {log_dir}"
+    )
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -171,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-format", default=None, help="format to replay loss scaling for (default fp16 when tracked)")
     p.add_argument("--title", default=None, help="page title")
     p.set_defaults(func=_cmd_report)
+    p = sub.add_parser(
+        "tensorboard",
+        help="write a run file's steps as TensorBoard logs",
+        description="Write every recorded step of a run file into TensorBoard event files in LOG_DIR, "
+        "with the tags the live mpdiag.sinks.TensorBoard writes (see mpdiag.integrations.tensorboard).",
+    )
+    p.add_argument("run", help="a run file written by diagnose(run_file=...) or mpdiag demo")
+    p.add_argument("log_dir", metavar="LOG_DIR", help="the directory tensorboard --logdir reads (created if missing)")
+    p.set_defaults(func=_cmd_tensorboard)
     return parser
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -39,3 +41,19 @@ def stats_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
         pytest.skip("numba is not installed")
     monkeypatch.setattr(_accumulate, "use_cpu_kernel", lambda: request.param == "cpu-kernel")
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state() -> Iterator[None]:
+    """accelerate keeps its state (mixed precision among it) in process-wide singletons that refuse a
+    change once set: each test, and each documentation page, starts without it, as a new process would."""
+    _reset_accelerate()
+    yield
+    _reset_accelerate()
+
+
+def _reset_accelerate() -> None:
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+        state.GradientState._reset_state()

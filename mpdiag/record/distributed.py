@@ -54,7 +54,9 @@ __all__ = [
 _PER_RANK_KINDS = (Kind.ACTIVATION, Kind.ACTIVATION_GRAD)
 
 # Wrapper modules that insert a level into module and parameter names.
-_WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
+_WRAPPER_SEGMENTS = re.compile(
+    r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|_forward_module)(?=\.|$)"
+)
 
 
 def _dist() -> Any:

@@ -211,6 +211,31 @@ class Recording:
             raise MpdiagError("this Diagnosis is closed; attach a new one with mpdiag.diagnose(model)")
         self._close_step()
 
+    def begin_step(self, index: int) -> None:
+        """Number the step now beginning ``index``, as the training loop numbers it (a trainer's
+        ``global_step``), so that mpdiag's step N is the trainer's step N, also with ``every`` (a step is
+        recorded when ``index % every == 0``) and after resuming from a checkpoint.
+
+        Called again with the same number, within the step, it does nothing. A step still open under an
+        earlier number (one a GradScaler skipped, whose optimizer step never ran) is closed first.
+        Numbers only go up: the run keeps one record per step."""
+        if self._closed:
+            raise MpdiagError("this Diagnosis is closed; attach a new one with mpdiag.diagnose(model)")
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise MpdiagError(f"begin_step expects the step's number as an int, got {index!r}")
+        if index == self._step:
+            return
+        if index < self._step:
+            raise MpdiagError(
+                f"begin_step({index}) would go back: the recording is at step {self._step}; steps are "
+                f"numbered in increasing order (the run keeps one record per step)"
+            )
+        rec = self._recorder
+        if rec.active or rec.saw_backward:
+            self._close_step()
+        self._step = index  # > the step just closed, if one was open
+        rec.recording = index % self.every == 0
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Inside, nothing is recorded and no step closes; afterwards the recording goes on as it was

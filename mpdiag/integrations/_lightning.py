@@ -1,0 +1,88 @@
+"""The Lightning callback's body, shared by ``lightning.pytorch`` and the older ``pytorch_lightning``
+package: each Trainer accepts only callbacks of its own package's Callback class, so each of
+``mpdiag.integrations.lightning`` and ``mpdiag.integrations.pytorch_lightning`` makes its own class
+from this one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from mpdiag.core.run import Run
+from mpdiag.integrations._session import TrainingSession
+from mpdiag.record.recording import Recording
+from mpdiag.render import Report
+
+__all__ = ["LightningHooks", "DOC"]
+
+DOC = """Records a Lightning Trainer's training with ``mpdiag.diagnose``: ``Trainer(callbacks=[MpdiagCallback()])``.
+
+It attaches when training starts (the strategy has set up the model and the optimizer) and records one
+step per optimizer step: with ``accumulate_grad_batches=N`` a recorded step holds the N micro-batches of
+its update, whether Lightning runs them in the optimizer's closure or before it. Under
+``precision="16-mixed"`` it follows the precision plugin's GradScaler. Steps are numbered as Lightning
+numbers them in its logs (``trainer.global_step`` while the step runs, from 0), also with ``every=`` and
+after resuming from a checkpoint. It detaches when training ends or raises, and leaves the Run on
+``callback.run``. With several optimizers (manual optimization), a step is a training batch, and the
+parameters are observed when it closes.
+
+Args:
+    **options: diagnose's own (``formats``, ``every``, ``include``, ``exclude``, ``on_nonfinite``,
+        ``run_file``), and ``report_dir`` (write the HTML report there when training ends) and
+        ``tensorboard`` (a log dir: every recorded step is written there as it closes, see
+        ``mpdiag.sinks.TensorBoard``). Under the ddp strategies every rank records and only rank 0 writes
+        the run file, the report and the logs.
+"""
+
+
+class LightningHooks:
+    """The hooks of a Lightning ``Callback``; mixed into each package's own Callback class."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self._session = TrainingSession(type(self).__name__, options)
+
+    @property
+    def run(self) -> Run | None:
+        """What was recorded (None before training began); a snapshot while training runs."""
+        return self._session.run
+
+    @property
+    def diagnosis(self) -> Recording | None:
+        """The recording attached while training runs (None before and after)."""
+        return self._session.diagnosis
+
+    @property
+    def report(self) -> Report | None:
+        """The report written when training ended, when ``report_dir`` was given (None on other ranks)."""
+        return self._session.report
+
+    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        optimizers = list(trainer.optimizers)
+        self._session.attach(
+            _observed_model(trainer, pl_module),
+            optimizers[0] if len(optimizers) == 1 else None,
+            getattr(trainer.precision_plugin, "scaler", None),
+            first_step=trainer.global_step,
+        )
+
+    def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
+        # Within one accumulation, global_step stays the same: only the first micro-batch begins a step.
+        self._session.begin(trainer.global_step)
+
+    def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._session.finish()
+
+    def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
+        self._session.finish(exception)
+
+
+def _observed_model(trainer: Any, pl_module: nn.Module) -> nn.Module:
+    """The LightningModule, or under a ddp strategy the DistributedDataParallel around it: mpdiag needs
+    the wrapper to tell parameters every rank holds alike from per-rank activations (Lightning's own
+    wrapper level, ``_forward_module``, is left out of names)."""
+    wrapped = getattr(trainer.strategy, "model", None)
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel) and any(m is pl_module for m in wrapped.modules()):
+        return wrapped
+    return pl_module

@@ -1,0 +1,22 @@
+"""Lightning (``lightning.pytorch``): ``Trainer(..., callbacks=[MpdiagCallback()])``.
+
+See ``MpdiagCallback``; ``mpdiag.integrations.pytorch_lightning`` has the same callback for the older
+``pytorch_lightning`` package name.
+"""
+
+from __future__ import annotations
+
+from mpdiag.integrations._lightning import DOC, LightningHooks
+
+try:
+    from lightning.pytorch import Callback
+except ImportError as error:  # pragma: no cover - exercised in a process without lightning
+    raise ImportError(
+        f"mpdiag.integrations.lightning needs Lightning ({error}); install it with pip install 'mpdiag[lightning]'"
+    ) from error
+
+__all__ = ["MpdiagCallback"]
+
+
+class MpdiagCallback(LightningHooks, Callback):
+    __doc__ = DOC
