@@ -27,6 +27,20 @@ CLAIMS = {
     ],
     "cheaper-formats.md": ["{v.fmt: v.level for v in verdicts(diag.run)}['bf16'] == 'ok'"],
     "long-runs.md": ["live.steps == [0, 10, 20, 30, 40, 50]", "run.steps[-1] == 90"],
+    "transformers-trainer.md": [
+        "run.steps == [1, 2, 3]",
+        "run.stats('transformer.h.0.mlp.c_fc', 'activation', step=1).calls == 2",
+        "run.meta['environment']['autocast_dtype'] == 'bfloat16'",
+        "callback.report.html.exists()",
+        "advice.recommended is not None",
+    ],
+    "lightning.md": [
+        "run.steps == [0, 1, 2]",
+        "run.stats('net.0', 'activation', step=0).calls == 2",
+        "run.meta['environment']['autocast_dtype'] == 'bfloat16'",
+        "mpdiag.load('lightning.mpdiag').steps == [0, 1, 2]",
+    ],
+    "tensorboard.md": ["len(amax) == 5", "diag.run.steps == [0, 1, 2, 3, 4]"],
     "stacks.md": [
         "all(advice.limiting_sites) and '' not in advice.limiting_sites",
         "diag.run.steps == [0, 1]",
