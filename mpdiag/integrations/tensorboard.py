@@ -42,7 +42,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -63,19 +63,22 @@ def tag_of(group: str, site: Site, metric: str | None = None) -> str:
 
 
 def _site_scalars(site: Site, stats: TensorStats) -> dict[str, float]:
+    where = f"{site.kind.value}/{site.name or ROOT_TAG}"  # tag_of's, built once per site: this runs per step
     values: dict[str, float] = {
-        tag_of("nonfinite", site, "nan"): float(stats.nans),
-        tag_of("nonfinite", site, "inf"): float(stats.posinf + stats.neginf),
+        f"nonfinite/{where}/nan": float(stats.nans),
+        f"nonfinite/{where}/inf": float(stats.posinf + stats.neginf),
     }
-    if stats.finite_nonzero:
-        values[tag_of("range", site, "log2_amax")] = math.log2(stats.amax)
-        values[tag_of("range", site, "log2_amin_nonzero")] = math.log2(stats.amin_nonzero)
-        for fmt in stats.formats:
-            values[tag_of(fmt, site, "underflow")] = stats.underflow(fmt) / stats.finite_nonzero
-            values[tag_of(fmt, site, "subnormal")] = stats.subnormal(fmt) / stats.finite_nonzero
-    if stats.finite:
-        for fmt in stats.formats:
-            values[tag_of(fmt, site, "overflow")] = stats.overflow(fmt) / stats.finite
+    nonzero, finite = stats.finite_nonzero, stats.finite
+    if nonzero:
+        values[f"range/{where}/log2_amax"] = math.log2(stats.amax)
+        values[f"range/{where}/log2_amin_nonzero"] = math.log2(stats.amin_nonzero)
+        # casts: one row per tracked format, columns underflow, subnormal, overflow
+        for fmt, (underflow, subnormal) in zip(stats.formats, (stats.casts[:, :2] / nonzero).tolist()):
+            values[f"{fmt}/{where}/underflow"] = underflow
+            values[f"{fmt}/{where}/subnormal"] = subnormal
+    if finite:
+        for fmt, overflow in zip(stats.formats, (stats.casts[:, 2] / finite).tolist()):
+            values[f"{fmt}/{where}/overflow"] = overflow
     return values
 
 
@@ -94,25 +97,25 @@ def _scalars(stats: Mapping[Site, TensorStats], loss_scale: float | None) -> dic
 
 
 def _histogram(stats: TensorStats) -> dict[str, Any] | None:
-    """``add_histogram_raw``'s arguments for the log2|x| histogram: one bucket per power of two, bucket i
-    covering [e_i, e_i + 1) (TensorBoard gives each bucket its right edge; the first starts at min)."""
-    nonzero = np.flatnonzero(stats.hist)
-    if not len(nonzero):
+    """The HistogramProto fields of the log2|x| histogram: one bucket per power of two, bucket i covering
+    [e_i, e_i + 1) (TensorBoard gives each bucket its right edge; the first starts at min)."""
+    if not stats.finite_nonzero:
         return None
-    lo, hi = int(nonzero[0]), int(nonzero[-1])
-    counts = stats.hist[lo : hi + 1].astype(np.float64)
-    exponents = HIST_EXPONENTS[lo : hi + 1].astype(np.float64)
+    nonzero = np.flatnonzero(stats.hist)
+    lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
+    counts = stats.hist[lo:hi]
+    exponents = HIST_EXPONENTS[lo:hi]
     centres = exponents + 0.5
     # fp64 values beyond fp32's range are counted in the end bins: keep min and max inside the buckets
     low, high = float(exponents[0]), float(exponents[-1] + 1)
     return {
         "min": min(max(math.log2(stats.amin_nonzero), low), high),
         "max": max(min(math.log2(stats.amax), high), low),
-        "num": float(counts.sum()),
-        "sum": float((counts * centres).sum()),
-        "sum_squares": float((counts * centres**2).sum()),
-        "bucket_limits": (exponents + 1).tolist(),
-        "bucket_counts": counts.tolist(),
+        "num": float(stats.finite_nonzero),  # the histogram's total: every finite non-zero value
+        "sum": float(counts @ centres),
+        "sum_squares": float(counts @ (centres * centres)),
+        "bucket_limit": (exponents + 1).tolist(),
+        "bucket": counts.tolist(),
     }
 
 
@@ -188,15 +191,20 @@ def _write(
     events: tuple[NonFiniteEvent, ...],
     loss_scale: float | None,
 ) -> None:
-    """One step into ``writer``: its scalars as one event (one record, not one per value), then one
-    histogram per site and the text of its non-finite events."""
-    summary_module = _summary_module()
-    values = [v for tag, x in _scalars(stats, loss_scale).items() for v in summary_module.scalar(tag, x).value]
-    writer.file_writer.add_summary(summary_module.Summary(value=values), step)
+    """One step into ``writer`` as one event holding every scalar and histogram of the step, built in
+    place (the writer hands each event to its own thread through a short queue: one event per value
+    would wait on it, and copying protos costs more than making them), then the text of its non-finite
+    events."""
+    protos = _protos()
+    event = protos.Event()
+    add = event.summary.value.add
+    for tag, value in _scalars(stats, loss_scale).items():
+        add(tag=tag, simple_value=value)
     for site in sorted(stats):
         histogram = _histogram(stats[site])
         if histogram is not None:
-            writer.add_histogram_raw(tag_of("log2_magnitude", site), global_step=step, **histogram)
+            add(tag=tag_of("log2_magnitude", site), histo=protos.HistogramProto(**histogram))
+    writer.file_writer.add_event(event, step=step)
     if events:
         writer.add_text("nonfinite", _nonfinite_text(events), global_step=step)
 
@@ -232,8 +240,14 @@ def _summary_writer() -> Any:
     return SummaryWriter
 
 
-def _summary_module() -> Any:
+def _protos() -> Any:
+    """TensorBoard's protocol buffers, which torch's writer writes (the Event of a step, its histograms)."""
     _summary_writer()  # the same clear error when tensorboard is missing
-    from torch.utils.tensorboard import summary
+    from tensorboard.compat.proto import event_pb2, summary_pb2
 
-    return summary
+    return _Protos(event_pb2.Event, summary_pb2.HistogramProto)
+
+
+class _Protos(NamedTuple):
+    Event: Any
+    HistogramProto: Any
