@@ -383,6 +383,33 @@ def test_close_records_the_step_in_progress_and_step_after_close_raises() -> Non
         diag.step()
 
 
+def test_steps_numbered_by_a_training_loop() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with mpdiag.diagnose(model, optimizer=opt, every=5) as diag:
+        diag.begin_step(118)  # resumed from a checkpoint at step 117, say
+        for step in range(118, 126):
+            diag.begin_step(step)
+            diag.begin_step(step)  # again within the step: nothing happens
+            opt.zero_grad()
+            train_step(model, torch.randn(2, 6))
+            opt.step()
+    assert diag.run.steps == [120, 125]  # every=5 counts the loop's numbers
+
+
+def test_begin_step_closes_a_step_left_open_and_never_goes_back() -> None:
+    model = mlp()
+    with mpdiag.diagnose(model) as diag:
+        diag.begin_step(3)
+        train_step(model, torch.randn(2, 6))  # no optimizer: nothing closes this step but begin_step
+        diag.begin_step(4)
+        assert diag.run.steps == [3]
+        with pytest.raises(MpdiagError, match=r"begin_step\(2\) would go back"):
+            diag.begin_step(2)
+        with pytest.raises(MpdiagError, match="expects the step's number as an int"):
+            diag.begin_step(4.0)  # type: ignore[arg-type]
+
+
 # -- attaching and detaching ---------------------------------------------------------------------------
 def _hook_count(model: nn.Module, opt: torch.optim.Optimizer) -> int:
     count = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

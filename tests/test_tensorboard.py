@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 from host_reads import CountHostReads
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nonfinite_models import sqrt_model
 from tensorboard_logs import read_logs
 from torch import nn
 
 import mpdiag
+import mpdiag.integrations.tensorboard
 import mpdiag.record.recording
 from mpdiag.core.stats import HIST_EXPONENTS
 from mpdiag.integrations.tensorboard import ROOT_TAG
@@ -130,6 +133,24 @@ def test_the_command_line_writes_a_run_file_to_tensorboard(tmp_path: Path) -> No
     )
     assert "wrote 2 recorded steps" in done.stdout and "tensorboard --logdir" in done.stdout
     assert_scalars_match(read_logs(tmp_path / "tb"), run)
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=4096))
+def test_the_compiled_checksum_is_tensorboards_own(data: bytes) -> None:
+    pytest.importorskip("google_crc32c")
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as pure_python
+    from tensorboard.summary.writer import record_writer
+
+    mpdiag.integrations.tensorboard._use_compiled_checksum()
+    assert record_writer.masked_crc32c._compiled and record_writer.masked_crc32c(data) == pure_python(data)
+
+
+def test_writing_a_run_twice_into_one_directory_is_refused(tmp_path: Path) -> None:
+    run = train(mlp(), 1)
+    mpdiag.to_tensorboard(run, tmp_path)
+    with pytest.raises(mpdiag.MpdiagError, match="already holds TensorBoard event files"):
+        mpdiag.to_tensorboard(run, tmp_path)
 
 
 def test_nonfinite_events_are_written_as_text_at_their_step(tmp_path: Path) -> None:

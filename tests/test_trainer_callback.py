@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ class Witness(transformers.TrainerCallback):
             self.logged.append(state.global_step)
 
 
-def trainer(tmp_path: Path, callbacks: list, model: torch.nn.Module | None = None, **args: Any) -> Any:
+def trainer(
+    tmp_path: Path, callbacks: list, model: torch.nn.Module | None = None, eval_dataset: Any = None, **args: Any
+) -> Any:
     settings = {
         "max_steps": 3,
         "per_device_train_batch_size": BATCH,
@@ -63,6 +66,7 @@ def trainer(tmp_path: Path, callbacks: list, model: torch.nn.Module | None = Non
         model=model if model is not None else tiny_gpt2(),
         args=transformers.TrainingArguments(output_dir=str(tmp_path / "out"), **settings),
         train_dataset=Tokens(),
+        eval_dataset=eval_dataset,
         callbacks=callbacks,
     )
     made.remove_callback(transformers.PrinterCallback)
@@ -159,11 +163,49 @@ def test_a_grad_scaler_is_followed_and_the_steps_it_skips_are_steps(tmp_path: Pa
     assert run.meta["environment"]["autocast_dtype"] == "float16"
 
 
-def test_bad_options_are_refused_when_the_callback_is_made() -> None:
+def test_evaluation_is_never_counted_in_a_step_also_before_the_first(tmp_path: Path) -> None:
+    callback = MpdiagCallback()
+    trainer(
+        tmp_path, [callback], eval_dataset=Tokens(), eval_strategy="steps", eval_steps=2, eval_on_start=True
+    ).train()
+    run = callback.run
+    assert run.steps == [1, 2, 3]
+    assert [run.stats("transformer.h.0.mlp.c_fc", "activation", step=s).calls for s in run.steps] == [1, 1, 1]
+
+
+def test_a_callback_added_after_the_trainer_was_made_says_what_raising_would_leave(tmp_path: Path) -> None:
+    made, callback = trainer(tmp_path, []), MpdiagCallback()
+    made.add_callback(callback)
+    with pytest.warns(mpdiag.MpdiagWarning, match="callback.close"):
+        made.train()
+    assert callback.run.steps == [1, 2, 3]
+
+
+def test_bad_options_are_refused_when_the_callback_is_made(tmp_path: Path) -> None:
     with pytest.raises(mpdiag.MpdiagError, match="unknown option.*every.*report_dir.*tensorboard"):
         MpdiagCallback(evry=2)
     with pytest.raises(mpdiag.MpdiagError, match="format"):
         MpdiagCallback(formats="fp17")
+    with pytest.raises(mpdiag.MpdiagError, match="every must be a positive integer"):
+        MpdiagCallback(every=0)
+    with pytest.raises(mpdiag.MpdiagError, match="on_nonfinite must be one of"):
+        MpdiagCallback(on_nonfinite="ignore")
+    with pytest.raises(mpdiag.MpdiagError, match="include expects glob strings"):
+        MpdiagCallback(include=3)
+    (tmp_path / "old.mpdiag").write_bytes(b"")
+    with pytest.raises(mpdiag.RunFileError, match="already exists"):
+        MpdiagCallback(run_file=tmp_path / "old.mpdiag")
+
+
+def test_two_callbacks_on_one_trainer_are_told_apart_from_a_bug(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "error", mpdiag.MpdiagWarning
+        )  # both were given to the Trainer: both guard train(), neither warns
+        with pytest.raises(mpdiag.MpdiagError, match="two mpdiag callbacks on one trainer"):
+            trainer(tmp_path, [MpdiagCallback(), MpdiagCallback()], model).train()
+    assert no_hooks_left(model)
 
 
 def test_neither_integration_is_imported_by_mpdiag_and_a_missing_library_names_its_extra() -> None:

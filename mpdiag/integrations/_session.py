@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mpdiag.core.errors import MpdiagError
+from mpdiag.core.errors import AttachError, MpdiagError
 from mpdiag.core.run import Run
 from mpdiag.core.stats import format_names
 from mpdiag.integrations.tensorboard import TensorBoard
-from mpdiag.io.runfile import RunFileSink
-from mpdiag.record.recording import Recording
+from mpdiag.io.runfile import RunFileError, RunFileSink
+from mpdiag.record.recording import Recording, check_options
 from mpdiag.record.sinks import Sink
 from mpdiag.render import Report, report
 
@@ -36,15 +37,20 @@ class TrainingSession:
     """One callback's recordings: a Recording from ``attach`` to ``finish``, then its Run and report."""
 
     def __init__(self, owner: str, options: dict[str, Any]) -> None:
+        self._owner = owner
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise MpdiagError(f"{owner} got unknown option(s) {', '.join(unknown)}; it takes {', '.join(OPTIONS)}")
         options = dict(options)
         self.report_dir: str | os.PathLike[str] | None = options.pop("report_dir", None)
         self.tensorboard: str | os.PathLike[str] | None = options.pop("tensorboard", None)
-        if "formats" in options:
-            format_names(options["formats"])  # a misspelt format fails here, not when training starts
         self.run_file: str | os.PathLike[str] | None = options.pop("run_file", None)
+        # a bad option fails here, when the callback is made, not after the trainer has set everything up
+        if "formats" in options:
+            format_names(options["formats"])
+        check_options(**{k: v for k, v in options.items() if k in ("every", "on_nonfinite", "include", "exclude")})
+        if self.run_file is not None and Path(self.run_file).exists():
+            raise RunFileError(f"run file {self.run_file} already exists; choose a new path or delete it first")
         self._options = options
         self.diagnosis: Recording | None = None
         self._run: Run | None = None
@@ -69,7 +75,13 @@ class TrainingSession:
             sinks.append(RunFileSink(self.run_file))
         if self.tensorboard is not None:
             sinks.append(TensorBoard(self.tensorboard))
-        self.diagnosis = Recording(model, optimizer=optimizer, scaler=scaler, sinks=sinks, **self._options)
+        try:
+            self.diagnosis = Recording(model, optimizer=optimizer, scaler=scaler, sinks=sinks, **self._options)
+        except AttachError as error:
+            raise AttachError(
+                f"{self._owner} could not attach: {error} (two mpdiag callbacks on one trainer, or a "
+                f"diagnose() still attached to its model, would do this)"
+            ) from error
         self.diagnosis.begin_step(first_step)
 
     def begin(self, index: int) -> None:

@@ -31,10 +31,12 @@ from __future__ import annotations
 import functools
 import sys
 import types
+import warnings
 from typing import Any
 
 from torch import nn
 
+from mpdiag.core.errors import MpdiagWarning
 from mpdiag.core.run import Run
 from mpdiag.integrations._session import TrainingSession
 from mpdiag.record.recording import Recording
@@ -86,13 +88,20 @@ class MpdiagCallback(transformers.TrainerCallback):
 
     # -- the Trainer's events -------------------------------------------------------------------------
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._detach_when_training_raises(_calling_trainer(self))
+        self._detach_when_training_raises(_calling_trainer(self))  # before train(): every call is guarded
 
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any
     ) -> None:
         trainer = _calling_trainer(self)
-        self._detach_when_training_raises(trainer)
+        if self._detach_when_training_raises(trainer):  # only the next train() call is guarded
+            warnings.warn(
+                "mpdiag: MpdiagCallback was added after the Trainer was made (trainer.add_callback): if this "
+                "training raises, mpdiag's hooks stay on the model until callback.close(); pass it as "
+                "Trainer(..., callbacks=[MpdiagCallback()]) to have them removed for you",
+                MpdiagWarning,
+                stacklevel=2,
+            )
         if model is None:
             raise RuntimeError("the Trainer called on_train_begin without its model")  # never, by its contract
         # Under DDP the Trainer hands callbacks the model inside the wrapper; mpdiag needs the wrapper to
@@ -110,11 +119,14 @@ class MpdiagCallback(transformers.TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._session.finish()
 
-    def _detach_when_training_raises(self, trainer: Any) -> None:
+    def _detach_when_training_raises(self, trainer: Any) -> bool:
         """The Trainer has no event for an exception: ``trainer.train`` is wrapped, on this instance, so
-        that a training that raises still removes every hook (the exception goes on unchanged)."""
-        if trainer is None or getattr(trainer.train, "_mpdiag_session", None) is self._session:
-            return
+        that a training that raises still removes every hook (the exception goes on unchanged). True
+        when the wrapping was made now, or cannot be (so that the training running now is not guarded)."""
+        if trainer is None:
+            return True
+        if _guarded_by(trainer.train, self._session):
+            return False
         train = trainer.train
         session = self._session
 
@@ -128,6 +140,16 @@ class MpdiagCallback(transformers.TrainerCallback):
 
         train_then_detach._mpdiag_session = session  # type: ignore[attr-defined]
         trainer.train = train_then_detach
+        return True
+
+
+def _guarded_by(train: Any, session: TrainingSession) -> bool:
+    """Whether ``train`` (maybe wrapped by several callbacks in turn) already finishes ``session``."""
+    while train is not None:
+        if getattr(train, "_mpdiag_session", None) is session:
+            return True
+        train = getattr(train, "__wrapped__", None)
+    return False
 
 
 def _calling_trainer(callback: MpdiagCallback) -> Any:

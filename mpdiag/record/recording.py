@@ -33,7 +33,7 @@ from mpdiag.record.environment import describe
 from mpdiag.record.hooks import Recorder, in_backward
 from mpdiag.record.sinks import Sink
 
-__all__ = ["Recording", "paused", "OnNonFinite"]
+__all__ = ["Recording", "paused", "OnNonFinite", "check_options"]
 
 #: What a recording does when a step it closes saw NaN or inf (see ``mpdiag.diagnose``).
 OnNonFinite = Literal["record", "warn", "raise"]
@@ -58,7 +58,7 @@ def paused(model: nn.Module) -> Iterator[None]:
 def _globs(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | None:
     if value is None:
         return None
-    patterns = (value,) if isinstance(value, str) else tuple(value)
+    patterns = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Iterable) else (value,)
     if not all(isinstance(p, str) for p in patterns):
         raise MpdiagError(f"{what} expects glob strings such as 'blocks.*.mlp', got {value!r}")
     return patterns
@@ -104,16 +104,13 @@ class Recording:
         group: Any = None,
     ) -> None:
         _check_arguments(model, every, scaler)
+        check_options(every, on_nonfinite, include, exclude)
         _dynamo.prepare(Recorder, Recording)
         optimizer, wrapper_scaler = unwrap_optimizer(optimizer) if optimizer is not None else (None, None)
         scaler = scaler if scaler is not None else wrapper_scaler  # accelerate's optimizer steps through one
         self._group = distributed.active_group(group)
         self._rank = distributed.rank_of(self._group)
         wrapper, (model, replicated) = model, distributed.unwrap(model)
-        if on_nonfinite not in _ON_NONFINITE:
-            raise MpdiagError(
-                f"on_nonfinite must be one of {', '.join(map(repr, _ON_NONFINITE))}, got {on_nonfinite!r}"
-            )
         self.on_nonfinite = on_nonfinite
         self.formats = format_names(formats)
         self.every = every
@@ -223,6 +220,7 @@ class Recording:
             raise MpdiagError("this Diagnosis is closed; attach a new one with mpdiag.diagnose(model)")
         if isinstance(index, bool) or not isinstance(index, int):
             raise MpdiagError(f"begin_step expects the step's number as an int, got {index!r}")
+        self._recorder.trained = True  # a training loop numbers its steps: forwards with autograd off are evaluation
         if index == self._step:
             return
         if index < self._step:
@@ -430,8 +428,9 @@ class Recording:
             warnings.warn(
                 f"mpdiag: step {step} ran backward but no module's forward hook ran: a model compiled with "
                 f"torch.compile and called before diagnose() was attached keeps running its compiled "
-                f"graph without the hooks (dynamo does not guard on hooks added later); attach before "
-                f"the first compiled call",
+                f"graph without the hooks (dynamo does not guard on hooks added later), and so does a "
+                f"graph this process compiled earlier for the same model class; attach before the first "
+                f"compiled call (torch._dynamo.reset() drops graphs compiled earlier)",
                 MpdiagWarning,
                 stacklevel=4,
             )
@@ -496,14 +495,25 @@ def _version_of_a_weight(params: dict[str, nn.Parameter]) -> int | None:
     return next((p._version for p in params.values() if p.requires_grad), None)
 
 
+def check_options(
+    every: object = 1, on_nonfinite: object = "record", include: object = None, exclude: object = None
+) -> None:
+    """Refuse a bad value of the options that need no model (the trainer callbacks check them when they
+    are made, not when training starts)."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise MpdiagError(f"every must be a positive integer (record one step in every N), got {every!r}")
+    if on_nonfinite not in _ON_NONFINITE:
+        raise MpdiagError(f"on_nonfinite must be one of {', '.join(map(repr, _ON_NONFINITE))}, got {on_nonfinite!r}")
+    _globs(include, "include")  # type: ignore[arg-type]
+    _globs(exclude, "exclude")  # type: ignore[arg-type]
+
+
 def _check_arguments(model: object, every: object, scaler: object) -> None:
     if not isinstance(model, nn.Module):
         raise AttachError(
             f"diagnose() expects a torch.nn.Module, got {type(model).__name__}; "
             f"pass the model itself (not its parameters or its output)"
         )
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise MpdiagError(f"every must be a positive integer (record one step in every N), got {every!r}")
     if scaler is not None and not is_grad_scaler(scaler):
         raise AttachError(f"scaler must be a torch GradScaler (torch.amp.GradScaler), got {type(scaler).__name__}")
 
