@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,9 +20,16 @@ def read_logs(log_dir: Path) -> dict[str, dict]:
     reader.Reload()
     tags = reader.Tags()
     return {
-        "scalars": {t: {e.step: e.value for e in reader.Scalars(t)} for t in tags["scalars"]},
-        "histograms": {t: {e.step: e.histogram_value for e in reader.Histograms(t)} for t in tags["histograms"]},
+        "scalars": {t: _by_step(t, reader.Scalars(t), lambda e: e.value) for t in tags["scalars"]},
+        "histograms": {t: _by_step(t, reader.Histograms(t), lambda e: e.histogram_value) for t in tags["histograms"]},
         "texts": {
-            t: {e.step: e.tensor_proto.string_val[0].decode() for e in reader.Tensors(t)} for t in tags["tensors"]
+            t: _by_step(t, reader.Tensors(t), lambda e: e.tensor_proto.string_val[0].decode()) for t in tags["tensors"]
         },
     }
+
+
+def _by_step(tag: str, events: list, value: Callable[[Any], Any]) -> dict[int, Any]:
+    """{step: value}; a step TensorBoard shows twice (two writers of one step) fails the test."""
+    steps = [e.step for e in events]
+    assert len(steps) == len(set(steps)), f"{tag}: TensorBoard shows steps {steps}"
+    return {e.step: value(e) for e in events}

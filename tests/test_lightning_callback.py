@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from attached import no_hooks_left
 from tensorboard_logs import read_logs
 from torch import nn
 
@@ -91,11 +92,6 @@ def fit(module: Regression, callbacks: list, ckpt_path: str | None = None, **opt
     return logger
 
 
-def no_hooks_left(model: nn.Module) -> bool:
-    modules = all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    return modules and all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
-
-
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_one_recorded_step_per_optimizer_step_with_the_weights_its_forward_used(accumulate: int) -> None:
     module, callback = Regression(), MpdiagCallback()
@@ -140,8 +136,8 @@ def test_16_mixed_follows_the_precision_plugins_grad_scaler() -> None:
 def test_every_and_resuming_keep_lightnings_numbers(tmp_path: Path) -> None:
     first = MpdiagCallback(every=2)
     checkpoint = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
-    fit(Regression(), [first, checkpoint], max_steps=4, enable_checkpointing=True)
-    assert first.run.steps == [0, 2]
+    logger = fit(Regression(), [first, checkpoint], max_steps=4, enable_checkpointing=True, log_every_n_steps=2)
+    assert first.run.steps == logger.logged == [1, 3]  # every=N records what log_every_n_steps=N logs
     resumed = MpdiagCallback()
     saved = sorted(tmp_path.glob("*step=2.ckpt"))
     logger = fit(Regression(), [resumed], max_steps=4, ckpt_path=str(saved[0]))
@@ -161,6 +157,38 @@ def test_a_training_that_raises_leaves_no_hook_and_writes_what_was_asked(tmp_pat
     assert not any(s.kind is mpdiag.Kind.ACTIVATION for s in callback.run.records[2])
     assert (tmp_path / "report" / "report.html").exists()
     assert set(read_logs(tmp_path / "tb")["scalars"]["range/param/net.0.weight/log2_amax"]) == {0, 1, 2}
+
+
+class TwoOptimizers(lightning.LightningModule):
+    """Manual optimization with two optimizers (a GAN's shape): global_step goes up by two per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.automatic_optimization = False
+        self.first, self.second = nn.Linear(6, 6), nn.Linear(6, 1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        for optimizer, loss in zip(
+            self.optimizers(), (lambda: self.first(x).pow(2).mean(), lambda: (self.second(x) - y).pow(2).mean())
+        ):
+            optimizer.zero_grad()
+            value = loss()
+            self.manual_backward(value)
+            optimizer.step()
+        self.log("loss", value)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.first.parameters(), lr=0.1), torch.optim.SGD(self.second.parameters(), lr=0.1)]
+
+
+def test_with_two_optimizers_a_batch_is_a_step_numbered_as_lightning_logs_it() -> None:
+    callback = MpdiagCallback()
+    logger = fit(TwoOptimizers(), [callback], max_steps=6)  # max_steps counts both optimizers' steps
+    run = callback.run
+    assert run.steps == logger.logged == [0, 1, 2]
+    assert {run.stats("first", "activation", step=s).calls for s in run.steps} == {1}
 
 
 def test_the_older_pytorch_lightning_package_takes_its_own_callback() -> None:

@@ -52,3 +52,19 @@ def test_a_failed_attach_discards_what_the_sinks_opened(tmp_path):
     with mpdiag.diagnose(model), pytest.raises(mpdiag.MpdiagError, match="already being diagnosed"):
         mpdiag.diagnose(holder, sinks=[sink], run_file=tmp_path / "refused.mpdiag")
     assert sink.calls == [] and not (tmp_path / "refused.mpdiag").exists()
+
+
+def test_a_sink_that_fails_to_close_leaves_no_hook_and_the_others_are_closed():
+    class DiskFull(_ListSink):
+        def close(self):
+            raise OSError(28, "No space left on device")
+
+    model, kept = torch.nn.Linear(4, 2), _ListSink()
+    diag = mpdiag.diagnose(model, sinks=[DiskFull(), kept])
+    model(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(OSError, match="No space left"):
+        diag.close()
+    assert kept.calls[-1] == ("close", None) and diag.run.steps == [0]
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    with mpdiag.diagnose(model):  # the model is free again
+        pass

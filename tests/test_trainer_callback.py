@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 import torch
+from attached import no_hooks_left
 from models import SEQ, VOCAB, tiny_gpt2
 from tensorboard_logs import read_logs
 
 import mpdiag
+import mpdiag.io.runfile
 
 transformers = pytest.importorskip("transformers")
 from mpdiag.integrations.transformers import MpdiagCallback  # noqa: E402
@@ -73,12 +75,6 @@ def trainer(
     return made
 
 
-def no_hooks_left(model: torch.nn.Module) -> bool:
-    modules = all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    params = all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
-    return modules and params
-
-
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_one_recorded_step_per_optimizer_step_numbered_as_the_trainer_logs_them(
     accumulate: int, tmp_path: Path
@@ -114,6 +110,17 @@ def test_every_and_resuming_keep_the_trainers_numbers(tmp_path: Path) -> None:
     assert resumed.run.steps == witness.logged == [3, 4]
 
 
+def test_training_again_starts_the_run_file_anew_and_resumed_logs_show_each_step_once(tmp_path: Path) -> None:
+    callback = MpdiagCallback(run_file=tmp_path / "run.mpdiag", tensorboard=tmp_path / "tb")
+    made = trainer(tmp_path, [callback], max_steps=3, save_strategy="steps", save_steps=2)
+    made.train()
+    assert mpdiag.load(tmp_path / "run.mpdiag").steps == [1, 2, 3]
+    made.train(resume_from_checkpoint=str(tmp_path / "out/checkpoint-2"))  # steps 3 and 4, step 3 again
+    assert made.state.global_step == 3 and mpdiag.load(tmp_path / "run.mpdiag").steps == [3]
+    logs = read_logs(tmp_path / "tb")  # fails on a step shown twice
+    assert set(logs["scalars"]["range/activation/transformer.h.0.mlp.c_fc/log2_amax"]) == {1, 2, 3}
+
+
 def test_the_report_and_the_tensorboard_logs_are_written_when_asked(tmp_path: Path) -> None:
     callback = MpdiagCallback(report_dir=tmp_path / "report", tensorboard=tmp_path / "tb", run_file=tmp_path / "r.mpd")
     trainer(tmp_path, [callback]).train()
@@ -132,7 +139,7 @@ def test_a_training_that_raises_leaves_no_hook_and_keeps_what_was_recorded(tmp_p
 
     model = tiny_gpt2()
     callback = MpdiagCallback(on_nonfinite="raise", report_dir=tmp_path / "report")
-    with pytest.raises(mpdiag.NonFiniteError) as raised:
+    with pytest.raises(mpdiag.NonFiniteError, match="non-finite") as raised:
         trainer(tmp_path, [BreakAWeight(), callback], model).train()
     assert raised.value.event.step == 2 and raised.value.event.name == "transformer.h.0.mlp.c_fc.weight"
     assert no_hooks_left(model) and callback.diagnosis is None
@@ -140,6 +147,24 @@ def test_a_training_that_raises_leaves_no_hook_and_keeps_what_was_recorded(tmp_p
     assert (tmp_path / "report" / "report.html").exists()  # what led to the NaN, written though training raised
     with mpdiag.diagnose(model):  # the model is free again
         pass
+
+
+def test_the_trainings_own_exception_reaches_the_user_whatever_detaching_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class OutOfMemory(transformers.TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 2:
+                raise MemoryError("the batch did not fit")
+
+    def disk_full(self: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mpdiag.io.runfile.RunFileSink, "close", disk_full)
+    model = tiny_gpt2()
+    with pytest.raises(MemoryError, match="did not fit"):
+        trainer(tmp_path, [OutOfMemory(), MpdiagCallback(run_file=tmp_path / "run.mpdiag")], model).train()
+    assert no_hooks_left(model)
 
 
 def test_a_grad_scaler_is_followed_and_the_steps_it_skips_are_steps(tmp_path: Path) -> None:

@@ -9,10 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from mpdiag.core.run import Run
-from mpdiag.integrations._session import TrainingSession
-from mpdiag.record.recording import Recording
-from mpdiag.render import Report
+from mpdiag.integrations._session import CallbackResults, TrainingSession
 
 __all__ = ["LightningHooks", "DOC"]
 
@@ -22,10 +19,11 @@ It attaches when training starts (the strategy has set up the model and the opti
 step per optimizer step: with ``accumulate_grad_batches=N`` a recorded step holds the N micro-batches of
 its update, whether Lightning runs them in the optimizer's closure or before it. Under
 ``precision="16-mixed"`` it follows the precision plugin's GradScaler. Steps are numbered as Lightning
-numbers them in its logs (``trainer.global_step`` while the step runs, from 0), also with ``every=`` and
-after resuming from a checkpoint. It detaches when training ends or raises, and leaves the Run on
-``callback.run``. With several optimizers (manual optimization), a step is a training batch, and the
-parameters are observed when it closes.
+numbers them in its logs (from 0; ``trainer.global_step`` with one optimizer), also after resuming from
+a checkpoint; ``every=N`` records the steps that ``log_every_n_steps=N`` logs (N-1, 2N-1, ...). It
+detaches when training ends or raises, and leaves the Run on ``callback.run``. With several optimizers
+(manual optimization), a step is a training batch; its parameters and gradients are observed when it
+closes (a gradient a later backward of the batch added to is recorded with that addition).
 
 Args:
     **options: diagnose's own (``formats``, ``every``, ``include``, ``exclude``, ``on_nonfinite``,
@@ -36,46 +34,47 @@ Args:
 """
 
 
-class LightningHooks:
+class LightningHooks(CallbackResults):
     """The hooks of a Lightning ``Callback``; mixed into each package's own Callback class."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
         self._session = TrainingSession(type(self).__name__, options)
 
-    @property
-    def run(self) -> Run | None:
-        """What was recorded (None before training began); a snapshot while training runs."""
-        return self._session.run
-
-    @property
-    def diagnosis(self) -> Recording | None:
-        """The recording attached while training runs (None before and after)."""
-        return self._session.diagnosis
-
-    @property
-    def report(self) -> Report | None:
-        """The report written when training ended, when ``report_dir`` was given (None on other ranks)."""
-        return self._session.report
-
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         optimizers = list(trainer.optimizers)
+        first = _logged_step(trainer)
         self._session.attach(
             _observed_model(trainer, pl_module),
             optimizers[0] if len(optimizers) == 1 else None,
             getattr(trainer.precision_plugin, "scaler", None),
-            first_step=trainer.global_step,
+            first_step=first,
+            record_first=self._logged_with_every(first),
         )
 
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
-        # Within one accumulation, global_step stays the same: only the first micro-batch begins a step.
-        self._session.begin(trainer.global_step)
+        # Within one accumulation the number stays the same: only the first micro-batch begins a step.
+        step = _logged_step(trainer)
+        self._session.begin(step, record=self._logged_with_every(step))
+
+    def _logged_with_every(self, step: int) -> bool:
+        """Lightning logs step s when (s + 1) % log_every_n_steps == 0: ``every=N`` records the steps
+        that ``log_every_n_steps=N`` logs (N-1, 2N-1, ...), so that the two line up."""
+        return (step + 1) % self._session.every == 0
 
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
         self._session.finish()
 
     def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
         self._session.finish(exception)
+
+
+def _logged_step(trainer: Any) -> int:
+    """The step number Lightning's loggers give the batch in progress: the count of batches whose
+    optimizers stepped (``global_step`` counts every optimizer's steps: with two, it goes up by two)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    stepped = getattr(loop, "_batches_that_stepped", None)
+    return int(stepped) if isinstance(stepped, int) else int(trainer.global_step)
 
 
 def _observed_model(trainer: Any, pl_module: nn.Module) -> nn.Module:

@@ -1,7 +1,7 @@
 """What the trainer callbacks share: their options, one recording per training, and its end.
 
 A trainer calls its callbacks at moments that differ from library to library; each callback turns them
-into the same four calls: ``attach`` when training begins (the trainer has prepared the model and the
+into the same calls: ``attach`` when training begins (the trainer has prepared the model and the
 optimizer), ``begin`` when a step begins (numbered as the trainer numbers it), ``finish`` when training
 ends, and ``finish(error)`` when it raised.
 """
@@ -25,7 +25,7 @@ from mpdiag.record.recording import Recording, check_options
 from mpdiag.record.sinks import Sink
 from mpdiag.render import Report, report
 
-__all__ = ["TrainingSession", "OPTIONS"]
+__all__ = ["TrainingSession", "CallbackResults", "OPTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +44,23 @@ class TrainingSession:
         options = dict(options)
         self.report_dir: str | os.PathLike[str] | None = options.pop("report_dir", None)
         self.tensorboard: str | os.PathLike[str] | None = options.pop("tensorboard", None)
-        self.run_file: str | os.PathLike[str] | None = options.pop("run_file", None)
+        run_file = options.pop("run_file", None)
+        self.run_file: Path | None = Path(run_file) if run_file is not None else None
         # a bad option fails here, when the callback is made, not after the trainer has set everything up
         if "formats" in options:
             format_names(options["formats"])
         check_options(**{k: v for k, v in options.items() if k in ("every", "on_nonfinite", "include", "exclude")})
-        if self.run_file is not None and Path(self.run_file).exists():
+        if self.run_file is not None and self.run_file.exists():
             raise RunFileError(f"run file {self.run_file} already exists; choose a new path or delete it first")
         self._options = options
+        self._wrote_run_file = False  # the file at run_file is this session's own, from an earlier training
         self.diagnosis: Recording | None = None
         self._run: Run | None = None
         self.report: Report | None = None
+
+    @property
+    def every(self) -> int:
+        return int(self._options.get("every", 1))
 
     @property
     def run(self) -> Run | None:
@@ -67,14 +73,20 @@ class TrainingSession:
         optimizer: torch.optim.Optimizer | None,
         scaler: torch.amp.GradScaler | None,
         first_step: int,
+        record_first: bool | None = None,
     ) -> None:
+        """Attach for a training whose first step is ``first_step``. A later training with the same
+        callback (``train()`` again, a retry with a smaller batch) starts the run file anew, and has
+        TensorBoard hide what earlier logs hold from ``first_step`` on (its ``purge_step``)."""
         if self.diagnosis is not None:  # an earlier training raised where no callback saw it end
             self.finish(MpdiagError("training began again before the last one ended"))
+        if self._wrote_run_file and self.run_file is not None:
+            self.run_file.unlink(missing_ok=True)
         sinks: list[Sink] = []
         if self.run_file is not None:
             sinks.append(RunFileSink(self.run_file))
         if self.tensorboard is not None:
-            sinks.append(TensorBoard(self.tensorboard))
+            sinks.append(TensorBoard(self.tensorboard, purge_step=first_step))
         try:
             self.diagnosis = Recording(model, optimizer=optimizer, scaler=scaler, sinks=sinks, **self._options)
         except AttachError as error:
@@ -82,24 +94,38 @@ class TrainingSession:
                 f"{self._owner} could not attach: {error} (two mpdiag callbacks on one trainer, or a "
                 f"diagnose() still attached to its model, would do this)"
             ) from error
-        self.diagnosis.begin_step(first_step)
+        self._wrote_run_file = self.run_file is not None and self.diagnosis.rank == 0
+        self.diagnosis.begin_step(first_step, record=record_first)
 
-    def begin(self, index: int) -> None:
+    def begin(self, index: int, record: bool | None = None) -> None:
         if self.diagnosis is not None:
-            self.diagnosis.begin_step(index)
+            self.diagnosis.begin_step(index, record=record)
 
     def finish(self, error: BaseException | None = None) -> None:
-        """Detach (recording the step in progress), keep the Run, and write the report when asked; when
-        training raised, the report is still written (it shows what led there), and a failure to write
-        it is logged, never raised over the training's own exception."""
+        """Detach (recording the step in progress), keep the Run, and write the report when asked.
+
+        When training raised (``error``), nothing here may take the place of its exception, which goes
+        on to the user unchanged: a failure to detach or to write the report is logged. The report is
+        still written: it shows what led there. When training ended, a NaN found in its last step
+        (``on_nonfinite="raise"``) is raised, after the report is written."""
         diagnosis, self.diagnosis = self.diagnosis, None
         if diagnosis is None:
             return
+        if error is not None:
+            try:
+                diagnosis.__exit__(type(error), error, None)
+            except Exception:
+                log.exception("mpdiag: detaching from a training that raised failed; its own exception goes on")
+        closing_error: BaseException | None = error
         try:
-            diagnosis.__exit__(type(error) if error is not None else None, error, None)
+            if error is None:
+                diagnosis.close()
+        except BaseException as raised:
+            closing_error = raised
+            raise
         finally:
             self._run = diagnosis.run
-            self._write_report(diagnosis, error)
+            self._write_report(diagnosis, closing_error)
 
     def _write_report(self, diagnosis: Recording, error: BaseException | None) -> None:
         if self.report_dir is None or diagnosis.rank != 0:  # the statistics are the whole job's: one report
@@ -111,3 +137,29 @@ class TrainingSession:
             self.report = report(diagnosis.run, self.report_dir)
         except Exception:
             log.exception("mpdiag: the report of a training that raised could not be written")
+
+
+class CallbackResults:
+    """What a trainer callback hands back: the Run, the recording while it runs, the report."""
+
+    _session: TrainingSession
+
+    @property
+    def run(self) -> Run | None:
+        """What was recorded (None before training began); a snapshot while training runs."""
+        return self._session.run
+
+    @property
+    def diagnosis(self) -> Recording | None:
+        """The recording attached while training runs (None before and after)."""
+        return self._session.diagnosis
+
+    @property
+    def report(self) -> Report | None:
+        """The report written when training ended, when ``report_dir`` was given (None on other ranks)."""
+        return self._session.report
+
+    def close(self) -> None:
+        """Detach now, recording the step in progress (after a training that raised where no callback
+        event saw it; training's own end does this by itself)."""
+        self._session.finish()

@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -130,15 +129,20 @@ class TensorBoard:
     Args:
         log_dir: the directory TensorBoard reads (``tensorboard --logdir``); created if needed.
         flush_secs: at most this long between a step's close and its values on disk (TensorBoard reads
-            what is on disk, so this is how live the view is); every step is on disk at ``close``.
+            what is on disk, so this is how live the view is); everything is on disk at ``close``.
+        purge_step: for a training that restarts at this step into a directory that already holds its
+            earlier logs (resumed from a checkpoint): TensorBoard hides their events from this step on,
+            so that no step shows twice (``SummaryWriter``'s ``purge_step``).
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str], *, flush_secs: float = 5.0) -> None:
+    def __init__(
+        self, log_dir: str | os.PathLike[str], *, flush_secs: float = 5.0, purge_step: int | None = None
+    ) -> None:
         self.log_dir = Path(log_dir)
         self.flush_secs = flush_secs
+        self.purge_step = purge_step
         self._writer: Any = None
         self._created: list[Path] = []  # what open() made, for discard
-        self._last_flush = 0.0
 
     def __repr__(self) -> str:
         return f"TensorBoard({str(self.log_dir)!r})"
@@ -148,9 +152,9 @@ class TensorBoard:
         writer_class = _summary_writer()
         made_dir = not self.log_dir.exists()
         before = set(self.log_dir.iterdir()) if not made_dir else set()
-        self._writer = writer_class(str(self.log_dir))
+        self._writer = writer_class(str(self.log_dir), flush_secs=self.flush_secs, purge_step=self.purge_step)
         self._created = sorted(set(self.log_dir.iterdir()) - before) + ([self.log_dir] if made_dir else [])
-        self._writer.add_text("environment", _environment_text(formats, meta), global_step=0)
+        self._writer.add_text("environment", _environment_text(formats, meta), global_step=self.purge_step or 0)
 
     def write_step(
         self,
@@ -160,10 +164,7 @@ class TensorBoard:
         loss_scale: float | None,
         meta: Mapping[str, Any],
     ) -> None:
-        _write(self._writer, step, stats, events, loss_scale)
-        if time.monotonic() - self._last_flush >= self.flush_secs:
-            self._writer.flush()
-            self._last_flush = time.monotonic()
+        _write(self._writer, step, stats, events, loss_scale)  # the writer's thread flushes every flush_secs
 
     def write_anomaly(self, record: AnomalyRecord) -> None:
         where = f" in module {record.module!r}" if record.module is not None else ""
@@ -258,6 +259,8 @@ def _use_compiled_checksum() -> None:
     try:
         import google_crc32c
     except ImportError:
+        return
+    if google_crc32c.implementation != "c":  # its pure-Python fallback is no faster
         return
     from tensorboard.summary.writer import record_writer
 

@@ -34,13 +34,11 @@ import types
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
-from mpdiag.core.errors import MpdiagWarning
-from mpdiag.core.run import Run
-from mpdiag.integrations._session import TrainingSession
-from mpdiag.record.recording import Recording
-from mpdiag.render import Report
+from mpdiag.core.errors import AttachError, MpdiagWarning
+from mpdiag.integrations._session import CallbackResults, TrainingSession
 
 try:
     import transformers
@@ -53,7 +51,7 @@ except ImportError as error:  # pragma: no cover - exercised in a process withou
 __all__ = ["MpdiagCallback"]
 
 
-class MpdiagCallback(transformers.TrainerCallback):
+class MpdiagCallback(CallbackResults, transformers.TrainerCallback):
     """Records the Trainer's training with ``mpdiag.diagnose``.
 
     Args:
@@ -61,30 +59,12 @@ class MpdiagCallback(transformers.TrainerCallback):
             ``run_file``), and ``report_dir`` (write the HTML report there when training ends) and
             ``tensorboard`` (a log dir: every recorded step is written there as it closes, see
             ``mpdiag.sinks.TensorBoard``). Under torch.distributed every rank records and only rank 0
-            writes the run file, the report and the logs.
+            writes the run file, the report and the logs. A later ``train()`` with the same callback
+            starts its run file anew.
     """
 
     def __init__(self, **options: Any) -> None:
         self._session = TrainingSession(type(self).__name__, options)
-
-    @property
-    def run(self) -> Run | None:
-        """What was recorded (None before training began); a snapshot while training runs."""
-        return self._session.run
-
-    @property
-    def diagnosis(self) -> Recording | None:
-        """The recording attached while training runs (None before and after)."""
-        return self._session.diagnosis
-
-    @property
-    def report(self) -> Report | None:
-        """The report written when training ended, when ``report_dir`` was given (None on other ranks)."""
-        return self._session.report
-
-    def close(self) -> None:
-        """Detach now (a training that raised, with the callback added after the Trainer was made)."""
-        self._session.finish()
 
     # -- the Trainer's events -------------------------------------------------------------------------
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -93,8 +73,12 @@ class MpdiagCallback(transformers.TrainerCallback):
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any
     ) -> None:
+        if model is None:
+            raise RuntimeError("the Trainer called on_train_begin without its model")  # never, by its contract
         trainer = _calling_trainer(self)
-        if self._detach_when_training_raises(trainer):  # only the next train() call is guarded
+        if trainer is None:
+            _trainer_not_found()
+        elif self._detach_when_training_raises(trainer):  # only the next train() call is guarded
             warnings.warn(
                 "mpdiag: MpdiagCallback was added after the Trainer was made (trainer.add_callback): if this "
                 "training raises, mpdiag's hooks stay on the model until callback.close(); pass it as "
@@ -102,8 +86,6 @@ class MpdiagCallback(transformers.TrainerCallback):
                 MpdiagWarning,
                 stacklevel=2,
             )
-        if model is None:
-            raise RuntimeError("the Trainer called on_train_begin without its model")  # never, by its contract
         # Under DDP the Trainer hands callbacks the model inside the wrapper; mpdiag needs the wrapper to
         # tell parameters every rank holds alike from per-rank activations.
         wrapped = getattr(trainer, "model_wrapped", None)
@@ -122,9 +104,9 @@ class MpdiagCallback(transformers.TrainerCallback):
     def _detach_when_training_raises(self, trainer: Any) -> bool:
         """The Trainer has no event for an exception: ``trainer.train`` is wrapped, on this instance, so
         that a training that raises still removes every hook (the exception goes on unchanged). True
-        when the wrapping was made now, or cannot be (so that the training running now is not guarded)."""
+        when the wrapping was made now (so that the training running now is not guarded)."""
         if trainer is None:
-            return True
+            return False
         if _guarded_by(trainer.train, self._session):
             return False
         train = trainer.train
@@ -141,6 +123,23 @@ class MpdiagCallback(transformers.TrainerCallback):
         train_then_detach._mpdiag_session = session  # type: ignore[attr-defined]
         trainer.train = train_then_detach
         return True
+
+
+def _trainer_not_found() -> None:
+    """The callback was called by something other than a Trainer's callback handler (or by a Trainer
+    whose call stack mpdiag does not know): without the Trainer, DDP's wrapper and a raise go unseen."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise AttachError(
+            "MpdiagCallback could not find the Trainer calling it, and torch.distributed is initialised: "
+            "without the Trainer's model_wrapped it cannot tell parameters DDP keeps alike from per-rank "
+            "values; attach mpdiag.diagnose(trainer.model_wrapped, optimizer=trainer.optimizer) yourself"
+        )
+    warnings.warn(
+        "mpdiag: MpdiagCallback could not find the Trainer calling it: if this training raises, mpdiag's "
+        "hooks stay on the model until callback.close()",
+        MpdiagWarning,
+        stacklevel=3,
+    )
 
 
 def _guarded_by(train: Any, session: TrainingSession) -> bool:

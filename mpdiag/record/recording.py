@@ -208,31 +208,35 @@ class Recording:
             raise MpdiagError("this Diagnosis is closed; attach a new one with mpdiag.diagnose(model)")
         self._close_step()
 
-    def begin_step(self, index: int) -> None:
+    def begin_step(self, index: int, *, record: bool | None = None) -> None:
         """Number the step now beginning ``index``, as the training loop numbers it (a trainer's
-        ``global_step``), so that mpdiag's step N is the trainer's step N, also with ``every`` (a step is
-        recorded when ``index % every == 0``) and after resuming from a checkpoint.
+        ``global_step``), so that mpdiag's step N is the trainer's step N, also after resuming from a
+        checkpoint. It is recorded when ``index % every == 0``, or when ``record`` says so (a trainer
+        whose logging cadence is another rule).
 
-        Called again with the same number, within the step, it does nothing. A step still open under an
-        earlier number (one a GradScaler skipped, whose optimizer step never ran) is closed first.
-        Numbers only go up: the run keeps one record per step."""
+        Called again with the same number within the step, once the step has seen anything, it does
+        nothing. A step still open under an earlier number (one a GradScaler skipped, whose optimizer
+        step never ran) is closed first. Numbers only go up: the run keeps one record per step."""
         if self._closed:
             raise MpdiagError("this Diagnosis is closed; attach a new one with mpdiag.diagnose(model)")
         if isinstance(index, bool) or not isinstance(index, int):
             raise MpdiagError(f"begin_step expects the step's number as an int, got {index!r}")
-        self._recorder.trained = True  # a training loop numbers its steps: forwards with autograd off are evaluation
-        if index == self._step:
-            return
         if index < self._step:
             raise MpdiagError(
                 f"begin_step({index}) would go back: the recording is at step {self._step}; steps are "
                 f"numbered in increasing order (the run keeps one record per step)"
             )
         rec = self._recorder
-        if rec.active or rec.saw_backward:
-            self._close_step()
-        self._step = index  # > the step just closed, if one was open
-        rec.recording = index % self.every == 0
+        rec.trained = True  # a training loop numbers its steps: forwards with autograd off are evaluation
+        begun = rec.active or rec.saw_backward
+        if index == self._step and begun:
+            return
+        try:
+            if begun:
+                self._close_step()
+        finally:  # also when that close raised (on_nonfinite="raise"): the numbering stays the loop's
+            self._step = index
+            rec.recording = index % self.every == 0 if record is None else record
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -259,10 +263,22 @@ class Recording:
             if self._recorder.active and not (body_failed and self._group is not None):
                 self._close_step(report=report)
         finally:
-            self._write_anomalies()
-            for sink in self._sinks:
+            try:
+                self._write_anomalies()
+                self._close_sinks()
+            finally:  # a sink that fails (a full disk) must not leave the hooks on the model
+                self._detach()
+
+    def _close_sinks(self) -> None:
+        """Close every sink, also after one failed to close; then raise the first failure."""
+        failures = []
+        for sink in self._sinks:
+            try:
                 sink.close()
-            self._detach()
+            except Exception as error:
+                failures.append(error)
+        if failures:
+            raise failures[0]
 
     def __enter__(self) -> Recording:
         return self
