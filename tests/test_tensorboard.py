@@ -14,6 +14,7 @@ import torch
 from host_reads import CountHostReads
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import backward_and_step
 from nonfinite_models import sqrt_model
 from tensorboard_logs import read_logs
 from torch import nn
@@ -76,14 +77,7 @@ def train(model: nn.Module, steps: int, scaler: torch.amp.GradScaler | None = No
     with mpdiag.diagnose(model, optimizer=opt, scaler=scaler, **options) as diag:
         for i in range(steps):
             opt.zero_grad()
-            loss = model(torch.randn(8, 4) * (i + 1)).pow(2).mean()
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+            backward_and_step(model(torch.randn(8, 4) * (i + 1)).pow(2).mean(), opt, scaler)
     return diag.run
 
 

@@ -25,12 +25,17 @@ from mpdiag.record.recording import Recording, check_options
 from mpdiag.record.sinks import Sink
 from mpdiag.render import Report, report
 
-__all__ = ["TrainingSession", "CallbackResults", "OPTIONS"]
+__all__ = ["TrainingSession", "CallbackResults", "OPTIONS", "missing"]
 
 log = logging.getLogger(__name__)
 
 #: What a trainer callback takes: diagnose's own options, and where to write the report and TensorBoard logs.
 OPTIONS = ("formats", "every", "include", "exclude", "on_nonfinite", "run_file", "report_dir", "tensorboard")
+
+
+def missing(library: str, integration: str, install: str, error: ImportError) -> ImportError:
+    """The error an integration raises when its library cannot be imported: what to install."""
+    return ImportError(f"{integration} needs {library} ({error}); install it with {install}")
 
 
 class TrainingSession:

@@ -7,13 +7,12 @@ See ``MpdiagCallback``; ``mpdiag.integrations.pytorch_lightning`` has the same c
 from __future__ import annotations
 
 from mpdiag.integrations._lightning import DOC, LightningHooks
+from mpdiag.integrations._session import missing
 
 try:
     from lightning.pytorch import Callback
-except ImportError as error:  # pragma: no cover - exercised in a process without lightning
-    raise ImportError(
-        f"mpdiag.integrations.lightning needs Lightning ({error}); install it with pip install 'mpdiag[lightning]'"
-    ) from error
+except ImportError as error:  # pragma: no cover - exercised in a process without it
+    raise missing("lightning", __name__, "pip install 'mpdiag[lightning]'", error) from error
 
 __all__ = ["MpdiagCallback"]
 

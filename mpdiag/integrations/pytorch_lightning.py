@@ -4,13 +4,13 @@ callbacks=[MpdiagCallback()])``. The same callback as ``mpdiag.integrations.ligh
 from __future__ import annotations
 
 from mpdiag.integrations._lightning import DOC, LightningHooks
+from mpdiag.integrations._session import missing
 
 try:
     from pytorch_lightning import Callback
-except ImportError as error:  # pragma: no cover - exercised in a process without pytorch_lightning
-    raise ImportError(
-        f"mpdiag.integrations.pytorch_lightning needs the pytorch_lightning package ({error}); install it with "
-        f"pip install pytorch_lightning, or use mpdiag.integrations.lightning with the lightning package"
+except ImportError as error:  # pragma: no cover - exercised in a process without it
+    raise missing(
+        "pytorch_lightning", __name__, "pip install pytorch_lightning, or use mpdiag.integrations.lightning", error
     ) from error
 
 __all__ = ["MpdiagCallback"]

@@ -38,15 +38,12 @@ import torch
 from torch import nn
 
 from mpdiag.core.errors import AttachError, MpdiagWarning
-from mpdiag.integrations._session import CallbackResults, TrainingSession
+from mpdiag.integrations._session import CallbackResults, TrainingSession, missing
 
 try:
     import transformers
-except ImportError as error:  # pragma: no cover - exercised in a process without transformers
-    raise ImportError(
-        f"mpdiag.integrations.transformers needs the transformers library ({error}); "
-        f"install it with pip install 'mpdiag[transformers]'"
-    ) from error
+except ImportError as error:  # pragma: no cover - exercised in a process without it
+    raise missing("transformers", __name__, "pip install 'mpdiag[transformers]'", error) from error
 
 __all__ = ["MpdiagCallback"]
 
