@@ -345,6 +345,21 @@ def test_attaching_after_the_first_compiled_call_is_warned_about() -> None:
             opt.step()
 
 
+def test_a_compiled_part_called_before_attaching_is_warned_about_though_the_root_ran_eagerly() -> None:
+    torch._dynamo.reset()
+    body = torch.compile(small_convnet(), backend="aot_eager")
+    model = nn.Sequential(body)  # an eager root calling a compiled model, as wrappers do
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    batches = list(image_batches(2))
+    nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]).backward()  # compiled without hooks
+    with pytest.warns(mpdiag.MpdiagWarning, match="attach before the first compiled call"):
+        with mpdiag.diagnose(model, optimizer=opt) as diag:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(batches[1][0]), batches[1][1]).backward()
+            opt.step()
+    assert {s.name for s in diag.run.sites if s.kind is mpdiag.Kind.ACTIVATION} == {""}  # the root's alone
+
+
 def test_importing_mpdiag_leaves_dynamo_unimported() -> None:
     # Dynamo costs about a second to import: the marks on the hooks are applied when a diagnosis attaches.
     code = "import sys, mpdiag; print('torch._dynamo' in sys.modules)"

@@ -115,6 +115,7 @@ class Recording:
         self.formats = format_names(formats)
         self.every = every
         modules = _select_modules(model, include, exclude)
+        self._observes_submodules = any(name for name in modules)
         self._environment = describe(model, self.formats, scaler)
         if self._group is not None:
             self._environment["distributed"] = distributed.describe_group(self._group)
@@ -439,11 +440,15 @@ class Recording:
         self, step: int, stats: dict[Site, TensorStats], events: list[NonFiniteEvent], saw_backward: bool
     ) -> None:
         """Warn, once each, about a recorded step that says the recording is not seeing training whole."""
-        if "hooks" not in self._warned and saw_backward and not any(s.kind is Kind.ACTIVATION for s in stats):
+        # Only the root's hook, of many modules observed: the model's own forward ran eagerly (a compiled
+        # module called from it, say) and everything inside ran a compiled graph without the hooks.
+        observed = {s.name for s in stats if s.kind is Kind.ACTIVATION}
+        hooks_missed = not observed or (observed == {""} and self._observes_submodules)
+        if "hooks" not in self._warned and saw_backward and hooks_missed:
             self._warned.add("hooks")
             warnings.warn(
-                f"mpdiag: step {step} ran backward but no module's forward hook ran: a model compiled with "
-                f"torch.compile and called before diagnose() was attached keeps running its compiled "
+                f"mpdiag: step {step} ran backward but no forward hook of the model's modules ran: a model "
+                f"compiled with torch.compile and called before diagnose() was attached keeps running its compiled "
                 f"graph without the hooks (dynamo does not guard on hooks added later), and so does a "
                 f"graph this process compiled earlier for the same model class; attach before the first "
                 f"compiled call (torch._dynamo.reset() drops graphs compiled earlier)",
