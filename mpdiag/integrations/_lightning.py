@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from mpdiag.integrations._session import CallbackResults, TrainingSession
+from mpdiag.integrations._session import CallbackResults
 
 __all__ = ["LightningHooks", "DOC"]
 
@@ -36,10 +36,6 @@ Args:
 
 class LightningHooks(CallbackResults):
     """The hooks of a Lightning ``Callback``; mixed into each package's own Callback class."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        self._session = TrainingSession(type(self).__name__, options)
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         optimizers = list(trainer.optimizers)

@@ -20,7 +20,7 @@ from mpdiag.core.errors import AttachError, MpdiagError
 from mpdiag.core.run import Run
 from mpdiag.core.stats import format_names
 from mpdiag.integrations.tensorboard import TensorBoard
-from mpdiag.io.runfile import RunFileError, RunFileSink
+from mpdiag.io.runfile import RunFileSink, refuse_existing
 from mpdiag.record.recording import Recording, check_options
 from mpdiag.record.sinks import Sink
 from mpdiag.render import Report, report
@@ -55,8 +55,8 @@ class TrainingSession:
         if "formats" in options:
             format_names(options["formats"])
         check_options(**{k: v for k, v in options.items() if k in ("every", "on_nonfinite", "include", "exclude")})
-        if self.run_file is not None and self.run_file.exists():
-            raise RunFileError(f"run file {self.run_file} already exists; choose a new path or delete it first")
+        if self.run_file is not None:
+            refuse_existing(self.run_file)
         self._options = options
         self._wrote_run_file = False  # the file at run_file is this session's own, from an earlier training
         self.diagnosis: Recording | None = None
@@ -116,38 +116,40 @@ class TrainingSession:
         diagnosis, self.diagnosis = self.diagnosis, None
         if diagnosis is None:
             return
-        if error is not None:
+        if error is None:
+            try:
+                diagnosis.close()
+            except BaseException as raised:
+                self._keep(diagnosis, raised)
+                raise
+        else:
             try:
                 diagnosis.__exit__(type(error), error, None)
             except Exception:
                 log.exception("mpdiag: detaching from a training that raised failed; its own exception goes on")
-        closing_error: BaseException | None = error
-        try:
-            if error is None:
-                diagnosis.close()
-        except BaseException as raised:
-            closing_error = raised
-            raise
-        finally:
-            self._run = diagnosis.run
-            self._write_report(diagnosis, closing_error)
+        self._keep(diagnosis, error)
 
-    def _write_report(self, diagnosis: Recording, error: BaseException | None) -> None:
-        if self.report_dir is None or diagnosis.rank != 0:  # the statistics are the whole job's: one report
-            return
-        if error is None:
-            self.report = report(diagnosis.run, self.report_dir)
+    def _keep(self, diagnosis: Recording, error: BaseException | None) -> None:
+        """Keep the detached recording's Run, and write its report when asked (rank 0: the statistics are
+        the whole job's). After ``error``, a report that cannot be written is logged, not raised."""
+        self._run = diagnosis.run
+        if self.report_dir is None or diagnosis.rank != 0:
             return
         try:
-            self.report = report(diagnosis.run, self.report_dir)
+            self.report = report(self._run, self.report_dir)
         except Exception:
+            if error is None:
+                raise
             log.exception("mpdiag: the report of a training that raised could not be written")
 
 
 class CallbackResults:
-    """What a trainer callback hands back: the Run, the recording while it runs, the report."""
+    """What a trainer callback is made with (its options) and hands back: the Run, the recording while it
+    runs, the report. The first base of each callback class, before its library's Callback."""
 
-    _session: TrainingSession
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self._session = TrainingSession(type(self).__name__, options)
 
     @property
     def run(self) -> Run | None:

@@ -41,7 +41,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -84,15 +84,11 @@ def _site_scalars(site: Site, stats: TensorStats) -> dict[str, float]:
 
 def scalar_values(run: Run, step: int) -> dict[str, float]:
     """Every scalar written for ``step`` of ``run``, by tag (what TensorBoard shows at that step)."""
-    return _scalars(run.records[step], run.loss_scales.get(step))
-
-
-def _scalars(stats: Mapping[Site, TensorStats], loss_scale: float | None) -> dict[str, float]:
     values: dict[str, float] = {}
-    for site in sorted(stats):
-        values.update(_site_scalars(site, stats[site]))
-    if loss_scale is not None:
-        values["loss_scale"] = float(loss_scale)
+    for site, stats in sorted(run.records[step].items()):
+        values.update(_site_scalars(site, stats))
+    if step in run.loss_scales:
+        values["loss_scale"] = float(run.loss_scales[step])
     return values
 
 
@@ -142,6 +138,7 @@ class TensorBoard:
         self.flush_secs = flush_secs
         self.purge_step = purge_step
         self._writer: Any = None
+        self._protos: tuple[Any, Any] = (None, None)  # TensorBoard's Event and HistogramProto, once opened
         self._created: list[Path] = []  # what open() made, for discard
 
     def __repr__(self) -> str:
@@ -150,6 +147,9 @@ class TensorBoard:
     # -- the Sink protocol ---------------------------------------------------------------------------
     def open(self, formats: tuple[str, ...], meta: Mapping[str, Any]) -> None:
         writer_class = _summary_writer()
+        from tensorboard.compat.proto import event_pb2, summary_pb2  # what torch's writer writes
+
+        self._protos = (event_pb2.Event, summary_pb2.HistogramProto)
         made_dir = not self.log_dir.exists()
         before = set(self.log_dir.iterdir()) if not made_dir else set()
         self._writer = writer_class(str(self.log_dir), flush_secs=self.flush_secs, purge_step=self.purge_step)
@@ -164,7 +164,23 @@ class TensorBoard:
         loss_scale: float | None,
         meta: Mapping[str, Any],
     ) -> None:
-        _write(self._writer, step, stats, events, loss_scale)  # the writer's thread flushes every flush_secs
+        # One event holds every scalar and histogram of the step, built in place: the writer hands each
+        # event to its own thread through a short queue (one event per value would wait on it), and
+        # copying protos costs more than making them. The writer's thread flushes every flush_secs.
+        event_class, histogram_class = self._protos
+        event = event_class()
+        add = event.summary.value.add
+        for site in sorted(stats):
+            for tag, value in _site_scalars(site, stats[site]).items():
+                add(tag=tag, simple_value=value)
+            histogram = _histogram(stats[site])
+            if histogram is not None:
+                add(tag=tag_of("log2_magnitude", site), histo=histogram_class(**histogram))
+        if loss_scale is not None:
+            add(tag="loss_scale", simple_value=float(loss_scale))
+        self._writer.file_writer.add_event(event, step=step)
+        if events:
+            self._writer.add_text("nonfinite", _nonfinite_text(events), global_step=step)
 
     def write_anomaly(self, record: AnomalyRecord) -> None:
         where = f" in module {record.module!r}" if record.module is not None else ""
@@ -186,31 +202,6 @@ class TensorBoard:
         self._created = []
 
 
-def _write(
-    writer: Any,
-    step: int,
-    stats: Mapping[Site, TensorStats],
-    events: tuple[NonFiniteEvent, ...],
-    loss_scale: float | None,
-) -> None:
-    """One step into ``writer`` as one event holding every scalar and histogram of the step, built in
-    place (the writer hands each event to its own thread through a short queue: one event per value
-    would wait on it, and copying protos costs more than making them), then the text of its non-finite
-    events."""
-    protos = _protos()
-    event = protos.Event()
-    add = event.summary.value.add
-    for tag, value in _scalars(stats, loss_scale).items():
-        add(tag=tag, simple_value=value)
-    for site in sorted(stats):
-        histogram = _histogram(stats[site])
-        if histogram is not None:
-            add(tag=tag_of("log2_magnitude", site), histo=protos.HistogramProto(**histogram))
-    writer.file_writer.add_event(event, step=step)
-    if events:
-        writer.add_text("nonfinite", _nonfinite_text(events), global_step=step)
-
-
 def to_tensorboard(run: Run, log_dir: str | os.PathLike[str]) -> Path:
     """Write every recorded step of ``run`` to TensorBoard event files in ``log_dir`` (the same tags and
     steps as the live ``TensorBoard`` sink writes); returns ``log_dir``. A directory that already holds
@@ -225,7 +216,7 @@ def to_tensorboard(run: Run, log_dir: str | os.PathLike[str]) -> Path:
     sink.open(run.formats, run.meta)
     try:
         for step in run.steps:
-            _write(sink._writer, step, run.records[step], run.events.get(step, ()), run.loss_scales.get(step))
+            sink.write_step(step, run.records[step], run.events.get(step, ()), run.loss_scales.get(step), run.meta)
         for record in run.anomalies:
             sink.write_anomaly(record)
     finally:
@@ -273,16 +264,3 @@ def _use_compiled_checksum() -> None:
 
     masked_crc32c._compiled = True  # type: ignore[attr-defined]
     record_writer.masked_crc32c = masked_crc32c
-
-
-def _protos() -> Any:
-    """TensorBoard's protocol buffers, which torch's writer writes (the Event of a step, its histograms)."""
-    _summary_writer()  # the same clear error when tensorboard is missing
-    from tensorboard.compat.proto import event_pb2, summary_pb2
-
-    return _Protos(event_pb2.Event, summary_pb2.HistogramProto)
-
-
-class _Protos(NamedTuple):
-    Event: Any
-    HistogramProto: Any

@@ -60,9 +60,6 @@ class MpdiagCallback(CallbackResults, transformers.TrainerCallback):
             starts its run file anew.
     """
 
-    def __init__(self, **options: Any) -> None:
-        self._session = TrainingSession(type(self).__name__, options)
-
     # -- the Trainer's events -------------------------------------------------------------------------
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._detach_when_training_raises(_calling_trainer(self))  # before train(): every call is guarded

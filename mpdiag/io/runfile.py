@@ -39,7 +39,7 @@ from mpdiag.core.events import AnomalyRecord, NonFiniteEvent
 from mpdiag.core.run import Kind, Run, Site
 from mpdiag.core.stats import STATS, Stat, Storage, TensorStats
 
-__all__ = ["load", "RunWriter", "RunFileSink", "RunFileError", "SCHEMA_VERSION"]
+__all__ = ["load", "RunWriter", "RunFileSink", "RunFileError", "SCHEMA_VERSION", "refuse_existing"]
 
 # 2: events name the ranks they appeared on (torch.distributed). 3: the stats table's columns follow the
 # statistics' declarations and are read by name, so that a statistic added later needs no new version
@@ -64,13 +64,19 @@ class RunFileError(MpdiagError):
     """A run file that cannot be written or read; the message says which and why."""
 
 
+def refuse_existing(path: str | os.PathLike[str]) -> None:
+    """A run file is always a new file: refuse a path that exists (a trainer callback checks when it is
+    made, the writer when it opens)."""
+    if Path(path).exists():
+        raise RunFileError(f"run file {path} already exists; choose a new path or delete it first")
+
+
 class RunWriter:
     """Appends recorded steps to a run file, one committed transaction per step."""
 
     def __init__(self, path: str | os.PathLike[str], formats: tuple[str, ...], meta: Mapping[str, Any]) -> None:
         self.path = Path(path)
-        if self.path.exists():
-            raise RunFileError(f"run file {self.path} already exists; choose a new path or delete it first")
+        refuse_existing(self.path)
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")

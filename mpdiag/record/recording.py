@@ -58,7 +58,7 @@ def paused(model: nn.Module) -> Iterator[None]:
 def _globs(value: str | Iterable[str] | None, what: str) -> tuple[str, ...] | None:
     if value is None:
         return None
-    patterns = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Iterable) else (value,)
+    patterns = tuple(value) if isinstance(value, Iterable) and not isinstance(value, str) else (value,)
     if not all(isinstance(p, str) for p in patterns):
         raise MpdiagError(f"{what} expects glob strings such as 'blocks.*.mlp', got {value!r}")
     return patterns
@@ -103,7 +103,7 @@ class Recording:
         sinks: Sequence[Sink] = (),
         group: Any = None,
     ) -> None:
-        _check_arguments(model, every, scaler)
+        _check_arguments(model, scaler)
         check_options(every, on_nonfinite, include, exclude)
         _dynamo.prepare(Recorder, Recording)
         optimizer, wrapper_scaler = unwrap_optimizer(optimizer) if optimizer is not None else (None, None)
@@ -115,7 +115,7 @@ class Recording:
         self.formats = format_names(formats)
         self.every = every
         modules = _select_modules(model, include, exclude)
-        self._observes_submodules = any(name for name in modules)
+        self._observes_submodules = any(modules)  # a module besides the root (whose name is "")
         self._environment = describe(model, self.formats, scaler)
         if self._group is not None:
             self._environment["distributed"] = distributed.describe_group(self._group)
@@ -205,9 +205,12 @@ class Recording:
 
     def step(self) -> None:
         """Close the current step: read its statistics from the device (the one host sync) and move on."""
+        self._check_open()
+        self._close_step()
+
+    def _check_open(self) -> None:
         if self._closed:
             raise MpdiagError("this Diagnosis is closed; attach a new one with mpdiag.diagnose(model)")
-        self._close_step()
 
     def begin_step(self, index: int, *, record: bool | None = None) -> None:
         """Number the step now beginning ``index``, as the training loop numbers it (a trainer's
@@ -218,8 +221,7 @@ class Recording:
         Called again with the same number within the step, once the step has seen anything, it does
         nothing. A step still open under an earlier number (one a GradScaler skipped, whose optimizer
         step never ran) is closed first. Numbers only go up: the run keeps one record per step."""
-        if self._closed:
-            raise MpdiagError("this Diagnosis is closed; attach a new one with mpdiag.diagnose(model)")
+        self._check_open()
         if isinstance(index, bool) or not isinstance(index, int):
             raise MpdiagError(f"begin_step expects the step's number as an int, got {index!r}")
         if index < self._step:
@@ -529,7 +531,7 @@ def check_options(
     _globs(exclude, "exclude")  # type: ignore[arg-type]
 
 
-def _check_arguments(model: object, every: object, scaler: object) -> None:
+def _check_arguments(model: object, scaler: object) -> None:
     if not isinstance(model, nn.Module):
         raise AttachError(
             f"diagnose() expects a torch.nn.Module, got {type(model).__name__}; "
