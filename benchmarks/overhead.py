@@ -1,74 +1,194 @@
-"""Overhead of diagnose() on one training step of the built-in transformer, side by side with others.
+"""Overhead of diagnose() on one training step of real models, side by side with others.
+
+Models (--model, default all: each in turn, in this process, one table each):
+  toy      mpdiag.toy.TinyTransformerLM, cross-entropy outside the model, AdamW
+  gpt2     transformers' GPT2LMHeadModel from a GPT2Config (no download): 4 layers, n_embd 128, 4 heads,
+           GPT-2's vocabulary (--vocab), batch 8 x 128 tokens, the loss computed inside the model, AdamW
+  convnet  a torchvision-resnet18-style network (BasicBlocks with BatchNorm and ReLU, 4 stages of 2 blocks),
+           batch 8 x 3 x 64 x 64, cross-entropy on random labels, SGD with momentum
 
 Variants, run in interleaved rounds so that machine noise hits them alike (ratios are medians over
 rounds of variant time / plain time in the same round):
   plain            the training step alone
   mpdiag every=1   diagnose() recording every step
   mpdiag every=10  diagnose() recording one step in ten
-  amax hooks       the cheapest useful observer: one abs().amax() per module output and output grad
+  amax hooks       the cheapest useful observer: one abs().amax() per floating tensor in each module output
+                   and per gradient of one (parameters and their gradients are not observed)
   detect_anomaly   torch.autograd.detect_anomaly() around forward and backward
 With --breakdown (CPU, numba kernel on), also:
   mpdiag no kernel diagnose() every=1 with the CPU kernel's work skipped (its statistics are wrong):
                    what the hooks, the bookkeeping and the step close cost without the counting
+Each table ends with "every=1 / amax hooks" (the median over rounds of the two times in the same round:
+the figure the overhead goal is stated in) and what each observer reads per step.
 
-Run: python benchmarks/overhead.py [--rounds N] [--steps N] [--d-model N] [--layers N] [--breakdown]
+Run: python benchmarks/overhead.py [--model toy|gpt2|convnet|all] [--rounds N] [--steps N] [--breakdown]
+         [--batch N] [--seq N] [--d-model N] [--layers N] [--vocab N] [--image N]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import statistics
-from collections.abc import Callable, Iterator
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
+from _observers import amax_hooks, observed_per_step
 from _timing import interleaved_rounds
+from torch import nn
 
 import mpdiag
 from mpdiag.record import _accumulate, _cpu_kernel
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
+MODELS = ("toy", "gpt2", "convnet")
 
-@contextlib.contextmanager
-def amax_hooks(model: torch.nn.Module) -> Iterator[None]:
-    """One abs().amax() per output and per output gradient, kept on the device (no host sync)."""
-    kept: list[torch.Tensor] = []
-
-    def forward_hook(module: torch.nn.Module, args: object, out: object) -> None:
-        if isinstance(out, torch.Tensor) and out.is_floating_point():
-            kept.append(out.detach().abs().amax())
-            if out.requires_grad:
-                out.register_hook(lambda g: kept.append(g.abs().amax()) and None)
-
-    handles = [m.register_forward_hook(forward_hook) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+#: Each model's settings where the command line leaves them out. Rounds and steps keep the default run
+#: (all three models) near three minutes on a 2-core CPU: a GPT-2 step there is ~0.8 s, four fifths
+#: of it the 50257-wide head (its matmuls, log_softmax and their backward).
+DEFAULTS: dict[str, dict[str, int]] = {
+    "toy": {"rounds": 7, "steps": 5, "batch": 16, "seq": 64, "d_model": 128, "layers": 2},
+    "gpt2": {"rounds": 5, "steps": 2, "batch": 8, "seq": 128, "d_model": 128, "layers": 4},
+    "convnet": {"rounds": 7, "steps": 5, "batch": 8},
+}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=5, help="steps per variant per round")
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--breakdown", action="store_true", help="also time diagnose() with the kernel skipped")
-    args = parser.parse_args()
+@dataclasses.dataclass
+class Workload:
+    """One model's training step, and what the tables say about it."""
 
-    torch.manual_seed(0)
-    model = TinyTransformerLM(d_model=args.d_model, n_layers=args.layers, seq_len=args.seq)
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: Callable[[], None]
+    description: str
+
+
+# -- models -----------------------------------------------------------------------------------------
+def toy_workload(settings: Mapping[str, int]) -> Workload:
+    model = TinyTransformerLM(d_model=settings["d_model"], n_layers=settings["layers"], seq_len=settings["seq"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    tokens, targets = next(synthetic_batches(batch_size=args.batch, seq_len=args.seq))
+    tokens, targets = next(synthetic_batches(batch_size=settings["batch"], seq_len=settings["seq"]))
 
     def step() -> None:
         opt.zero_grad()
         lm_loss(model(tokens), targets).backward()
         opt.step()
 
+    description = (
+        f"TinyTransformerLM d_model={settings['d_model']}, layers={settings['layers']}, "
+        f"batch {settings['batch']}x{settings['seq']}, AdamW"
+    )
+    return Workload(model, opt, step, description)
+
+
+def gpt2_workload(settings: Mapping[str, int]) -> Workload:
+    import transformers  # here, not at the top: --model toy need not pay for importing it
+
+    transformers.logging.set_verbosity_error()  # config notes (loss_type, token ids) are not results
+    vocab = settings["vocab"]
+    config = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_positions=settings["seq"],
+        n_embd=settings["d_model"],
+        n_layer=settings["layers"],
+        n_head=4,
+        # GPT-2's special token is its last id; keep it inside a smaller --vocab
+        bos_token_id=min(50256, vocab - 1),
+        eos_token_id=min(50256, vocab - 1),
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    model.train()  # from_pretrained would leave eval mode; a config-built model is in train mode already
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, vocab, (settings["batch"], settings["seq"]))
+
+    def step() -> None:
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    description = (
+        f"GPT2LMHeadModel n_embd={settings['d_model']}, layers={settings['layers']}, vocab {vocab}, "
+        f"batch {settings['batch']}x{settings['seq']}, AdamW"
+    )
+    return Workload(model, opt, step, description)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's resnet BasicBlock: two 3x3 convolutions with BatchNorm, a shortcut, one ReLU module
+    called twice (so mpdiag sees one site fed two tensors per step, as in the real model)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)  # in place, as torchvision has it: observers must see the value first
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet18(nn.Module):
+    """resnet18's layout: a 7x7 stride-2 stem and max pool, stages of 64-512 channels, average pool, linear."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        stages, c_in = [], 64
+        for i, c_out in enumerate((64, 128, 256, 512)):
+            stages.append(nn.Sequential(BasicBlock(c_in, c_out, 1 if i == 0 else 2), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def convnet_workload(settings: Mapping[str, int]) -> Workload:
+    model = ResNet18()
+    # lr 0.01: the same batch every step, and at 0.1 the run could leave the finite range and time NaNs
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images = torch.randn(settings["batch"], 3, settings["image"], settings["image"])
+    labels = torch.randint(0, 1000, (settings["batch"],))
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(images), labels).backward()
+        opt.step()
+
+    description = f"resnet18-style convnet, batch {settings['batch']}x3x{settings['image']}x{settings['image']}, SGD"
+    return Workload(model, opt, step, description)
+
+
+BUILDERS: dict[str, Callable[[Mapping[str, int]], Workload]] = {
+    "toy": toy_workload,
+    "gpt2": gpt2_workload,
+    "convnet": convnet_workload,
+}
+
+
+# -- measuring --------------------------------------------------------------------------------------
+def variants_of(work: Workload, breakdown: bool) -> dict[str, Callable[[], contextlib.AbstractContextManager[object]]]:
+    model, opt = work.model, work.optimizer
     variants: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
         "plain": contextlib.nullcontext,
         "mpdiag every=1": lambda: mpdiag.diagnose(model, every=1, optimizer=opt),
@@ -76,26 +196,72 @@ def main() -> None:
         "amax hooks": lambda: amax_hooks(model),
         "detect_anomaly": lambda: torch.autograd.detect_anomaly(check_nan=True),
     }
-    if args.breakdown:
-        if not _cpu_kernel.available():
-            raise SystemExit("--breakdown needs the numba kernel: pip install 'mpdiag[fast]'")
+    if breakdown:
         variants["mpdiag no kernel"] = lambda: _without_kernel(lambda: mpdiag.diagnose(model, every=1, optimizer=opt))
+    return variants
+
+
+def measure_model(name: str, settings: Mapping[str, int], breakdown: bool) -> None:
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    work = BUILDERS[name](settings)
     for _ in range(2):
-        step()  # warm up the allocator, and compile mpdiag's kernels
-    with mpdiag.diagnose(model, optimizer=opt):
-        step()
+        work.step()  # warm up the allocator, and compile mpdiag's kernels
+    observed = observed_per_step(work.model, work.optimizer, work.step)
+    variants = variants_of(work, breakdown)
     with _no_anomaly_warnings():
-        times = interleaved_rounds({name: (step, make) for name, make in variants.items()}, args.rounds, args.steps)
+        times = interleaved_rounds(
+            {v: (work.step, make) for v, make in variants.items()}, settings["rounds"], settings["steps"]
+        )
+
+    print(f"\n== {name}: {work.description}; {settings['rounds']} rounds x {settings['steps']} steps")
+    plain = times["plain"]
+    for variant, ts in times.items():
+        print(f"{variant:>16}: {statistics.median(ts) * 1e3:7.1f} ms/step   {_median_ratio(ts, plain):5.2f}x plain")
+    every1_vs_amax = _median_ratio(times["mpdiag every=1"], times["amax hooks"])
+    print(f"every=1 / amax hooks: {every1_vs_amax:.2f}x (goal <= 1.15)")
+    print(observed)
+    if not all(torch.isfinite(p).all() for p in work.model.parameters()):
+        print("warning: the parameters left the finite range; the times above include NaN/inf handling")
+    print(f"({time.perf_counter() - started:.0f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=(*MODELS, "all"), default="all")
+    parser.add_argument("--rounds", type=int, help="default: per model (toy 7, gpt2 5, convnet 7)")
+    parser.add_argument("--steps", type=int, help="steps per variant per round; default: per model (5, 2, 5)")
+    parser.add_argument("--batch", type=int, help="default: per model (16, 8, 8)")
+    parser.add_argument("--seq", type=int, help="tokens per sequence, toy and gpt2 (default 64, 128)")
+    parser.add_argument("--d-model", type=int, help="toy d_model and gpt2 n_embd (default 128)")
+    parser.add_argument("--layers", type=int, help="toy and gpt2 blocks (default 2, 4)")
+    parser.add_argument("--vocab", type=int, default=50257, help="gpt2 vocabulary (default GPT-2's)")
+    parser.add_argument("--image", type=int, default=64, help="convnet image side in pixels")
+    parser.add_argument("--breakdown", action="store_true", help="also time diagnose() with the kernel skipped")
+    args = parser.parse_args()
+    if args.breakdown and not _cpu_kernel.available():
+        raise SystemExit("--breakdown needs the numba kernel: pip install 'mpdiag[fast]'")
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, numba kernel: "
-        f"{'on' if _cpu_kernel.available() else 'off'}; d_model={args.d_model}, layers={args.layers}, "
-        f"batch {args.batch}x{args.seq}; {args.rounds} rounds x {args.steps} steps"
+        f"{'on' if _cpu_kernel.available() else 'off'}"
     )
-    plain = times["plain"]
-    for name, ts in times.items():
-        ratio = statistics.median(t / p for t, p in zip(ts, plain))
-        print(f"{name:>16}: {statistics.median(ts) * 1e3:7.1f} ms/step   {ratio:5.2f}x plain")
+    for name in MODELS if args.model == "all" else (args.model,):
+        measure_model(name, _settings(name, args), args.breakdown)
+
+
+def _settings(name: str, args: argparse.Namespace) -> dict[str, int]:
+    """The model's defaults, with what the command line gave on top."""
+    settings = {**DEFAULTS[name], "vocab": args.vocab, "image": args.image}
+    for key in ("rounds", "steps", "batch", "seq", "d_model", "layers"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    return settings
+
+
+def _median_ratio(times: list[float], reference: list[float]) -> float:
+    """The median over rounds of one variant's time over another's in the same round."""
+    return statistics.median(t / r for t, r in zip(times, reference))
 
 
 @contextlib.contextmanager
@@ -112,8 +278,6 @@ def _without_kernel(make: Callable[[], contextlib.AbstractContextManager[object]
 
 @contextlib.contextmanager
 def _no_anomaly_warnings() -> Iterator[None]:
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
         yield

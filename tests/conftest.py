@@ -10,6 +10,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# Without a GPU, Triton's interpreter runs mpdiag's GPU kernel on CPU tensors (tests/test_triton_kernel.py).
+# Triton reads this setting when it is imported (its own library functions are decorated then), so it is
+# set here, before any test imports it; with a GPU the kernel runs for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile(
     "ci",
     max_examples=300,

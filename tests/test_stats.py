@@ -7,56 +7,21 @@ import math
 import numpy as np
 import pytest
 import torch
-from cast_truth import from_bits, real_categories
+from cast_truth import from_bits
 from hypothesis import given
 from hypothesis import strategies as st
+from stats_reference import assert_matches_reference, key_edges, threshold_neighbours
 
 import mpdiag
 from mpdiag.core import formats
-from mpdiag.core.casting import INT_VIEW, Category
 from mpdiag.core.errors import MpdiagError
-from mpdiag.core.stats import HIST_EXPONENTS, TensorStats
+from mpdiag.core.stats import TensorStats
 from mpdiag.record._accumulate import tensor_stats
-
-FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "tf32", "fp32")
 
 
 @pytest.fixture(autouse=True)
 def _both_paths(stats_path: str) -> None:
     """Every test here runs once with torch ops and once with the compiled CPU kernel."""
-
-
-def reference(x: torch.Tensor, names: tuple[str, ...] = FORMATS) -> dict[str, object]:
-    """Every statistic computed the slow, obvious way: real casts and float64 numpy."""
-    v = x.detach().double().flatten().numpy()
-    finite = np.isfinite(v)
-    nonzero = finite & (v != 0)
-    mags = np.abs(v[nonzero])
-    exps = np.clip(np.frexp(mags)[1] - 1, HIST_EXPONENTS[0], HIST_EXPONENTS[-1])
-    casts = []
-    for name in names:
-        cats = real_categories(x.detach().flatten(), formats.get(name))
-        casts.append([int((cats == c).sum()) for c in (Category.UNDERFLOW, Category.SUBNORMAL, Category.OVERFLOW)])
-    return {
-        "numel": v.size,
-        "zeros": int((v == 0).sum()),
-        "nans": int(np.isnan(v).sum()),
-        "posinf": int((v == np.inf).sum()),
-        "neginf": int((v == -np.inf).sum()),
-        "amax": float(np.abs(v[finite]).max()) if finite.any() else 0.0,
-        "amin_nonzero": float(mags.min()) if mags.size else math.inf,
-        "hist": np.bincount(exps - HIST_EXPONENTS[0], minlength=len(HIST_EXPONENTS)),
-        "casts": np.array(casts, dtype=np.int64).reshape(len(names), 3),
-    }
-
-
-def assert_matches_reference(x: torch.Tensor, names: tuple[str, ...] = FORMATS) -> None:
-    got, want = tensor_stats(x, names), reference(x, names)
-    for key, value in want.items():
-        if isinstance(value, np.ndarray):
-            assert np.array_equal(getattr(got, key), value), key
-        else:
-            assert getattr(got, key) == value, (key, getattr(got, key), value)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -83,12 +48,7 @@ def test_any_fp32_bit_patterns_in_a_large_tensor(bits: list[int], filler: int) -
 def test_every_key_edge_of_the_cpu_kernel(dtype: torch.dtype) -> None:
     """The first value of each 13-bit key (sign and top 12 magnitude bits) and its neighbours, zeros and the
     source's smallest subnormals among them: the values where a key-based count could slip."""
-    width = torch.finfo(dtype).bits
-    firsts = torch.arange(1 << 13, dtype=torch.int64) << (width - 13)
-    patterns = torch.cat([firsts + d for d in (-2, -1, 0, 1, 2)] + [torch.arange(-3, 4)])
-    if width < 64:  # wrap to the signed view's range
-        patterns = (patterns + (1 << (width - 1))) % (1 << width) - (1 << (width - 1))
-    x = patterns.to(INT_VIEW[dtype]).view(dtype)
+    x = key_edges(dtype)
     assert x.numel() >= _LARGE
     assert_matches_reference(x)
     assert_matches_reference(x[:100])  # and element by element
@@ -100,18 +60,7 @@ def test_any_fp64_values(values: list[float]) -> None:
 
 
 def test_thresholds_and_their_neighbours_in_one_tensor() -> None:
-    from cast_truth import neighbours
-
-    from mpdiag.core.casting import thresholds
-
-    values = [0.0, -0.0, math.inf, -math.inf, math.nan]
-    for name in FORMATS:
-        t = thresholds(formats.get(name), torch.float32)
-        for v in (t.nonzero_from, t.normal_from, t.overflow_from):
-            if math.isfinite(v):
-                values += neighbours(v, torch.float32, reach=3)
-    values += [2.0**k for k in range(-149, 128)]
-    assert_matches_reference(torch.tensor(values, dtype=torch.float32))
+    assert_matches_reference(threshold_neighbours(torch.float32))
 
 
 def test_realistic_activations_and_layouts() -> None:

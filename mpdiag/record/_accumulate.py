@@ -1,10 +1,11 @@
 """Device-side accumulation of TensorStats: no host reads until the owner asks for one.
 
 ``measure`` runs inside hooks. On any device it only launches ops whose output shapes are known in
-advance (bucketize, a fixed-size index_add, full reductions): no ``.item()``, no boolean-mask indexing,
-nothing that makes the host wait. CPU tensors go through a compiled kernel that assigns the same
-buckets (``_cpu_kernel``). ``read_many`` moves every accumulator's tensors to the host in one transfer
-per device and decodes them.
+advance: no ``.item()``, no boolean-mask indexing, nothing that makes the host wait. CUDA tensors go
+through one fused Triton kernel (``_triton_kernel``), CPU tensors through a compiled numba kernel
+(``_cpu_kernel``); both assign the buckets of the torch-ops path (a bucketize, a fixed-size index_add,
+full reductions), which measures everything else (MPS, no Triton, no numba). ``read_many`` moves every
+accumulator's tensors to the host in one transfer per device and decodes them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from mpdiag.core.stats import DEFAULT_FORMATS, STATS, FormatSpecs, Reduce, Source, Stat, TensorStats, format_names
-from mpdiag.record import _cpu_kernel
+from mpdiag.record import _cpu_kernel, _triton_kernel
 from mpdiag.record._layout import DECODED, BucketLayout, layout_for
 
 if TYPE_CHECKING:
@@ -56,6 +57,11 @@ def is_dtensor(x: torch.Tensor) -> TypeGuard[DTensor]:
 def use_cpu_kernel() -> bool:
     """Whether CPU tensors go through the compiled kernel (numba installed, not disabled)."""
     return _cpu_kernel.available()
+
+
+def use_triton_kernel(x: torch.Tensor) -> bool:
+    """Whether ``x`` is measured by the fused Triton kernel: a CUDA tensor (not ROCm) where Triton is usable."""
+    return x.is_cuda and torch.version.cuda is not None and _triton_kernel.available()
 
 
 def _float_dtype(device: torch.device) -> torch.dtype:
@@ -121,6 +127,21 @@ class _DeviceStats:
 DEVICE_STATS = _DeviceStats(
     STATS, {f.name: f.default for f in dataclasses.fields(TensorStats) if f.default is not dataclasses.MISSING}
 )
+
+
+def _triton_value_slots(stats: _DeviceStats) -> tuple[int, int]:
+    """Where the Triton kernel writes amax and minus amin_nonzero in the device vector: the only device
+    statistics it computes, so a new one must be added to the kernel too (else it would read as 0)."""
+    signs = dict(zip(stats.names, stats.sign.tolist()))
+    if signs != {"amax": 1.0, "amin_nonzero": -1.0}:
+        raise TypeError(
+            f"device statistics {stats.names} differ from those the Triton kernel computes (amax, "
+            "amin_nonzero): compute the new ones in _triton_source.count_kernel"
+        )
+    return stats.names.index("amax"), stats.names.index("amin_nonzero")
+
+
+_TRITON_SLOTS = _triton_value_slots(DEVICE_STATS)
 #: The statistics counted on the host as tensors are observed, and read from the accumulator as they are.
 HOST_STATS = tuple(s.name for s in STATS if s.source is Source.HOST)
 
@@ -203,6 +224,14 @@ class _DevicePart(_Part):
             for i, value in DEVICE_STATS.not_fill:
                 self.values[i] = value
 
+    @classmethod
+    def of_buffer(cls, layout: BucketLayout, buffer: torch.Tensor) -> _DevicePart:
+        """A part over one int64 buffer: the layout's bucket counts, then the device statistics' float64 bits."""
+        part = cls.__new__(cls)
+        part.layout, part.device = layout, buffer.device
+        part.counts, part.values = buffer[: layout.n_buckets], buffer[layout.n_buckets :].view(torch.float64)
+        return part
+
     def copy(self) -> _DevicePart:
         """A part of its own with the same values."""
         part = _DevicePart.__new__(_DevicePart)
@@ -248,21 +277,25 @@ def measure(x: torch.Tensor, format_names: tuple[str, ...]) -> Observation:
     layout = layout_for(dtype, format_names)
     on_host = x.is_cpu and use_cpu_kernel()
     numel = x.numel()
+    name = _DTYPE_NAMES.get(dtype) or str(dtype).replace("torch.", "")
+    if numel and dtype != layout.source:
+        x = x.to(layout.source)  # fp8 inputs widen exactly
+    if numel and not on_host and use_triton_kernel(x):
+        buffer = _triton_kernel.count(x, layout, *_TRITON_SLOTS, len(DEVICE_STATS.names))
+        return Observation(_DevicePart.of_buffer(layout, buffer), name, numel, None)
     # what _new_part does, inline: this runs for every tensor observed. The kernels below write every
     # device statistic of a non-empty tensor, so only an empty one needs their initial values.
     kind = _HostPart if on_host else _DevicePart
     part: Part = kind(layout, x.device, initial=not numel)
     nonfinite = 0 if on_host else None
     if numel:
-        if dtype != layout.source:
-            x = x.to(layout.source)  # fp8 inputs widen exactly
         if isinstance(part, _HostPart):  # on_host
             DEVICE_STATS.pack_into(part.values, _cpu_kernel.count_into(x, layout, part.counts))
             nan, posinf, neginf = layout.nonfinite_buckets
             nonfinite = int(part.counts[nan] + part.counts[posinf] + part.counts[neginf])
         else:
             _measure_with_torch(x, part)
-    return Observation(part, _DTYPE_NAMES.get(dtype) or str(dtype).replace("torch.", ""), numel, nonfinite)
+    return Observation(part, name, numel, nonfinite)
 
 
 def _measure_with_torch(x: torch.Tensor, part: _DevicePart) -> None:
@@ -291,6 +324,9 @@ class SiteAccumulator:
     def __init__(self, format_names: tuple[str, ...]) -> None:
         self.format_names = format_names
         self._parts: dict[tuple[torch.dtype, torch.device, bool], Part] = {}
+        # Parts that are an observation's own, taken without a copy (most sites see one tensor a step):
+        # copied before anything is added to them, since the observation may feed another site.
+        self._borrowed: set[tuple[torch.dtype, torch.device, bool]] = set()
         self.dtypes: set[str] = set()
         self.calls = 0
 
@@ -300,6 +336,7 @@ class SiteAccumulator:
 
     def reset(self) -> None:
         self._parts.clear()
+        self._borrowed.clear()
         self.dtypes.clear()
         self.calls = 0
 
@@ -316,10 +353,14 @@ class SiteAccumulator:
         src = obs.part
         key = (src.layout.source, src.device, src.on_host)
         part = self._parts.get(key)
-        if part is None:  # a copy, not a share: the observation may feed another site
-            self._parts[key] = src.copy()
-        else:  # the key holds on_host: part and src are of one kind (mypy cannot see it)
-            part.add(src)  # type: ignore[arg-type]
+        if part is None:
+            self._parts[key] = src
+            self._borrowed.add(key)
+            return
+        if key in self._borrowed:
+            part = self._parts[key] = part.copy()
+            self._borrowed.discard(key)
+        part.add(src)  # type: ignore[arg-type] # the key holds on_host: part and src are of one kind
 
     def read(self) -> TensorStats:
         """This accumulator's statistics, read from the device now."""
@@ -348,6 +389,7 @@ class SiteAccumulator:
         part = _new_part(layout_for(source, self.format_names), device, on_host)
         for key in mine:
             other = self._parts.pop(key)
+            self._borrowed.discard(key)
             part.counts += _as_held(other.counts, part)
             DEVICE_STATS.combine(part.values, _as_held(other.values, part))
         self._parts[(source, device, on_host)] = part

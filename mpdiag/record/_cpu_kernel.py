@@ -35,7 +35,9 @@ import struct
 import numpy as np
 import torch
 
-from mpdiag.core.casting import INT_VIEW
+from mpdiag.record._key_tables import KEY_BITS, KeyTables
+from mpdiag.record._key_tables import KEY_MASK as _KEY_MASK
+from mpdiag.record._key_tables import tables_for as key_tables_for
 
 try:  # optional: the torch path is exact too, only slower on CPU
     import numba
@@ -45,8 +47,6 @@ try:  # optional: the torch path is exact too, only slower on CPU
 except ImportError:  # pragma: no cover - exercised where numba is absent
     _HAVE_NUMBA = False  # and ``numba`` undefined: only code that runs when it is installed uses it
 
-KEY_BITS = 13
-_KEY_MASK = (1 << KEY_BITS) - 1
 _CHUNK = 4096  # elements per pass of the hot loop; its noted exceptions fit a buffer this long
 _DIRECT_BELOW = 8192  # fewer elements than this: each element's bucket directly
 _PARALLEL_FROM = 65536  # below this many elements, threads cost more than they save
@@ -58,47 +58,29 @@ def available() -> bool:
 
 
 class KernelTables:
-    """Bit-space boundaries of one BucketLayout, in the form the kernel reads them.
+    """The key tables of one BucketLayout (``_key_tables``) in the form the compiled kernel reads them.
 
-    The kernel reads the signed integer view of the floats and works in int64: the magnitude is the
-    bits below the sign, and magnitudes order like the floats they encode. ``key_bucket`` is the bucket
-    of each key's smallest magnitude, which holds the whole key unless ``special``: a boundary lies
-    inside the key's range, and an element's bucket is found by scanning ``boundaries`` from
+    The kernel reads the signed integer view of the floats and works in int64. ``key_bucket`` is the
+    bucket of each key's smallest magnitude, which holds the whole key unless ``special``: a boundary
+    lies inside the key's range, and an element's bucket is found by scanning ``boundaries`` from
     ``scan_from``. The two zero keys are not ``special`` (see the module docstring); magnitudes below
     ``tiny_below`` share them.
     """
 
-    def __init__(self, source: torch.dtype, magnitudes: list[float]) -> None:
-        width = torch.finfo(source).bits
-        self.source = source
-        self.signed_view = INT_VIEW[source]
-        self.magnitude_mask = (1 << (width - 1)) - 1
-        bits = torch.tensor(magnitudes, dtype=torch.float64).to(source).view(self.signed_view)
-        boundaries = bits.to(torch.int64).numpy()  # sorted, the last is +inf
-        n_b = len(boundaries)
-        self.inf_bits = int(boundaries[-1])
-        # One more boundary just past inf puts NaNs at position n_b + 1; the sentinel stops every scan.
-        self.boundaries = np.concatenate([boundaries, [self.inf_bits + 1, np.iinfo(np.int64).max]]).astype(np.int64)
-        # (sign, how many boundaries are <= |x|) -> bucket index of BucketLayout.
-        bucket_of = np.empty((2, n_b + 2), dtype=np.int64)
-        bucket_of[0, : n_b + 1] = n_b + np.arange(n_b + 1)
-        bucket_of[1, : n_b + 1] = n_b - np.arange(n_b + 1)
-        bucket_of[:, n_b + 1] = 2 * n_b + 1
-        self.n_buckets = 2 * n_b + 2
-        self.stride = n_b + 2
-        self.bucket_flat = bucket_of.reshape(-1)
-
-        keys = np.arange(1 << KEY_BITS, dtype=np.int64)
-        sign = keys >> (KEY_BITS - 1)
-        shift = width - KEY_BITS
-        first = (keys & (_KEY_MASK >> 1)) << shift  # smallest magnitude of each key
-        last = first + (1 << shift) - 1
-        self.scan_from = np.searchsorted(self.boundaries, first, side="right")
-        self.key_bucket = bucket_of[sign, self.scan_from]
-        self.special = (self.scan_from != np.searchsorted(self.boundaries, last, side="right")).astype(np.uint8)
-        self.special[first == 0] = 0
-        self.tiny_below = 1 << shift
-        self.to_float = _bits_to_float(source)
+    def __init__(self, keys: KeyTables) -> None:
+        self.source = keys.source
+        self.signed_view = keys.signed_view
+        self.magnitude_mask = keys.magnitude_mask
+        self.inf_bits = keys.inf_bits
+        self.boundaries = keys.boundaries
+        self.stride = keys.bucket_of.shape[1]
+        self.bucket_flat = keys.bucket_of.reshape(-1)
+        self.scan_from = keys.scan_from
+        self.key_bucket = keys.bucket_of[keys.key_sign, keys.scan_from]
+        self.special = keys.holds_boundary.astype(np.uint8)
+        self.special[keys.key_first == 0] = 0
+        self.tiny_below = 1 << keys.shift
+        self.to_float = _bits_to_float(keys.source)
         self.no_extremes = np.array([0, self.inf_bits], dtype=np.int64)  # [max, min non-zero magnitude]
         # The tables in the order the compiled functions take them.
         self.args = (
@@ -264,7 +246,7 @@ _TABLES: dict[object, KernelTables] = {}
 def tables_for(layout) -> KernelTables:  # noqa: ANN001 - a BucketLayout
     tables = _TABLES.get(layout)
     if tables is None:
-        tables = _TABLES[layout] = KernelTables(layout.source, layout.magnitudes)
+        tables = _TABLES[layout] = KernelTables(key_tables_for(layout))
     return tables
 
 

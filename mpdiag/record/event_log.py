@@ -16,11 +16,16 @@ __all__ = ["EventLog"]
 
 
 class EventLog:
-    """Recording side: the non-finite counts of every observation of the current step, by sequence."""
+    """Recording side: the non-finite counts of every observation of the current step, by sequence.
+
+    A device observation's counts are kept by reference until the step closes (no launch in the hook):
+    nothing changes them, since an accumulator copies an observation's counts before adding to them.
+    """
 
     def __init__(self) -> None:
         self._host: list[tuple[int, str, Kind, tuple[int, int, int]]] = []
-        self._device: list[tuple[int, str, Kind, torch.Tensor]] = []
+        self._device: list[tuple[int, str, Kind, torch.Tensor, tuple[int, int, int]]] = []
+        self._groups: list[list[int]] = []  # indices into _device, one list per tensor device_tensors() gave
 
     def note(self, seq: int, name: str, kind: Kind, counts: Any, nonfinite_buckets: tuple[int, int, int]) -> None:
         """Remember the (nan, posinf, neginf) buckets of one observation's counts (numpy or device)."""
@@ -28,19 +33,30 @@ class EventLog:
             nans, posinf, neginf = (int(counts[b]) for b in nonfinite_buckets)
             if nans or posinf or neginf:
                 self._host.append((seq, name, kind, (nans, posinf, neginf)))
-        else:  # slices: indexing with a list would copy the index to the device first
-            self._device.append((seq, name, kind, torch.cat([counts[b : b + 1] for b in nonfinite_buckets])))
+        else:
+            self._device.append((seq, name, kind, counts, nonfinite_buckets))
 
     def device_tensors(self) -> list[torch.Tensor]:
-        return [t for *_, t in self._device]
+        """The device observations' (nan, posinf, neginf) counts, gathered now: one (n, 3) tensor per device
+        and bucket layout, for the step close to read in its one transfer per device."""
+        groups: dict[tuple[torch.device, int, tuple[int, int, int]], list[int]] = {}
+        for i, (*_, counts, buckets) in enumerate(self._device):
+            groups.setdefault((counts.device, counts.shape[0], buckets), []).append(i)
+        self._groups = list(groups.values())
+        tensors = []
+        for (device, _, buckets), members in groups.items():
+            stacked = torch.stack([self._device[i][3] for i in members])
+            tensors.append(stacked.index_select(1, torch.tensor(buckets, device=device)))
+        return tensors
 
     def events(self, step: int, device_values: Sequence[np.ndarray]) -> list[NonFiniteEvent]:
         """The step's events, given the host values of ``device_tensors()`` (read at the step close)."""
-        raw = list(self._host) + [
-            (seq, name, kind, tuple(int(v) for v in values))
-            for (seq, name, kind, _), values in zip(self._device, device_values)
-            if np.any(values)
-        ]
+        raw = list(self._host)
+        for members, values in zip(self._groups, device_values):
+            for i, row in zip(members, np.asarray(values).reshape(len(members), 3)):
+                if np.any(row):
+                    seq, name, kind, _, _ = self._device[i]
+                    raw.append((seq, name, kind, (int(row[0]), int(row[1]), int(row[2]))))
         raw.sort(key=lambda r: (PHASES.index(PHASE_OF_KIND[r[2]]), r[0]))
         firsts: set[str] = set()
         events: list[NonFiniteEvent] = []
@@ -53,3 +69,4 @@ class EventLog:
     def clear(self) -> None:
         self._host.clear()
         self._device.clear()
+        self._groups = []
