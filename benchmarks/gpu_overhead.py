@@ -32,13 +32,12 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import statistics
 import time
 from collections.abc import Callable, Iterable
 
 import torch
 from _observers import amax_hooks, observed_per_step
-from _timing import interleaved_rounds
+from _timing import interleaved_rounds, print_times
 from torch import nn
 
 import mpdiag
@@ -247,22 +246,12 @@ def main() -> None:
         f"batch {args.batch}x{args.seq}, "
         f"bf16 autocast, AdamW ({fused}); {len(times['plain'])} rounds x {args.steps} steps"
     )
-    plain = times["plain"]
-    for variant, ts in times.items():
-        print(f"{variant:>16}: {statistics.median(ts) * 1e3:7.1f} ms/step   {_median_ratio(ts, plain):5.2f}x plain")
-    every1_vs_amax = _median_ratio(times["mpdiag every=1"], times["amax hooks"])
-    print(f"every=1 / amax hooks: {every1_vs_amax:.2f}x (goal <= 1.15)")
-    print(observed)
+    print_times(times, observed)
     print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 
     per_step_launches(step, variants)
     per_tensor_launches(args.numel, device)
     print(f"\n({time.perf_counter() - started:.0f} s)")
-
-
-def _median_ratio(times: list[float], reference: list[float]) -> float:
-    """The median over rounds of one variant's time over another's in the same round."""
-    return statistics.median(t / r for t, r in zip(times, reference))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -38,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from _observers import amax_hooks, observed_per_step
-from _timing import interleaved_rounds
+from _timing import interleaved_rounds, print_times
 from torch import nn
 
 import mpdiag
@@ -215,12 +214,7 @@ def measure_model(name: str, settings: Mapping[str, int], breakdown: bool) -> No
         )
 
     print(f"\n== {name}: {work.description}; {settings['rounds']} rounds x {settings['steps']} steps")
-    plain = times["plain"]
-    for variant, ts in times.items():
-        print(f"{variant:>16}: {statistics.median(ts) * 1e3:7.1f} ms/step   {_median_ratio(ts, plain):5.2f}x plain")
-    every1_vs_amax = _median_ratio(times["mpdiag every=1"], times["amax hooks"])
-    print(f"every=1 / amax hooks: {every1_vs_amax:.2f}x (goal <= 1.15)")
-    print(observed)
+    print_times(times, observed)
     if not all(torch.isfinite(p).all() for p in work.model.parameters()):
         print("warning: the parameters left the finite range; the times above include NaN/inf handling")
     print(f"({time.perf_counter() - started:.0f} s)")
@@ -257,11 +251,6 @@ def _settings(name: str, args: argparse.Namespace) -> dict[str, int]:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     return settings
-
-
-def _median_ratio(times: list[float], reference: list[float]) -> float:
-    """The median over rounds of one variant's time over another's in the same round."""
-    return statistics.median(t / r for t, r in zip(times, reference))
 
 
 @contextlib.contextmanager

@@ -74,3 +74,10 @@ def threshold_neighbours(dtype: torch.dtype) -> torch.Tensor:
     smallest = math.frexp(float(info.smallest_normal) * float(info.eps))[1] - 1
     values += [2.0**k for k in range(smallest, math.frexp(float(info.max))[1])]
     return torch.tensor(values, dtype=torch.float64).to(dtype)
+
+
+def wide_range_with_nonfinite(numel: int) -> torch.Tensor:
+    """fp64 values over some 85 decades, with NaN, +inf, -inf and zeros scattered among them."""
+    x = torch.randn(numel, dtype=torch.float64) * torch.logspace(-45, 40, numel, dtype=torch.float64)
+    x[::997], x[1::991], x[2::983], x[3::977] = math.nan, math.inf, -math.inf, 0.0
+    return x

@@ -99,6 +99,7 @@ class _DeviceTables:
         wide = keys.source == torch.float64
         entry = keys.scan_from * 2 + keys.holds_boundary
         boundaries = keys.boundaries[: keys.n_boundaries]  # the sentinel stops CPU scans; a search needs none
+        self.signed_view = keys.signed_view
         self.keys = torch.from_numpy(entry.astype(np.int32)).to(device)
         self.boundaries = torch.from_numpy(boundaries.astype(np.int64 if wide else np.int32)).to(device)
         self.constants = {
@@ -136,7 +137,7 @@ def count(x: torch.Tensor, layout: Any, amax_at: int, neg_amin_at: int, n_values
     one int64 buffer on its device: ``layout.n_buckets`` counts, then ``n_values`` float64 bit patterns
     with amax at ``amax_at`` and minus amin_nonzero at ``neg_amin_at`` (the others left zero)."""
     tables = _tables_on(layout, x.device)
-    flat = x.contiguous().view(tables_for(layout).signed_view).reshape(-1)
+    flat = x.contiguous().view(tables.signed_view).reshape(-1)
     n = flat.numel()
     with torch.inference_mode(False):  # a normal tensor: accumulators update it in place outside inference
         out = torch.zeros(layout.n_buckets + n_values, dtype=torch.int64, device=x.device)
