@@ -36,12 +36,15 @@ def floating_outputs(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def amax_hooks(model: nn.Module) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+def amax_hooks(model: nn.Module, params: bool = False) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """One abs().amax() per floating output tensor and per gradient of one, kept on the device (no host
     sync); yields the lists the amaxes of outputs and of gradients go to. Like mpdiag, it leaves out 0-dim
     outputs (a loss the model returns) and reads a tensor that a parent module returns again unchanged only
     once (a Sequential's output is its last child's): a floor that read GPT-2's logits twice is no floor.
-    Parameters and their gradients are not read."""
+
+    With ``params``, it also reads what mpdiag reads beside them: each parameter once per forward of the
+    whole model (mpdiag reads them at the optimizer step) and each parameter's gradient once accumulated;
+    their amaxes go to the same lists."""
     outputs: list[torch.Tensor] = []
     grads: list[torch.Tensor] = []
     last: list[tuple[weakref.ref[torch.Tensor], int]] = []  # the tensor read last, and its version then
@@ -55,7 +58,17 @@ def amax_hooks(model: nn.Module) -> Iterator[tuple[list[torch.Tensor], list[torc
             if x.requires_grad:
                 x.register_hook(lambda g: grads.append(g.abs().amax()) and None)
 
+    def read_params(module: nn.Module, args: object) -> None:
+        outputs.extend(p.detach().abs().amax() for p in model.parameters())
+
+    def read_grad(p: torch.Tensor) -> None:
+        if p.grad is not None:
+            grads.append(p.grad.abs().amax())
+
     handles = [m.register_forward_hook(forward_hook) for m in model.modules()]
+    if params:
+        handles.append(model.register_forward_pre_hook(read_params))
+        handles.extend(p.register_post_accumulate_grad_hook(read_grad) for p in model.parameters() if p.requires_grad)
     try:
         yield outputs, grads
     finally:
@@ -64,8 +77,8 @@ def amax_hooks(model: nn.Module) -> Iterator[tuple[list[torch.Tensor], list[torc
 
 
 def observed_per_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[], None]) -> str:
-    """What each observer reads in one training step: mpdiag's sites by kind, the amax observer's tensors.
-    Runs two steps of training (one with each)."""
+    """What each observer reads in one training step: mpdiag's sites by kind, the amax observers' tensors.
+    Runs three steps of training (one with each)."""
     with mpdiag.diagnose(model, every=1, optimizer=optimizer) as diag:
         step()  # the optimizer's step closes the recorded step
     run = diag.run
@@ -73,7 +86,10 @@ def observed_per_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: 
     kinds = ", ".join(f"{sum(s.kind == kind for s in sites)} {kind.value}" for kind in mpdiag.Kind)
     with amax_hooks(model) as (outputs, grads):
         step()
+    with amax_hooks(model, params=True) as (with_params, their_grads):
+        step()
     return (
         f"mpdiag records {len(sites)} sites per step ({kinds}); "
-        f"amax hooks read {len(outputs)} outputs and {len(grads)} gradients per step"
+        f"amax hooks read {len(outputs)} outputs and {len(grads)} gradients per step, "
+        f"+params {len(with_params)} and {len(their_grads)}"
     )

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from _observers import amax_hooks, observed_per_step
-from _timing import interleaved_rounds, print_times
+from _timing import interleaved_rounds, print_times, whole_cycles
 from torch import nn
 
 import mpdiag
@@ -109,7 +109,7 @@ def timed_rounds(
         if done and elapsed / done * (done + 1) > max_seconds:
             print(f"(stopped after {done} of {rounds} rounds: --max-seconds {max_seconds:g})")
             break
-        for name, ts in interleaved_rounds(variants, 1, steps, clock=cuda_clock).items():
+        for name, ts in interleaved_rounds(variants, 1, whole_cycles(variants, steps), clock=cuda_clock).items():
             times[name].extend(ts)
     return times
 
@@ -237,6 +237,7 @@ def main() -> None:
         "mpdiag every=1": lambda: mpdiag.diagnose(model, every=1, optimizer=opt),
         "mpdiag every=10": lambda: mpdiag.diagnose(model, every=10, optimizer=opt),
         "amax hooks": lambda: amax_hooks(model),
+        "amax +params": lambda: amax_hooks(model, params=True),
     }
     times = timed_rounds({v: (step, make) for v, make in variants.items()}, args.rounds, args.steps, args.max_seconds)
 

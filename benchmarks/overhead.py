@@ -14,12 +14,18 @@ rounds of variant time / plain time in the same round):
   mpdiag every=10  diagnose() recording one step in ten
   amax hooks       the cheapest useful observer: one abs().amax() per floating tensor in each module output
                    and per gradient of one (parameters and their gradients are not observed)
+  amax +params     the same, also reading what mpdiag reads beside: each parameter and its gradient
   detect_anomaly   torch.autograd.detect_anomaly() around forward and backward
 With --breakdown (CPU, numba kernel on), also:
   mpdiag no kernel diagnose() every=1 with the CPU kernel's work skipped (its statistics are wrong):
                    what the hooks, the bookkeeping and the step close cost without the counting
+  mpdiag bincount  diagnose() every=1 counting with the torch-only counter of _torch_counter (the kernel's
+                   idea in torch ops, checked against the kernel first): what dropping numba would cost
+The every=10 variant runs whole recording cycles per round (10 steps, one of them recorded), so that its
+figure is the average over a long run, not the cost of the unrecorded steps alone.
 Each table ends with "every=1 / amax hooks" (the median over rounds of the two times in the same round:
-the figure the overhead goal is stated in) and what each observer reads per step.
+the figure the overhead goal is stated in), the same against "amax +params", and what each observer reads
+per step.
 
 Run: python benchmarks/overhead.py [--model toy|gpt2|convnet|all] [--rounds N] [--steps N] [--breakdown]
          [--batch N] [--seq N] [--d-model N] [--layers N] [--vocab N] [--image N]
@@ -34,10 +40,11 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 
+import _torch_counter
 import torch
 import torch.nn.functional as F
 from _observers import amax_hooks, observed_per_step
-from _timing import interleaved_rounds, print_times
+from _timing import interleaved_rounds, print_times, whole_cycles
 from torch import nn
 
 import mpdiag
@@ -193,10 +200,13 @@ def variants_of(work: Workload, breakdown: bool) -> dict[str, Callable[[], conte
         "mpdiag every=1": lambda: mpdiag.diagnose(model, every=1, optimizer=opt),
         "mpdiag every=10": lambda: mpdiag.diagnose(model, every=10, optimizer=opt),
         "amax hooks": lambda: amax_hooks(model),
+        "amax +params": lambda: amax_hooks(model, params=True),
         "detect_anomaly": lambda: torch.autograd.detect_anomaly(check_nan=True),
     }
     if breakdown:
-        variants["mpdiag no kernel"] = lambda: _without_kernel(lambda: mpdiag.diagnose(model, every=1, optimizer=opt))
+        every1 = variants["mpdiag every=1"]
+        variants["mpdiag no kernel"] = lambda: _counting_with(_no_count, every1)
+        variants["mpdiag bincount"] = lambda: _counting_with(_torch_counter.count_into, every1)
     return variants
 
 
@@ -205,12 +215,18 @@ def measure_model(name: str, settings: Mapping[str, int], breakdown: bool) -> No
     started = time.perf_counter()
     work = BUILDERS[name](settings)
     for _ in range(2):
-        work.step()  # warm up the allocator, and compile mpdiag's kernels
-    observed = observed_per_step(work.model, work.optimizer, work.step)
+        work.step()  # warm up the allocator
+    observed = observed_per_step(work.model, work.optimizer, work.step)  # compiles mpdiag's kernels
+    _cpu_kernel.finish_compiling()  # the threaded one compiles in the background: time the same path throughout
     variants = variants_of(work, breakdown)
+    if breakdown:
+        with _counting_with(_checked_torch_counter, lambda: mpdiag.diagnose(work.model, optimizer=work.optimizer)):
+            work.step()  # the torch-only counter agrees with the kernel on every tensor of a step
     with _no_anomaly_warnings():
         times = interleaved_rounds(
-            {v: (work.step, make) for v, make in variants.items()}, settings["rounds"], settings["steps"]
+            {v: (work.step, make) for v, make in variants.items()},
+            settings["rounds"],
+            whole_cycles(variants, settings["steps"]),
         )
 
     print(f"\n== {name}: {work.description}; {settings['rounds']} rounds x {settings['steps']} steps")
@@ -253,11 +269,24 @@ def _settings(name: str, args: argparse.Namespace) -> dict[str, int]:
     return settings
 
 
+def _no_count(x: torch.Tensor, layout: object, counts: object) -> dict[str, float]:
+    """A stand-in for the CPU kernel that counts nothing (the statistics it leaves are wrong)."""
+    return _accumulate.DEVICE_STATS.unpack(_accumulate.DEVICE_STATS.initial)
+
+
+def _checked_torch_counter(x: torch.Tensor, layout: object, counts: object) -> dict[str, float]:
+    """The torch-only counter, raising where it disagrees with the kernel."""
+    _torch_counter.check(x, layout)
+    return _torch_counter.count_into(x, layout, counts)
+
+
 @contextlib.contextmanager
-def _without_kernel(make: Callable[[], contextlib.AbstractContextManager[object]]) -> Iterator[None]:
-    """``make()``'s context with the CPU kernel replaced by a stub that counts nothing."""
+def _counting_with(
+    count_into: Callable[..., dict[str, float]], make: Callable[[], contextlib.AbstractContextManager[object]]
+) -> Iterator[None]:
+    """``make()``'s context with the CPU kernel's count_into replaced by ``count_into``."""
     real = _cpu_kernel.count_into
-    _cpu_kernel.count_into = lambda x, layout, counts: _accumulate.DEVICE_STATS.unpack(_accumulate.DEVICE_STATS.initial)
+    _cpu_kernel.count_into = count_into
     try:
         with make():
             yield

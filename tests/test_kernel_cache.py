@@ -29,6 +29,7 @@ SCRIPT = textwrap.dedent("""
     assert _cpu_kernel.available()
     tensor_stats(torch.randn(1000))
     tensor_stats(torch.randn(100_000))
+    _cpu_kernel.finish_compiling()  # the threaded kernel compiles in the background
     sys.path.insert(0, sys.argv[1])
     import user_code
     user_code.double(2.0)

@@ -16,7 +16,8 @@ threshold that is not a power of two, inf/NaN, the source's own subnormals).
 - Small tensors (where clearing and folding 8,192 keys would cost more than the tensor): each element's
   bucket directly, from its key's first bucket and the same short scan.
 - The extremes (amax, smallest non-zero magnitude) in a branch-free loop that compiles to vector
-  instructions. Large tensors are split across numba's threads.
+  instructions. Large tensors are split across numba's threads, once that kernel has compiled in the
+  background (``_threaded_ready``).
 
 Loop bounds that depend on the source width are compile-time constants (``_key_shift``): a shift by a
 run-time amount made the hot loop half as fast.
@@ -29,8 +30,10 @@ cached in a per-user directory (``_kernel_cache``), so only the first process co
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
+import threading
 
 import numpy as np
 import torch
@@ -51,6 +54,8 @@ _CHUNK = 4096  # elements per pass of the hot loop; its noted exceptions fit a b
 _DIRECT_BELOW = 8192  # fewer elements than this: each element's bucket directly
 _PARALLEL_FROM = 65536  # below this many elements, threads cost more than they save
 _ENABLED = _HAVE_NUMBA and os.environ.get("MPDIAG_NUMBA", "1") != "0"  # read once, at import
+
+log = logging.getLogger(__name__)
 
 
 def available() -> bool:
@@ -144,12 +149,17 @@ if _HAVE_NUMBA:
 
     @cached
     @numba.njit(nogil=True)
-    def _key_histogram(bits, special, scan_from, key_bucket, boundaries, bucket_of, stride, magnitude_mask, counts):
+    def _key_histogram(
+        bits, special, scan_from, key_bucket, boundaries, bucket_of, stride, magnitude_mask, inf_bits, counts, extremes
+    ):
         shift = _key_shift(bits)
         keys = np.zeros(_KEY_MASK + 1, dtype=np.int64)
         noted = np.empty(_CHUNK, dtype=np.int64)
         n = bits.shape[0]
         for start in range(0, n, _CHUNK):
+            # The extremes chunk by chunk, so that the histogram reads the chunk from L1: a tensor larger
+            # than the caches is read from memory once, not twice.
+            _extremes(bits[start : start + _CHUNK], magnitude_mask, inf_bits, extremes)
             n_noted = 0
             for i in range(start, min(start + _CHUNK, n)):
                 k = (bits[i] >> shift) & _KEY_MASK
@@ -182,12 +192,24 @@ if _HAVE_NUMBA:
         extremes,
     ):
         shift = _key_shift(bits)
-        _extremes(bits, magnitude_mask, inf_bits, extremes)
         if bits.shape[0] < _DIRECT_BELOW:
+            _extremes(bits, magnitude_mask, inf_bits, extremes)
             for i in range(bits.shape[0]):
                 counts[_bucket(np.int64(bits[i]), scan_from, boundaries, bucket_of, stride, magnitude_mask, shift)] += 1
             return
-        _key_histogram(bits, special, scan_from, key_bucket, boundaries, bucket_of, stride, magnitude_mask, counts)
+        _key_histogram(
+            bits,
+            special,
+            scan_from,
+            key_bucket,
+            boundaries,
+            bucket_of,
+            stride,
+            magnitude_mask,
+            inf_bits,
+            counts,
+            extremes,
+        )
         if extremes[1] < tiny_below:  # tiny magnitudes were counted as zeros, with their key: move them
             zero = key_bucket[0]
             for i in range(bits.shape[0]):
@@ -257,12 +279,56 @@ def count_into(x: torch.Tensor, layout, counts: np.ndarray) -> dict[str, float]:
     t = tables_for(layout)
     bits = _bits(x, t.signed_view)
     extremes = t.no_extremes.copy()
-    if bits.shape[0] >= _PARALLEL_FROM and (threads := numba.get_num_threads()) > 1:
+    if bits.shape[0] >= _PARALLEL_FROM and (threads := numba.get_num_threads()) > 1 and _threaded_ready(bits, t):
         _count_parallel(bits, *t.args, counts, extremes, threads)
     else:
         _count(bits, *t.args, counts, extremes)
     hi, lo = extremes.tolist()
     return {"amax": t.to_float(hi), "amin_nonzero": t.to_float(lo)}  # lo: the bits of inf when there is none
+
+
+# The threaded kernel takes numba's parfor compiler: about 1.9 s per bit width in a fresh environment,
+# more than the sequential kernel's whole compile (measured on this 2-core machine: 1.6 s for fp32's
+# first, 0.7 s for a 16-bit width after it). It is compiled (or loaded from the cache) in a background
+# thread the first time a large tensor of a width arrives, and the sequential kernel, whose counts are
+# the same, measures until it is ready: the first step does not wait for it.
+_THREADED_READY: set[np.dtype] = set()  # bit widths whose threaded kernel is compiled
+_THREADED_COMPILING: dict[np.dtype, threading.Thread] = {}
+_THREADED_LOCK = threading.Lock()
+
+
+def _threaded_ready(bits: np.ndarray, tables: KernelTables) -> bool:
+    """Whether the threaded kernel can count ``bits`` now; if not, start compiling it for their width."""
+    if bits.dtype in _THREADED_READY:
+        return True
+    with _THREADED_LOCK:
+        if bits.dtype not in _THREADED_COMPILING:
+            thread = threading.Thread(
+                target=_compile_threaded, args=(bits.dtype, tables), name="mpdiag-kernel-compile", daemon=True
+            )
+            _THREADED_COMPILING[bits.dtype] = thread
+            thread.start()
+    return False
+
+
+def _compile_threaded(dtype: np.dtype, tables: KernelTables) -> None:
+    try:  # a call on an empty array compiles the signature every later call of this width has
+        _count_parallel(np.zeros(0, dtype), *tables.args, np.zeros(1, np.int64), tables.no_extremes.copy(), 1)
+    except Exception as err:  # noqa: BLE001 - the sequential kernel is exact: keep counting with it
+        log.warning(
+            "mpdiag: the threaded CPU kernel did not compile (%s: %s); large tensors take one thread",
+            type(err).__name__,
+            err,
+        )
+        return
+    _THREADED_READY.add(dtype)
+
+
+def finish_compiling() -> None:
+    """Wait until every threaded kernel being compiled is ready (tests and benchmarks: the same path
+    every time)."""
+    for thread in list(_THREADED_COMPILING.values()):
+        thread.join()
 
 
 _NUMPY_INT = {torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}
