@@ -25,7 +25,8 @@ The every=10 variant runs whole recording cycles per round (10 steps, one of the
 figure is the average over a long run, not the cost of the unrecorded steps alone.
 Each table ends with "every=1 / amax hooks" (the median over rounds of the two times in the same round:
 the figure the overhead goal is stated in), the same against "amax +params", and what each observer reads
-per step.
+per step; with --breakdown, then the counting time per step by tensor size (each kernel call timed in
+three diagnosed steps).
 
 Run: python benchmarks/overhead.py [--model toy|gpt2|convnet|all] [--rounds N] [--steps N] [--breakdown]
          [--batch N] [--seq N] [--d-model N] [--layers N] [--vocab N] [--image N]
@@ -231,9 +232,45 @@ def measure_model(name: str, settings: Mapping[str, int], breakdown: bool) -> No
 
     print(f"\n== {name}: {work.description}; {settings['rounds']} rounds x {settings['steps']} steps")
     print_times(times, observed)
+    if breakdown:
+        print_counting_by_size(work)
     if not all(torch.isfinite(p).all() for p in work.model.parameters()):
         print("warning: the parameters left the finite range; the times above include NaN/inf handling")
     print(f"({time.perf_counter() - started:.0f} s)")
+
+
+#: Tensor sizes (elements) the counting time is split by: the kernel's direct path, small, medium, large.
+SIZE_RANGES = ((0, 8192), (8192, 1 << 16), (1 << 16, 1 << 20), (1 << 20, None))
+
+
+def print_counting_by_size(work: Workload, steps: int = 3) -> None:
+    """Time each CPU kernel call in ``steps`` diagnosed steps and print, per range of tensor sizes, how
+    many tensors a step counts, their elements and the milliseconds spent counting them."""
+    calls: list[tuple[int, float]] = []
+
+    def timed(x: torch.Tensor, layout: object, counts: object) -> dict[str, float]:
+        start = time.perf_counter()
+        result = kernel(x, layout, counts)
+        calls.append((x.numel(), time.perf_counter() - start))
+        return result
+
+    kernel = _cpu_kernel.count_into
+    with _counting_with(timed, lambda: mpdiag.diagnose(work.model, optimizer=work.optimizer)):
+        for _ in range(steps):
+            work.step()
+    total = sum(t for _, t in calls) / steps
+    elements = sum(n for n, _ in calls) / steps
+    print(
+        f"counting per step: {len(calls) / steps:.0f} tensors, {elements / 1e6:.1f}M elements, {total * 1e3:.1f} ms "
+        f"({total / elements * 1e9:.2f} ns per element)"
+    )
+    for low, high in SIZE_RANGES:
+        part = [(n, t) for n, t in calls if n >= low and (high is None or n < high)]
+        span = f"{low}+" if high is None else f"{low}-{high - 1}"
+        print(
+            f"  {span:>16} elements: {len(part) / steps:4.0f} tensors, {sum(n for n, _ in part) / steps / 1e6:6.2f}M "
+            f"elements, {sum(t for _, t in part) / steps * 1e3:6.2f} ms"
+        )
 
 
 def main() -> None:

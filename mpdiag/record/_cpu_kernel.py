@@ -17,7 +17,7 @@ threshold that is not a power of two, inf/NaN, the source's own subnormals).
   bucket directly, from its key's first bucket and the same short scan.
 - The extremes (amax, smallest non-zero magnitude) in a branch-free loop that compiles to vector
   instructions. Large tensors are split across numba's threads, once that kernel has compiled in the
-  background (``_threaded_ready``).
+  background (``_compile_threaded_soon``).
 
 Loop bounds that depend on the source width are compile-time constants (``_key_shift``): a shift by a
 run-time amount made the hot loop half as fast.
@@ -279,36 +279,37 @@ def count_into(x: torch.Tensor, layout, counts: np.ndarray) -> dict[str, float]:
     t = tables_for(layout)
     bits = _bits(x, t.signed_view)
     extremes = t.no_extremes.copy()
-    if bits.shape[0] >= _PARALLEL_FROM and (threads := numba.get_num_threads()) > 1 and _threaded_ready(bits, t):
+    threads = numba.get_num_threads()
+    large = bits.shape[0] >= _PARALLEL_FROM and threads > 1
+    if large and bits.dtype in _THREADED_READY:
         _count_parallel(bits, *t.args, counts, extremes, threads)
     else:
         _count(bits, *t.args, counts, extremes)
+        if large:  # after the sequential kernel's own compile, which must not wait for this one
+            _compile_threaded_soon(bits.dtype, t)
     hi, lo = extremes.tolist()
     return {"amax": t.to_float(hi), "amin_nonzero": t.to_float(lo)}  # lo: the bits of inf when there is none
 
 
 # The threaded kernel takes numba's parfor compiler: about 1.9 s per bit width in a fresh environment,
-# more than the sequential kernel's whole compile (measured on this 2-core machine: 1.6 s for fp32's
-# first, 0.7 s for a 16-bit width after it). It is compiled (or loaded from the cache) in a background
-# thread the first time a large tensor of a width arrives, and the sequential kernel, whose counts are
-# the same, measures until it is ready: the first step does not wait for it.
+# more than the sequential kernel's whole compile (measured on a 2-core machine: 1.3 s for fp32's,
+# 0.7 s for a 16-bit width after it). It is compiled (or loaded from the cache) in a background thread
+# the first time a large tensor of a width arrives, and the sequential kernel, whose counts are the
+# same, measures until it is ready: the first step does not wait for it. numba compiles under one
+# global lock, so a first tensor of another width may still wait for it. The thread is not a daemon:
+# a short first process finishes the compile before it exits, and the next ones load it from the cache.
 _THREADED_READY: set[np.dtype] = set()  # bit widths whose threaded kernel is compiled
 _THREADED_COMPILING: dict[np.dtype, threading.Thread] = {}
 _THREADED_LOCK = threading.Lock()
 
 
-def _threaded_ready(bits: np.ndarray, tables: KernelTables) -> bool:
-    """Whether the threaded kernel can count ``bits`` now; if not, start compiling it for their width."""
-    if bits.dtype in _THREADED_READY:
-        return True
+def _compile_threaded_soon(dtype: np.dtype, tables: KernelTables) -> None:
+    """Start compiling the threaded kernel for bit patterns of ``dtype``, unless that has begun."""
     with _THREADED_LOCK:
-        if bits.dtype not in _THREADED_COMPILING:
-            thread = threading.Thread(
-                target=_compile_threaded, args=(bits.dtype, tables), name="mpdiag-kernel-compile", daemon=True
-            )
-            _THREADED_COMPILING[bits.dtype] = thread
+        if dtype not in _THREADED_COMPILING:
+            thread = threading.Thread(target=_compile_threaded, args=(dtype, tables), name="mpdiag-kernel-compile")
+            _THREADED_COMPILING[dtype] = thread
             thread.start()
-    return False
 
 
 def _compile_threaded(dtype: np.dtype, tables: KernelTables) -> None:

@@ -3,7 +3,8 @@
 numba's ``cache=True`` writes its ``*.nbi``/``*.nbc`` files into ``__pycache__`` beside the source. Inside
 an installed package those are files no installer knows about: ``pip install -e`` over a regular install
 then leaves ``site-packages/mpdiag/`` holding only them, a namespace package that hides the editable
-checkout from every directory but the checkout itself. Compiling costs about 10 s in a fresh process, so
+checkout from every directory but the checkout itself. Compiling costs seconds in a fresh process (on a
+2-core machine 1.3 s for fp32 tensors, 0.7 s for each other width, 1.9 s for each threaded variant), so
 the kernels are still cached, in ``cache_dir()``: ``$MPDIAG_CACHE_DIR/numba/<mpdiag version>``, where
 ``MPDIAG_CACHE_DIR`` defaults to the user's cache directory for mpdiag (``$XDG_CACHE_HOME/mpdiag`` or
 ``~/.cache/mpdiag`` on Linux). A directory that cannot be created or written means no cache, not an error.
