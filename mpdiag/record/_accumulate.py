@@ -502,6 +502,8 @@ def read_with_extras(
         fields = layout.decode_many(np.stack([counts for _, counts, _ in entries]))
         for (key, _, values), f in zip(entries, fields):
             decoded[key].append({**f, **DEVICE_STATS.unpack(values)})
+    if use_cpu_kernel():
+        _cpu_kernel.compile_wanted()  # a step's statistics are read: compile its threaded kernels now
     return {key: _finish(acc, decoded[key]) for key, acc in accumulators.items()}, extras_host
 
 

@@ -17,7 +17,7 @@ threshold that is not a power of two, inf/NaN, the source's own subnormals).
   bucket directly, from its key's first bucket and the same short scan.
 - The extremes (amax, smallest non-zero magnitude) in a branch-free loop that compiles to vector
   instructions. Large tensors are split across numba's threads, once that kernel has compiled in the
-  background (``_compile_threaded_soon``).
+  background (``compile_wanted``).
 
 Loop bounds that depend on the source width are compile-time constants (``_key_shift``): a shift by a
 run-time amount made the hot loop half as fast.
@@ -293,23 +293,35 @@ def count_into(x: torch.Tensor, layout, counts: np.ndarray) -> dict[str, float]:
 
 # The threaded kernel takes numba's parfor compiler: about 1.9 s per bit width in a fresh environment,
 # more than the sequential kernel's whole compile (measured on a 2-core machine: 1.3 s for fp32's,
-# 0.7 s for a 16-bit width after it). It is compiled (or loaded from the cache) in a background thread
-# the first time a large tensor of a width arrives, and the sequential kernel, whose counts are the
-# same, measures until it is ready: the first step does not wait for it. numba compiles under one
-# global lock, so a first tensor of another width may still wait for it. The thread is not a daemon:
-# a short first process finishes the compile before it exits, and the next ones load it from the cache.
+# 0.7 s for a 16-bit width after it). The first large tensor of a width asks for it, and it is compiled
+# (or loaded from the cache) in a background thread once the statistics are next read (``read_many``:
+# the close of the first recorded step). Until then the sequential kernel, whose counts are the same,
+# measures. Started any sooner, it would hold numba's global compiler lock while the first step's other
+# widths wait to compile their sequential kernels. The thread is not a daemon: a short first process
+# finishes the compile before it exits, and the next ones load it from the cache.
 _THREADED_READY: set[np.dtype] = set()  # bit widths whose threaded kernel is compiled
+_THREADED_WANTED: dict[np.dtype, KernelTables] = {}  # asked for, not started: width -> tables to compile with
 _THREADED_COMPILING: dict[np.dtype, threading.Thread] = {}
 _THREADED_LOCK = threading.Lock()
 
 
 def _compile_threaded_soon(dtype: np.dtype, tables: KernelTables) -> None:
-    """Start compiling the threaded kernel for bit patterns of ``dtype``, unless that has begun."""
+    """Ask for the threaded kernel for bit patterns of ``dtype`` (``compile_wanted`` starts it)."""
+    if dtype not in _THREADED_COMPILING:
+        _THREADED_WANTED.setdefault(dtype, tables)
+
+
+def compile_wanted() -> None:
+    """Start compiling, in background threads, the threaded kernels asked for since the last call."""
+    if not _THREADED_WANTED:
+        return
     with _THREADED_LOCK:
-        if dtype not in _THREADED_COMPILING:
-            thread = threading.Thread(target=_compile_threaded, args=(dtype, tables), name="mpdiag-kernel-compile")
-            _THREADED_COMPILING[dtype] = thread
-            thread.start()
+        for dtype, tables in list(_THREADED_WANTED.items()):
+            del _THREADED_WANTED[dtype]
+            if dtype not in _THREADED_COMPILING:
+                thread = threading.Thread(target=_compile_threaded, args=(dtype, tables), name="mpdiag-kernel-compile")
+                _THREADED_COMPILING[dtype] = thread
+                thread.start()
 
 
 def _compile_threaded(dtype: np.dtype, tables: KernelTables) -> None:
@@ -326,8 +338,9 @@ def _compile_threaded(dtype: np.dtype, tables: KernelTables) -> None:
 
 
 def finish_compiling() -> None:
-    """Wait until every threaded kernel being compiled is ready (tests and benchmarks: the same path
-    every time)."""
+    """Compile the threaded kernels asked for and wait until every one is ready (tests and benchmarks:
+    the same path every time)."""
+    compile_wanted()
     for thread in list(_THREADED_COMPILING.values()):
         thread.join()
 
