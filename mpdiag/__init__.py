@@ -14,12 +14,15 @@ from mpdiag.core.casting import classify, round_to
 from mpdiag.core.errors import MpdiagError, MpdiagWarning
 from mpdiag.core.events import AnomalyRecord, NonFiniteError, NonFiniteEvent, NonFiniteOrigin
 from mpdiag.core.run import Kind, Run, Site
+from mpdiag.core.sensitivity import KeepFp32, LayerError, Sensitivity
 from mpdiag.core.stats import TensorStats
 from mpdiag.core.version import __version__ as __version__  # re-exported, as the alias tells linters
 from mpdiag.diagnose import Diagnosis, diagnose
 from mpdiag.integrations.tensorboard import to_tensorboard
 from mpdiag.io.runfile import RunFileError, load
+from mpdiag.probe.keep_fp32 import keep_fp32
 from mpdiag.probe.replay import replay_loss_scale
+from mpdiag.probe.sensitivity import sensitivity
 from mpdiag.probe.trace import trace_nonfinite
 from mpdiag.record._accumulate import tensor_stats
 from mpdiag.render import Report, report
@@ -54,6 +57,11 @@ __all__ = [
     "NonFiniteError",
     "trace_nonfinite",
     "NonFiniteOrigin",
+    "sensitivity",
+    "Sensitivity",
+    "LayerError",
+    "KeepFp32",
+    "keep_fp32",
     "report",
     "Report",
     "load",

@@ -1,0 +1,219 @@
+"""Per-layer precision sensitivity as plain data, and the search for the fewest layers to keep in fp32.
+
+``mpdiag.sensitivity`` (``mpdiag.probe.sensitivity``) measures; this module holds what it returns:
+``LayerError`` (how far one module's output is from fp32's), ``Sensitivity`` (local and propagated
+errors of every module, the loss's error) and ``KeepFp32`` (the answer of ``Sensitivity.keep_fp32``).
+The search runs the model again to verify each candidate set, through a function the probe hands over
+(``Verify``); everything else here is arithmetic on the measured numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from mpdiag.core.errors import MpdiagError
+from mpdiag.core.text import display_name
+
+__all__ = ["LayerError", "KeepFp32", "Sensitivity", "Verify"]
+
+#: Runs the model in low precision with the named modules in fp32: (the loss's relative error, whether
+#: the loss and every module output stayed finite).
+Verify = Callable[[Sequence[str]], tuple[float, bool]]
+
+DEFAULT_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """How far a module's low-precision output is from its fp32 output (all its floating outputs, all
+    the calls of one forward, taken together).
+
+    Attributes:
+        name: the module's name in ``model.named_modules()``.
+        rel_error: ``||low - fp32|| / ||fp32||`` (L2 norms, in fp64); inf where ``nonfinite``.
+        sqnr_db: signal to quantisation-noise ratio, ``10 log10(||fp32||^2 / ||low - fp32||^2)``: about
+            6 dB per mantissa bit kept; inf where the outputs are equal, -inf where ``nonfinite``.
+        nonfinite: the low-precision output holds NaN or inf where the fp32 output is finite.
+    """
+
+    name: str
+    rel_error: float
+    sqnr_db: float
+    nonfinite: bool
+
+    @property
+    def label(self) -> str:
+        return display_name(self.name)
+
+    def describe(self) -> str:
+        if self.nonfinite:
+            return "non-finite"
+        return f"{self.rel_error:.2e} ({self.sqnr_db:.0f} dB)"
+
+
+@dataclass(frozen=True)
+class KeepFp32:
+    """The answer of ``Sensitivity.keep_fp32``.
+
+    Attributes:
+        names: the modules to keep in fp32, in forward order (empty: nothing needed); None when no set
+            short of every leaf module kept the loss within ``tolerance``.
+        tolerance: the loss's relative error allowed.
+        loss_error: the loss's relative error with ``names`` in fp32 (with every leaf in fp32 where
+            ``names`` is None), measured by running the model.
+        passes: how many runs of the model the search took (each a forward pass of the batch).
+        dtype: the low precision ("fp16", "bf16").
+        transformers_line: for a transformers model, the class attribute with the same effect at load time.
+    """
+
+    names: tuple[str, ...] | None
+    tolerance: float
+    loss_error: float
+    passes: int
+    dtype: str
+    transformers_line: str | None = None
+
+    @property
+    def found(self) -> bool:
+        return self.names is not None
+
+    def code(self) -> str:
+        """The line that applies the answer around the training step."""
+        names = list(self.names or ())
+        return f"with mpdiag.keep_fp32(model, {names!r}):"
+
+    def __str__(self) -> str:
+        within = f"loss error {self.loss_error:.2e}, tolerance {self.tolerance:g}; {self.passes} passes"
+        if self.names is None:
+            return (
+                f"no set of modules short of every leaf keeps the loss within tolerance in {self.dtype} "
+                f"({within}): train this model in fp32, or raise the tolerance"
+            )
+        if not self.names:
+            return f"nothing needs fp32 in {self.dtype} ({within})"
+        lines = [f"keep in fp32 for {self.dtype}: {', '.join(display_name(n) for n in self.names)} ({within})"]
+        lines.append(f"  {self.code()}")
+        if self.transformers_line:
+            lines.append(f"  or, for a transformers model loaded in {self.dtype}: {self.transformers_line}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """What low precision does to each module of a model on one batch (``mpdiag.sensitivity``).
+
+    Attributes:
+        dtype: the low precision measured ("fp16", "bf16").
+        device_type: the device type autocast ran for.
+        local: per module (forward order), its **local error**: the module alone run in low precision
+            on the exact input it received in the fp32 pass. Which layer is itself fragile.
+        propagated: per module, its output's error with the whole model under autocast: the error it
+            inherits and adds. ``first_nonfinite`` is the first module whose output became non-finite.
+        leaves: the modules without children, in forward order: the candidates ``keep_fp32`` prefers.
+        loss_fp32, loss_low: the loss of the fp32 pass and of the autocast pass.
+        skipped: modules whose local error could not be measured, with the reason.
+        passes: forward passes the measurement took (reference, one per module, autocast).
+        transformers_class: the transformers model class name, if the model is one.
+    """
+
+    dtype: str
+    device_type: str
+    local: Mapping[str, LayerError]
+    propagated: Mapping[str, LayerError]
+    leaves: tuple[str, ...]
+    loss_fp32: float
+    loss_low: float
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    passes: int = 0
+    transformers_line_for: Callable[[Sequence[str]], str | None] | None = field(default=None, compare=False, repr=False)
+    verify: Verify | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def loss_error(self) -> float:
+        """The loss's relative error under autocast (inf when the low-precision loss is not finite)."""
+        return relative(self.loss_low, self.loss_fp32)
+
+    @property
+    def first_nonfinite(self) -> str | None:
+        return next((name for name, e in self.propagated.items() if e.nonfinite), None)
+
+    def fragile(self, n: int | None = 10) -> list[LayerError]:
+        """The leaf modules by local error, worst first (non-finite ones before all others)."""
+        ranked = sorted(
+            (self.local[name] for name in self.leaves if name in self.local),
+            key=lambda e: (not e.nonfinite, -e.rel_error),
+        )
+        return ranked if n is None else ranked[:n]
+
+    def keep_fp32(self, tolerance: float = DEFAULT_TOLERANCE) -> KeepFp32:
+        """The fewest modules found that, kept in fp32 with the rest in low precision, keep the loss's
+        relative error within ``tolerance`` and every output finite.
+
+        Greedy from the measured errors, each candidate verified by running the model: leaf modules are
+        added in order of local error (non-finite first) until a run passes, then each one added before
+        the last is dropped again if the run passes without it. One pass for the empty set, at most one
+        per leaf while adding and one per member while pruning.
+        """
+        if self.verify is None:
+            raise MpdiagError("this Sensitivity has no model to verify with (it was loaded, not measured)")
+        if not tolerance > 0:
+            raise MpdiagError(f"keep_fp32 expects a tolerance above 0 (a relative loss error), got {tolerance!r}")
+        passes = 0
+
+        def passing(names: Sequence[str]) -> tuple[bool, float]:
+            nonlocal passes
+            passes += 1
+            assert self.verify is not None
+            error, finite = self.verify(names)
+            return finite and error <= tolerance, error
+
+        ok, error = passing(())
+        if ok:
+            return self._answer((), tolerance, error, passes)
+        chosen: list[str] = []
+        for layer in self.fragile(None):
+            chosen.append(layer.name)
+            ok, error = passing(chosen)
+            if ok:
+                break
+        else:
+            return self._answer(None, tolerance, error, passes)
+        for name in reversed(chosen[:-1]):  # the last one added made it pass; the others may not be needed
+            trial = [n for n in chosen if n != name]
+            ok, trial_error = passing(trial)
+            if ok:
+                chosen, error = trial, trial_error
+        return self._answer(tuple(chosen), tolerance, error, passes)
+
+    def _answer(self, names: tuple[str, ...] | None, tolerance: float, error: float, passes: int) -> KeepFp32:
+        in_order = None if names is None else tuple(n for n in self.leaves if n in names)
+        line = self.transformers_line_for(in_order) if in_order and self.transformers_line_for else None
+        return KeepFp32(in_order, tolerance, error, passes, self.dtype, line)
+
+    def __str__(self) -> str:
+        lines = [
+            f"precision sensitivity, {self.dtype} on {self.device_type}: loss {self.loss_fp32:.6g} in fp32, "
+            f"{self.loss_low:.6g} in {self.dtype} (relative error {self.loss_error:.2e}); {self.passes} passes",
+        ]
+        if self.first_nonfinite is not None:
+            lines.append(f"first non-finite output under autocast: {display_name(self.first_nonfinite)}")
+        worst = self.fragile(8)
+        if worst:
+            width = max(len(e.label) for e in worst)
+            lines.append(f"most fragile layers ({'local error':>24} {'propagated error':>24}):")
+            for e in worst:
+                prop = self.propagated.get(e.name)
+                shown = prop.describe() if prop is not None else "-"
+                lines.append(f"  {e.label:<{width}} {e.describe():>24} {shown:>24}")
+        if self.skipped:
+            lines.append(f"not measured alone: {', '.join(display_name(n) for n in self.skipped)}")
+        return "\n".join(lines)
+
+
+def relative(value: float, reference: float) -> float:
+    """``|value - reference| / |reference|`` (absolute where the reference is 0; inf where not finite)."""
+    if not math.isfinite(value):
+        return math.inf
+    return abs(value - reference) / (abs(reference) or 1.0)

@@ -1,0 +1,298 @@
+"""Measure what low precision does to each layer of a model on one batch, and which layers to keep in fp32.
+
+``sensitivity(model, loss_fn, batch, dtype)`` runs the batch forward (no backward, no optimizer):
+
+1. an fp32 reference pass (autocast off, fp32 matmuls at "highest" precision), keeping each module's
+   inputs, outputs and the random state it started from;
+2. per module, the module alone under autocast on its fp32 inputs, from the same random state (its
+   **local error**: the error that module itself adds);
+3. the whole model under autocast from the same random state (the **propagated error** of each
+   module's output, and the loss's).
+
+``Sensitivity.keep_fp32(tolerance)`` then searches the fewest modules to keep in fp32, verifying each
+candidate set with one more forward pass under ``mpdiag.keep_fp32``.
+
+Cost: one forward of the model for the reference, one for the autocast pass, and one run of each
+module alone, about one forward per level of module nesting; memory for a copy of every module's
+inputs and outputs. The model is left as found: parameters are never written, buffers (BatchNorm's
+running statistics) and ``.grad`` are restored, the random state too; dropout draws the same masks in
+every pass; an attached Diagnosis records none of it.
+
+Examples:
+    >>> import torch, mpdiag
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    >>> sens = mpdiag.sensitivity(model, lambda m, x: m(x).square().mean(), torch.randn(4, 8), torch.bfloat16)
+    >>> sorted(sens.local), sens.leaves
+    (['0', '1'], ('0', '1'))
+    >>> sens.keep_fp32(tolerance=0.05).names
+    ()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpdiag.core.errors import MpdiagError
+from mpdiag.core.sensitivity import LayerError, Sensitivity, relative
+from mpdiag.probe._rerun import _rng_state, _set_rng_state, preserved
+from mpdiag.probe.keep_fp32 import keep_fp32, transformers_line
+from mpdiag.record import floating_tensors
+
+__all__ = ["sensitivity"]
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+#: The low precisions autocast runs, by the names Sensitivity reports.
+_AUTOCAST_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def sensitivity(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    dtype: torch.dtype | str = torch.float16,
+    *,
+    device_type: str | None = None,
+) -> Sensitivity:
+    """Local and propagated error of every module of ``model`` in ``dtype`` on ``batch``.
+
+    Args:
+        model: the model, in the mode (train/eval) its training runs in, with fp32 parameters.
+        loss_fn: ``loss_fn(model, batch)`` returns the scalar loss, forward included; it must not apply
+            autocast itself (the passes choose the precision).
+        batch: whatever ``loss_fn`` takes.
+        dtype: ``torch.float16`` / ``"fp16"`` or ``torch.bfloat16`` / ``"bf16"``.
+        device_type: the autocast device type; by default that of the model's parameters.
+    """
+    if not isinstance(model, nn.Module):
+        raise MpdiagError(f"sensitivity expects a torch.nn.Module, got {type(model).__name__}")
+    low = _low_dtype(dtype)
+    device_type = device_type or _device_type_of(model)
+    names = {module: name for name, module in model.named_modules()}
+    leaves = [name for name, module in model.named_modules() if name and not any(True for _ in module.children())]
+    with preserved(model) as rerun, torch.no_grad(), _fp32_matmuls():
+        reference = _Capture(names, keep_inputs=True)
+        with reference.hooks(model), torch.autocast(device_type, enabled=False):
+            loss_fp32 = _loss(rerun, model, loss_fn, batch)
+        local, skipped = rerun(lambda: _local_errors(reference, device_type, low))  # buffers restored after
+        propagated = _Capture(names, compare_with=reference)
+        with propagated.hooks(model), torch.autocast(device_type, dtype=low):
+            loss_low = _loss(rerun, model, loss_fn, batch)
+
+    def verify(kept: Sequence[str]) -> tuple[float, bool]:
+        check = _Capture(names, finite_only=True)
+        with preserved(model) as again, torch.no_grad(), _fp32_matmuls():
+            with keep_fp32(model, kept), check.hooks(model), torch.autocast(device_type, dtype=low):
+                loss = _loss(again, model, loss_fn, batch)
+        return relative(loss, loss_fp32), check.all_finite and math.isfinite(loss)
+
+    in_order = [names[m] for m in reference.order]
+    return Sensitivity(
+        dtype=_AUTOCAST_DTYPES[low],
+        device_type=device_type,
+        local={n: local[n] for n in in_order if n in local},
+        propagated={n: e for n in in_order if (e := propagated.error(n)) is not None},
+        leaves=tuple(n for n in in_order if n in leaves),
+        loss_fp32=loss_fp32,
+        loss_low=loss_low,
+        skipped=skipped,
+        passes=2 + len(local),
+        transformers_line_for=lambda kept: transformers_line(model, kept, low),
+        verify=verify,
+    )
+
+
+def _low_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    by_name = {name: d for d, name in _AUTOCAST_DTYPES.items()} | {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    low = by_name.get(dtype) if isinstance(dtype, str) else dtype
+    if low not in _AUTOCAST_DTYPES:
+        raise MpdiagError(
+            f"sensitivity measures autocast's fp16 or bf16 (torch.float16, torch.bfloat16, 'fp16', 'bf16'), "
+            f"got {dtype!r}"
+        )
+    return low
+
+
+def _device_type_of(model: nn.Module) -> str:
+    for p in model.parameters():
+        return p.device.type
+    return "cpu"
+
+
+@contextlib.contextmanager
+def _fp32_matmuls() -> Iterator[None]:
+    """fp32 matmuls really in fp32 (TF32 off) while measuring; the setting is restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _loss(rerun: Callable[[Callable[[], Any]], Any], model: nn.Module, loss_fn: LossFn, batch: Any) -> float:
+    loss = rerun(lambda: loss_fn(model, batch))
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise MpdiagError(f"loss_fn must return a scalar loss tensor, got {type(loss).__name__}")
+    return float(loss.detach().double())
+
+
+@dataclass
+class _Call:
+    """One call of a module in the reference pass: what went in, what came out, the random state first."""
+
+    args: Any
+    kwargs: Any
+    rng: dict[str, Any]
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+class _Sums:
+    """Sums of squares over a module's outputs: the signal, the error and whether it went non-finite."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+        self.nonfinite = False
+
+    def add(self, low: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> None:
+        # In fp32: the low-precision values widen exactly, their difference to fp32's is exact to an fp32
+        # rounding (far below the error measured), and the dot products accumulate blockwise. fp64 copies
+        # of GPT-2's logits would cost more than the forward.
+        for a, b in zip(low, ref):
+            if a.shape != b.shape:
+                continue
+            a, b = a.float().reshape(-1), b.float().reshape(-1)
+            if not bool(torch.isfinite(b).all()):  # where fp32 itself is not finite there is nothing to compare
+                keep = torch.isfinite(b)
+                a, b = a[keep], b[keep]
+            if not bool(torch.isfinite(a).all()):
+                self.nonfinite = True
+                continue
+            diff = a - b
+            self.signal += float(torch.dot(b, b))
+            self.noise += float(torch.dot(diff, diff))
+
+    def error(self, name: str) -> LayerError:
+        if self.nonfinite or not math.isfinite(self.noise):
+            return LayerError(name, math.inf, -math.inf, True)
+        if self.noise == 0:
+            return LayerError(name, 0.0, math.inf, False)
+        rel = math.sqrt(self.noise / self.signal) if self.signal else math.inf
+        sqnr = 10 * math.log10(self.signal / self.noise) if self.signal else -math.inf
+        return LayerError(name, rel, sqnr, False)
+
+
+class _Capture:
+    """Forward hooks on every module of one pass: keep the calls (reference), compare each output with
+    the reference's (propagated), or only check that every output is finite (verification)."""
+
+    def __init__(
+        self,
+        names: dict[nn.Module, str],
+        *,
+        keep_inputs: bool = False,
+        compare_with: _Capture | None = None,
+        finite_only: bool = False,
+    ) -> None:
+        self.names = names
+        self.keep_inputs, self.reference, self.finite_only = keep_inputs, compare_with, finite_only
+        self.calls: dict[nn.Module, list[_Call]] = {}
+        self.order: list[nn.Module] = []  # modules in the order their first call finished
+        self.sums: dict[str, _Sums] = {}
+        self.seen: dict[nn.Module, int] = {}
+        self.all_finite = True
+        self._copies: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @contextlib.contextmanager
+    def hooks(self, model: nn.Module) -> Iterator[None]:
+        handles = []
+        for module in self.names:
+            if self.keep_inputs:
+                handles.append(module.register_forward_pre_hook(self._before, with_kwargs=True))
+            handles.append(module.register_forward_hook(self._after))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _before(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self.calls.setdefault(module, []).append(_Call(_snapshot(args), _snapshot(kwargs), _rng_state()))
+
+    def _after(self, module: nn.Module, args: Any, output: Any) -> None:
+        outputs = [t.detach() for t in floating_tensors(output) if t.is_floating_point()]
+        if self.finite_only:
+            self.all_finite &= all(bool(torch.isfinite(t).all()) for t in outputs)
+            return
+        index = self.seen.get(module, 0)
+        self.seen[module] = index + 1
+        if index == 0:
+            self.order.append(module)
+        if self.keep_inputs:
+            self.calls[module][index].outputs = [self._copy(t) for t in outputs]
+        elif self.reference is not None:
+            ref_calls = self.reference.calls.get(module, [])
+            if index < len(ref_calls):
+                self.sums.setdefault(self.names[module], _Sums()).add(outputs, ref_calls[index].outputs)
+
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        # A tensor several modules return (a head's logits are the model's) is copied once; the
+        # original is held with its copy so that its id stays its own for the whole pass.
+        key = (id(t), t._version)
+        if key not in self._copies:
+            self._copies[key] = (t, t.clone())
+        return self._copies[key][1]
+
+    def error(self, name: str) -> LayerError | None:
+        sums = self.sums.get(name)
+        return None if sums is None else sums.error(name)
+
+
+def _snapshot(tree: Any) -> Any:
+    """A copy of a module's inputs that later in-place updates cannot reach: tensors cloned (detached),
+    other objects deep-copied where they allow it (a transformers cache grows as layers run)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, tuple) and not hasattr(tree, "_fields"):
+        return tuple(_snapshot(item) for item in tree)
+    if isinstance(tree, list):
+        return [_snapshot(item) for item in tree]
+    if isinstance(tree, dict):
+        return {key: _snapshot(item) for key, item in tree.items()}
+    try:
+        return copy.deepcopy(tree)
+    except Exception:  # noqa: BLE001 - an object that cannot be copied is passed as it is
+        return tree
+
+
+def _local_errors(
+    reference: _Capture, device_type: str, low: torch.dtype
+) -> tuple[dict[str, LayerError], dict[str, str]]:
+    """Each module (the root aside) run alone under autocast on each of its reference inputs."""
+    errors: dict[str, LayerError] = {}
+    skipped: dict[str, str] = {}
+    for module in reference.order:
+        name = reference.names[module]
+        if not name:
+            continue  # the root alone is the propagated pass
+        sums = _Sums()
+        try:
+            for call in reference.calls[module]:
+                _set_rng_state(call.rng)
+                with torch.autocast(device_type, dtype=low):
+                    output = module(*_snapshot(call.args), **_snapshot(call.kwargs))
+                sums.add([t for t in floating_tensors(output) if t.is_floating_point()], call.outputs)
+        except Exception as err:  # noqa: BLE001 - a module that cannot run alone is reported, not fatal
+            skipped[name] = f"{type(err).__name__}: {err}"
+            continue
+        errors[name] = sums.error(name)
+    return errors, skipped

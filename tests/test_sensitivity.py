@@ -1,0 +1,210 @@
+"""Precision sensitivity and keep_fp32, against real autocast on models with a known fragile layer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mpdiag
+from mpdiag.core.errors import MpdiagError
+
+
+class OverflowingBlock(nn.Module):
+    """A T5-style feed-forward block whose output projection ``wo`` reaches ~1e5, past fp16's 65,504,
+    with a LayerNorm after it (which would bring the values back, were they finite)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wi = nn.Linear(64, 256)
+        self.act = nn.ReLU()
+        self.wo = nn.Linear(256, 64)
+        self.norm = nn.LayerNorm(64)
+        with torch.no_grad():
+            self.wo.weight.mul_(200_000.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.wo(self.act(self.wi(x))))
+
+
+class OffsetProjection(nn.Linear):
+    """A linear layer fed its input plus a large offset, whose bias takes the offset's image away again:
+    in fp32 the output is ``weight @ x``; in bf16 the offset input keeps 8 bits and x's detail is lost.
+    (Subtracting nearly equal large values, inside one layer.)"""
+
+    def __init__(self, offset: float = 4096.0) -> None:
+        super().__init__(64, 64)
+        self.offset = offset
+        with torch.no_grad():
+            self.bias.copy_(-offset * self.weight.sum(dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x + self.offset)
+
+
+class Classifier(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.block = block
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.inp(x)))
+
+
+def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(16, 32), torch.randint(0, 10, (16,))
+
+
+def loss_under(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype | None) -> float:
+    """The loss with real autocast in ``dtype`` (None: fp32), computed here, apart from mpdiag's passes."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        return float(classification_loss(model, data))
+
+
+def test_keep_fp32_names_the_projection_that_overflows_fp16() -> None:
+    model, data = Classifier(OverflowingBlock()), batch()
+    assert not math.isfinite(loss_under(model, data, torch.float16))  # the failure users bring
+
+    sens = mpdiag.sensitivity(model, classification_loss, data, torch.float16)
+    assert sens.local["block.wo"].nonfinite and sens.first_nonfinite == "block.wo"
+    assert [e.name for e in sens.fragile(None) if e.nonfinite] == ["block.wo"]  # of the leaves
+    assert sens.local["block"].nonfinite  # the block holding it, run alone, too
+    answer = sens.keep_fp32(tolerance=1e-3)
+    assert answer.names == ("block.wo",) and answer.passes >= 2
+
+    with mpdiag.keep_fp32(model, answer.names):
+        kept = loss_under(model, data, torch.float16)
+    fp32 = loss_under(model, data, None)
+    assert abs(kept - fp32) / fp32 <= 1e-3
+    assert answer.loss_error == pytest.approx(abs(kept - fp32) / fp32, rel=1e-6)
+    assert "block.wo" in str(sens) and "mpdiag.keep_fp32(model, ['block.wo'])" in str(answer)
+
+
+def test_keep_fp32_names_the_layer_that_loses_its_signal_to_bf16() -> None:
+    model, data = Classifier(OffsetProjection()), batch()
+    sens = mpdiag.sensitivity(model, classification_loss, data, "bf16")
+    assert sens.fragile(1)[0].name == "block"
+    assert sens.local["block"].rel_error > 0.1  # the signal is gone, not just rounded
+    assert sens.loss_error > 0.01
+    answer = sens.keep_fp32(tolerance=0.01)
+    assert answer.names == ("block",)
+    with mpdiag.keep_fp32(model, ["block"]):
+        kept = loss_under(model, data, torch.bfloat16)
+    assert abs(kept - loss_under(model, data, None)) / loss_under(model, data, None) <= 0.01
+
+
+def test_no_set_short_of_everything_is_said_so() -> None:
+    # The overflow happens in the loss function itself, outside every module: no module in fp32 helps.
+    model, data = Classifier(nn.Identity()), batch()
+    big = torch.full((10, 10), 1e5)
+
+    def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return (model(batch[0]) @ big).sum() * 0 + classification_loss(model, batch)
+
+    answer = mpdiag.sensitivity(model, loss, data, torch.float16).keep_fp32()
+    assert answer.names is None and not answer.found
+    assert "no set of modules short of every leaf" in str(answer)
+
+
+def test_gpt2_needs_nothing_in_bf16_and_its_matmuls_err_as_much_as_a_cast() -> None:
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config)  # train mode: dropout on, as in training
+    ids = torch.randint(0, 512, (4, 64))
+
+    def loss(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return m(input_ids=ids, labels=ids).loss
+
+    x = torch.randn(1 << 16)
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        noise = x.to(dtype).float() - x
+        cast_sqnr = 10 * math.log10(float(x.square().sum() / noise.square().sum()))  # the real cast's
+        sens = mpdiag.sensitivity(model, loss, ids, dtype)
+        matmuls = [e for n, e in sens.local.items() if n.endswith(("c_attn", "c_fc", "mlp.c_proj"))]
+        assert len(matmuls) == 3 * config.n_layer
+        # inputs and output each rounded once: a few dB under one cast, never far from it
+        for e in matmuls:
+            assert cast_sqnr - 8 <= e.sqnr_db <= cast_sqnr + 3, (name, e)
+        if dtype is torch.bfloat16:
+            assert sens.keep_fp32(tolerance=0.01).names == ()
+            assert sens.loss_error < 0.01
+
+
+def test_the_model_is_left_as_found() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 1))
+    x = torch.randn(16, 8)
+    model(x).sum().backward()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    with mpdiag.diagnose(model) as diag:
+        sens = mpdiag.sensitivity(model, lambda m, b: m(b).square().mean(), x, torch.bfloat16)
+        sens.keep_fp32()
+    assert diag.run.steps == []  # an attached diagnosis recorded none of the passes
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    assert torch.equal(torch.get_rng_state(), rng)
+    # dropout drew the same mask in every pass: its output differs from fp32 only by rounding
+    assert sens.propagated["2"].rel_error < 0.02
+
+
+def test_keep_fp32_runs_modules_in_fp32_and_restores_them() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    forward = model[1].forward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with mpdiag.keep_fp32(model, ["1"]):
+            assert model[0](torch.ones(1, 4)).dtype == torch.bfloat16
+            assert model(torch.ones(1, 4)).dtype == torch.float32
+        assert model(torch.ones(1, 4)).dtype == torch.bfloat16
+    assert "forward" not in model[1].__dict__ and model[1].forward == forward
+
+
+def test_keep_fp32_keeps_a_forward_patched_on_the_instance() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    calls = []
+    inner = model[0].forward
+
+    def patched(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.dtype)
+        return inner(x)
+
+    model[0].forward = patched
+    with torch.autocast("cpu", dtype=torch.bfloat16), mpdiag.keep_fp32(model, ["0"]):
+        model(torch.ones(1, 4, dtype=torch.bfloat16))
+    assert calls == [torch.float32] and model[0].forward is patched
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [(["nope"], "'nope' not a module"), ("0", "not one string"), (["low"], "bfloat16 parameters")],
+)
+def test_keep_fp32_refuses_what_it_cannot_do(names: object, message: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.add_module("low", nn.Linear(4, 4).bfloat16())
+    with pytest.raises(MpdiagError, match=message), mpdiag.keep_fp32(model, names):  # type: ignore[arg-type]
+        pass
+
+
+def test_bad_arguments_get_clear_errors() -> None:
+    model = nn.Linear(4, 1)
+    with pytest.raises(MpdiagError, match="fp16 or bf16"):
+        mpdiag.sensitivity(model, lambda m, x: m(x).sum(), torch.ones(2, 4), torch.float32)
+    with pytest.raises(MpdiagError, match="scalar loss"):
+        mpdiag.sensitivity(model, lambda m, x: m(x), torch.ones(2, 4), "fp16")
+    with pytest.raises(MpdiagError, match="torch.nn.Module"):
+        mpdiag.sensitivity(object(), lambda m, x: x, None)  # type: ignore[arg-type]
+    sens = mpdiag.sensitivity(model, lambda m, x: m(x).sum(), torch.ones(2, 4), "fp16")
+    with pytest.raises(MpdiagError, match="tolerance above 0"):
+        sens.keep_fp32(tolerance=0)
