@@ -63,7 +63,7 @@ def _progress(step: int, total: int, loss: float) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mpdiag.analysis import analyse
-    from mpdiag.demo import run_demo
+    from mpdiag.demo import run_demo, unstable_sensitivity
     from mpdiag.io.runfile import load
     from mpdiag.render import report
     from mpdiag.render.terminal import summary
@@ -75,7 +75,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run = load(path)
     analysis = analyse(run)  # one analysis for the summary and the report
     print(summary(run, analysis=analysis))
-    written = report(run, out, title="mpdiag demo: the built-in transformer", analysis=analysis)
+    sens = unstable_sensitivity(args.device) if args.unstable else None
+    if sens is not None:
+        print(f"\n{sens}")
+    title = "mpdiag demo: the built-in transformer"
+    written = report(run, out, title=title, analysis=analysis, sensitivity=sens)
     print(f"\nrun file: {path}\nreport:   {written.html} (figures beside it, {written.seconds:.1f} s)")
     return 0
 

@@ -1,7 +1,9 @@
 """The demo: train the built-in transformer on synthetic data with diagnose attached, into a run file.
 
 The default run shows a healthy model. ``unstable=True`` scales the embeddings up (activations past
-fp16's max) and the loss down (gradients below fp16's smallest subnormal), so there is something to see.
+fp16's max), the last block's output projection up (as T5's ``wo``: under fp16 autocast its output
+overflows) and the loss down (gradients below fp16's smallest subnormal), so there is something to see;
+``unstable_sensitivity`` measures which of its layers must stay in fp32.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import torch
 
 import mpdiag
 from mpdiag.core.errors import MpdiagError
+from mpdiag.core.sensitivity import Sensitivity
 from mpdiag.record.environment import check_autocast
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
-__all__ = ["run_demo", "DTYPES"]
+__all__ = ["run_demo", "unstable_sensitivity", "DTYPES"]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,11 +45,7 @@ def run_demo(
     path = out_dir / "run.mpdiag"
     if path.exists():
         path.unlink()
-    torch.manual_seed(0)
-    model = TinyTransformerLM().to(device)
-    if unstable:
-        with torch.no_grad():
-            model.tok.weight.mul_(3e5)  # residual stream past fp16's max (65504)
+    model = demo_model(device, unstable)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = _grad_scaler(device) if dtype == "fp16" and not unstable else None
     loss_factor = 1e-9 if unstable else 1.0  # gradients below fp16's subnormals without loss scaling
@@ -68,6 +67,30 @@ def run_demo(
             if progress is not None:
                 progress(step + 1, steps, float(loss.detach()) / loss_factor)
     return path
+
+
+def demo_model(device: str = "cpu", unstable: bool = False) -> TinyTransformerLM:
+    """The demo's model, from seed 0; ``unstable``: with the two layers scaled past fp16's range."""
+    torch.manual_seed(0)
+    model = TinyTransformerLM().to(device)
+    if unstable:
+        with torch.no_grad():
+            # The residual stream past fp16's max (65504): autocast keeps it in fp32, the statistics flag it.
+            model.tok.weight.mul_(3e5)
+            # A projection whose own output passes fp16's max, as T5's wo: under fp16 autocast it is inf.
+            model.get_parameter(f"blocks.{len(model.blocks) - 1}.mlp.2.weight").mul_(1e5)
+    return model
+
+
+def unstable_sensitivity(device: str = "cpu") -> Sensitivity:
+    """The unstable demo model's precision sensitivity in fp16 on one batch, with the keep-fp32 answer
+    (``sens.answers``) found."""
+    check_autocast(device, torch.float16)
+    model = demo_model(device, unstable=True)
+    tokens, targets = next(synthetic_batches(device=device))
+    sens = mpdiag.sensitivity(model, lambda m, b: lm_loss(m(b[0]), b[1]), (tokens, targets), torch.float16)
+    sens.keep_fp32()
+    return sens
 
 
 def _grad_scaler(device: str) -> torch.amp.GradScaler:

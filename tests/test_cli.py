@@ -67,6 +67,11 @@ def test_unstable_demo_shows_overflow_and_underflow(tmp_path) -> None:
     assert run.stats("tok", "activation").overflow("fp16") > 0
     assert run.stats("head.weight", "param_grad").underflow("fp16") > 0
     assert run.meta["environment"]["autocast_dtype"] == "bfloat16"
+    # which layer to keep in fp32 for fp16: the scaled projection, found by running it
+    assert "first non-finite output under autocast: blocks.1.mlp.2" in result.stdout
+    assert "keep in fp32 for fp16: blocks.1.mlp.2" in result.stdout
+    page = (tmp_path / "report.html").read_text()
+    assert 'id="precision"' in page and (tmp_path / "sensitivity.png").exists()
     summary = mpdiag_cli("summary", str(tmp_path / "run.mpdiag"), "--top", "2")
     assert summary.returncode == 0 and summary.stdout.count("\n") < result.stdout.count("\n")
     assert "FAIL  fp16: " in summary.stdout and "OK    bf16: " in summary.stdout  # the verdicts lead

@@ -208,3 +208,21 @@ def test_bad_arguments_get_clear_errors() -> None:
     sens = mpdiag.sensitivity(model, lambda m, x: m(x).sum(), torch.ones(2, 4), "fp16")
     with pytest.raises(MpdiagError, match="tolerance above 0"):
         sens.keep_fp32(tolerance=0)
+
+
+def test_the_report_shows_the_layers_and_the_answer(tmp_path) -> None:  # noqa: ANN001
+    model, data = Classifier(OverflowingBlock()), batch()
+    with mpdiag.diagnose(model) as diag:
+        classification_loss(model, data).backward()
+    sens = mpdiag.sensitivity(model, classification_loss, data, torch.float16)
+    sens.keep_fp32(tolerance=1e-3)
+    out = mpdiag.report(diag.run, tmp_path, sensitivity=sens)
+    page = out.html.read_text()
+    assert 'id="precision"' in page and "block.wo" in page
+    assert "with mpdiag.keep_fp32(model, [&#39;block.wo&#39;]):" in page
+    assert out.figures["sensitivity"].read_bytes().startswith(b"\x89PNG")
+    assert "keep in fp32 for fp16: block.wo" in str(sens)
+    # without a sensitivity there is no such section, and an earlier report's figure is removed
+    again = mpdiag.report(diag.run, tmp_path)
+    assert "sensitivity" not in again.figures and not (tmp_path / "sensitivity.png").exists()
+    assert 'id="precision"' not in again.html.read_text()

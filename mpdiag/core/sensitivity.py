@@ -110,7 +110,9 @@ class Sensitivity:
         local: per module (forward order), its **local error**: the module alone run in low precision
             on the exact input it received in the fp32 pass. Which layer is itself fragile.
         propagated: per module, its output's error with the whole model under autocast: the error it
-            inherits and adds. ``first_nonfinite`` is the first module whose output became non-finite.
+            inherits and adds.
+        first_nonfinite: the first module (in the order outputs were produced) whose output under
+            autocast held NaN/inf where fp32's was finite; None if none did.
         leaves: the modules without children, in forward order: the candidates ``keep_fp32`` prefers.
         loss_fp32, loss_low: the loss of the fp32 pass and of the autocast pass.
         skipped: modules whose local error could not be measured, with the reason.
@@ -125,19 +127,18 @@ class Sensitivity:
     leaves: tuple[str, ...]
     loss_fp32: float
     loss_low: float
+    first_nonfinite: str | None = None
     skipped: Mapping[str, str] = field(default_factory=dict)
     passes: int = 0
     transformers_line_for: Callable[[Sequence[str]], str | None] | None = field(default=None, compare=False, repr=False)
     verify: Verify | None = field(default=None, compare=False, repr=False)
+    #: The answers ``keep_fp32`` found, by tolerance, in the order asked (the report shows them).
+    answers: dict[float, KeepFp32] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def loss_error(self) -> float:
         """The loss's relative error under autocast (inf when the low-precision loss is not finite)."""
         return relative(self.loss_low, self.loss_fp32)
-
-    @property
-    def first_nonfinite(self) -> str | None:
-        return next((name for name, e in self.propagated.items() if e.nonfinite), None)
 
     def fragile(self, n: int | None = 10) -> list[LayerError]:
         """The leaf modules by local error, worst first (non-finite ones before all others)."""
@@ -190,7 +191,8 @@ class Sensitivity:
     def _answer(self, names: tuple[str, ...] | None, tolerance: float, error: float, passes: int) -> KeepFp32:
         in_order = None if names is None else tuple(n for n in self.leaves if n in names)
         line = self.transformers_line_for(in_order) if in_order and self.transformers_line_for else None
-        return KeepFp32(in_order, tolerance, error, passes, self.dtype, line)
+        answer = self.answers[tolerance] = KeepFp32(in_order, tolerance, error, passes, self.dtype, line)
+        return answer
 
     def __str__(self) -> str:
         lines = [
@@ -209,6 +211,9 @@ class Sensitivity:
                 lines.append(f"  {e.label:<{width}} {e.describe():>24} {shown:>24}")
         if self.skipped:
             lines.append(f"not measured alone: {', '.join(display_name(n) for n in self.skipped)}")
+        lines.extend(str(answer) for answer in self.answers.values())
+        if not self.answers:
+            lines.append("which to keep in fp32: sens.keep_fp32(tolerance=...) runs the search")
         return "\n".join(lines)
 
 

@@ -103,6 +103,7 @@ def sensitivity(
         leaves=tuple(n for n in in_order if n in leaves),
         loss_fp32=loss_fp32,
         loss_low=loss_low,
+        first_nonfinite=propagated.first_nonfinite,
         skipped=skipped,
         passes=2 + len(local),
         transformers_line_for=lambda kept: transformers_line(model, kept, low),
@@ -210,6 +211,7 @@ class _Capture:
         self.sums: dict[str, _Sums] = {}
         self.seen: dict[nn.Module, int] = {}
         self.all_finite = True
+        self.first_nonfinite: str | None = None  # comparing: the first module whose output went non-finite
         self._copies: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @contextlib.contextmanager
@@ -242,7 +244,10 @@ class _Capture:
         elif self.reference is not None:
             ref_calls = self.reference.calls.get(module, [])
             if index < len(ref_calls):
-                self.sums.setdefault(self.names[module], _Sums()).add(outputs, ref_calls[index].outputs)
+                sums = self.sums.setdefault(self.names[module], _Sums())
+                sums.add(outputs, ref_calls[index].outputs)
+                if sums.nonfinite and self.first_nonfinite is None:
+                    self.first_nonfinite = self.names[module]
 
     def _copy(self, t: torch.Tensor) -> torch.Tensor:
         # A tensor several modules return (a head's logits are the model's) is copied once; the

@@ -17,6 +17,7 @@ from mpdiag.core import formats as _formats
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.events import NonFiniteOrigin
 from mpdiag.core.run import Run
+from mpdiag.core.sensitivity import Sensitivity
 
 __all__ = ["report", "Report"]
 
@@ -47,6 +48,7 @@ def report(
     origin: NonFiniteOrigin | None = None,
     title: str | None = None,
     analysis: Analysis | None = None,
+    sensitivity: Sensitivity | None = None,
 ) -> Report:
     """Write ``report.html`` and one PNG per figure into ``out_dir`` (created if missing).
 
@@ -60,6 +62,9 @@ def report(
         title: the page title (default "mpdiag stability report").
         analysis: ``mpdiag.analyse(run, scale_format=...)`` where already computed (the CLI's demo prints
             the terminal summary of the same one); analysed here when None.
+        sensitivity: a ``mpdiag.sensitivity`` result: the page gains a section with each layer's local
+            and propagated error and the ``keep_fp32`` answers found on it (call ``sens.keep_fp32()``
+            first; rendering never runs the model).
 
     Examples:
         >>> import tempfile, torch, mpdiag
@@ -79,10 +84,14 @@ def report(
         raise MpdiagError("the run has no recorded steps; train at least one step with diagnose() attached")
     if top < 1:
         raise MpdiagError(f"top must be a positive number of sites, got {top}")
+    if sensitivity is not None and not isinstance(sensitivity, Sensitivity):
+        raise MpdiagError(f"sensitivity= expects a mpdiag.sensitivity() result, got {type(sensitivity).__name__}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     analysis = _analysed(run, scale_format, analysis)
-    page, figures = build(run, analysis, out, top=top, origin=origin, title=title or "mpdiag stability report")
+    page, figures = build(
+        run, analysis, out, top=top, origin=origin, title=title or "mpdiag stability report", sensitivity=sensitivity
+    )
     html = out / "report.html"
     html.write_text(page, encoding="utf-8")
     return Report(html=html, figures=figures, verdicts=analysis.verdicts, seconds=time.perf_counter() - started)

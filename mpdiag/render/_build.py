@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from mpdiag.analysis.overall import Analysis
 from mpdiag.core.events import NonFiniteOrigin
 from mpdiag.core.run import Kind, Run, Site, step_ranges
+from mpdiag.core.sensitivity import Sensitivity
 from mpdiag.core.version import __version__
 from mpdiag.render import figures as fig
 from mpdiag.render.page import EmbeddedFigure, render_page
@@ -26,11 +27,26 @@ _LINES = 8
 _EVENTS_SHOWN = 200
 _DPI = 100
 #: Every figure a report can have; a run without gradients has no loss-scaling figures, for example.
-FIGURES = ("ranges", "exponents_activations", "exponents_parameters", "over_time", "loss_scale", "grad_scaler")
+FIGURES = (
+    "ranges",
+    "exponents_activations",
+    "exponents_parameters",
+    "over_time",
+    "loss_scale",
+    "grad_scaler",
+    "sensitivity",
+)
 
 
 def build(
-    run: Run, analysis: Analysis, out: Path, *, top: int, origin: NonFiniteOrigin | None, title: str
+    run: Run,
+    analysis: Analysis,
+    out: Path,
+    *,
+    top: int,
+    origin: NonFiniteOrigin | None,
+    title: str,
+    sensitivity: Sensitivity | None = None,
 ) -> tuple[str, dict[str, Path]]:
     """Write the figures of ``run`` and its ``analysis`` into ``out`` as PNG files; return (page, figure files)."""
     ranked = [r.site for r in analysis.riskiest[run.formats[0]]]  # the first format's, riskiest first
@@ -57,6 +73,7 @@ def build(
         f"and per-step counts of NaN/inf values and of values past {analysis.scale_format}'s overflow threshold.",
     )
     scaling = _scaling_section(run, analysis, save)
+    precision = _sensitivity_section(sensitivity, save)
     context = dict(
         title=title,
         overview=_overview(run),
@@ -68,6 +85,7 @@ def build(
         heatmaps=heatmaps,
         scaling=scaling,
         nonfinite=_nonfinite_section(run, origin),
+        sensitivity=precision,
         **_table_context(run, analysis),
         version=__version__,
         generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
@@ -178,6 +196,32 @@ def _scaling_section(run: Run, analysis: Analysis, save: Callable[..., EmbeddedF
     # Every note is an approximation of the replay (a run that did not record every step): shown beneath it.
     text = str(scaling.simulation) + "".join(f"\nNB: {note}" for note in analysis.notes)
     return {"reason": None, "advice": scaling.advice_text, "simulation": text}
+
+
+def _sensitivity_section(sens: Sensitivity | None, save: Callable[..., EmbeddedFigure]) -> dict[str, Any] | None:
+    """The precision-sensitivity section: the per-layer figure, the most fragile layers, the answers."""
+    if sens is None:
+        return None
+    answers = list(sens.answers.values())
+    kept = answers[-1].names or () if answers else ()
+    save(
+        "sensitivity",
+        fig.sensitivity_chart(sens, kept),
+        f"Signal to rounding-noise ratio of each leaf module's output in {sens.dtype}: local (the module alone "
+        "on its fp32 inputs: how fragile it is itself) and propagated (the whole model under autocast: what "
+        "it inherits as well). About 6 dB per mantissa bit; crosses: non-finite"
+        + ("; shaded: kept in fp32 by the last answer." if kept else "."),
+    )
+    rows = [
+        (e.label, e.describe(), sens.propagated[e.name].describe() if e.name in sens.propagated else "-")
+        for e in sens.fragile(15)
+    ]
+    return {
+        "summary": str(sens).splitlines()[0],
+        "first_nonfinite": sens.first_nonfinite,
+        "rows": rows,
+        "answers": [{"text": str(a)} for a in answers],
+    }
 
 
 def _nonfinite_section(run: Run, origin: NonFiniteOrigin | None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from mpdiag.analysis.overall import Analysis, LossScaling
 from mpdiag.core import formats as _formats
 from mpdiag.core.formats import Format, flush_exponent
 from mpdiag.core.run import Run, Site
+from mpdiag.core.sensitivity import Sensitivity
 from mpdiag.core.stats import HIST_EXPONENTS, TensorStats
 
 __all__ = [
@@ -369,3 +370,49 @@ def grad_scaler_trajectory(
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(alpha=0.3)
     return fig
+
+
+#: Where a non-finite error is drawn on the SQNR axis (below every finite value shown).
+_NONFINITE_DB = -10.0
+
+
+def sensitivity_chart(sens: Sensitivity, kept: Sequence[str] = ()) -> Figure:
+    """SQNR of each leaf module's output, in forward order: local (the module alone in low precision on
+    its fp32 inputs) and propagated (the whole model under autocast); non-finite as crosses at the bottom,
+    the modules ``kept`` in fp32 shaded."""
+    names = [n for n in sens.leaves if n in sens.local or n in sens.propagated]
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    ax = fig.subplots()
+    if not names:
+        _nothing(ax, "no leaf module was measured")
+        return fig
+    xs = np.arange(len(names))
+    measured = [e.sqnr_db for errors in (sens.local, sens.propagated) for e in errors.values()]
+    finite = [v for v in measured if math.isfinite(v)]
+    exact_db = (max(finite) if finite else 0.0) + 15  # where outputs equal to fp32's (inf dB) are drawn
+    for errors, label, color, marker, shift in (
+        (sens.local, "local: the module alone", "#1f77b4", "o", -0.12),
+        (sens.propagated, "propagated: whole model under autocast", "#ff7f0e", "s", 0.12),
+    ):
+        db = [errors[n].sqnr_db if n in errors else math.nan for n in names]
+        ax.plot(xs, [min(v, exact_db) if v > -math.inf else math.nan for v in db], lw=1.2, ms=4, label=label,
+                color=color, marker=marker)  # fmt: skip
+        bad = [x for x, n in zip(xs, names) if n in errors and errors[n].nonfinite]
+        if bad:
+            ax.plot([x + shift for x in bad], [_NONFINITE_DB] * len(bad), "x", color=color, ms=9, mew=2)
+    ax.axhline(exact_db, color="grey", lw=0.8, ls=":")
+    ax.text(len(names) - 0.5, exact_db, "exact (equal to fp32)", ha="right", va="bottom", fontsize=7, color="grey")
+    for i, n in enumerate(names):
+        if n in kept:
+            ax.axvspan(i - 0.5, i + 0.5, color="#2ca02c", alpha=0.2, lw=0)
+    ax.axhline(_NONFINITE_DB, color=_OVERFLOW, lw=0.8, ls=":")
+    ax.set_xticks(xs, [_short(n) for n in names], rotation=90, fontsize=6 if len(names) > 40 else 8)
+    ax.set_ylabel("SQNR (dB; x: non-finite)")
+    ax.set_title(f"Precision sensitivity in {sens.dtype}: signal to rounding noise per layer", fontsize=11)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _short(name: str, width: int = 28) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3) :]
