@@ -7,10 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import mpdiag
 from mpdiag.core.errors import MpdiagError
+from mpdiag.probe._fp8 import Fp8Matmuls, fake_quantize, scale_for
 
 
 class OverflowingBlock(nn.Module):
@@ -226,3 +229,78 @@ def test_the_report_shows_the_layers_and_the_answer(tmp_path) -> None:  # noqa: 
     again = mpdiag.report(diag.run, tmp_path)
     assert "sensitivity" not in again.figures and not (tmp_path / "sensitivity.png").exists()
     assert 'id="precision"' not in again.html.read_text()
+
+
+# -- simulated fp8 --------------------------------------------------------------------------------
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("fp8", FP8, ids=str)
+@given(st.lists(st.floats(-1e6, 1e6, width=32), min_size=1, max_size=64))
+def test_fake_quantize_is_the_real_cast_of_the_scaled_tensor(fp8: torch.dtype, values: list[float]) -> None:
+    x = torch.tensor(values)
+    q, scale = fake_quantize(x, fp8), scale_for(x, fp8)
+    amax, fmax = float(x.abs().max()), torch.finfo(fp8).max
+    assert math.log2(scale).is_integer()
+    assert amax == 0 or amax * scale <= fmax  # never past the format's max
+    assert amax == 0 or amax * scale > fmax / 2 or scale == 2.0**126  # at the top of its range (fp32 allowing)
+    assert torch.equal(q * scale, (x * scale).to(fp8).float())  # torch's own cast, exactly scaled
+
+
+@pytest.mark.parametrize("fp8", FP8, ids=str)
+def test_simulated_linear_is_an_fp8_gemm_with_bf16_output(fp8: torch.dtype) -> None:
+    layer, x = nn.Linear(32, 16), torch.randn(8, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Fp8Matmuls(fp8, "cpu"):
+        out = layer(x)
+        matmul = x @ layer.weight.T
+    expected = F.linear(fake_quantize(x, fp8), fake_quantize(layer.weight, fp8), layer.bias).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    assert torch.equal(matmul, (fake_quantize(x, fp8) @ fake_quantize(layer.weight.T, fp8)).bfloat16())
+    # where autocast is off (keep_fp32, the reference pass) nothing is simulated
+    model = nn.Sequential(layer)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Fp8Matmuls(fp8, "cpu"):
+        with mpdiag.keep_fp32(model, ["0"]):
+            kept = model(x)
+    assert torch.equal(kept, layer(x).detach())
+
+
+class OutlierProjection(nn.Linear):
+    """A linear layer fed one input feature 300,000 times larger than the rest, which it ignores (a zero
+    weight column): the outlier features of large language models. bf16 rounds each value on its own
+    and keeps 8 bits of every feature; fp8 with one scale for the whole input leaves the others a few
+    levels at most, and they are the whole output."""
+
+    def __init__(self) -> None:
+        super().__init__(64, 64)
+        self.boost = nn.Parameter(torch.ones(64), requires_grad=False)
+        with torch.no_grad():
+            self.boost[0] = 3e5
+            self.weight[:, 0] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.boost)
+
+
+def test_fp8_matmuls_err_as_much_as_a_cast_and_keep_fp32_names_the_outlier_layer() -> None:
+    model, data = Classifier(nn.Sequential(nn.Linear(64, 64), nn.ReLU())), batch()
+    x = torch.randn(1 << 16)
+    for fp8, name in ((torch.float8_e4m3fn, "fp8_e4m3"), (torch.float8_e5m2, "fp8_e5m2")):
+        noise = fake_quantize(x, fp8) - x
+        cast_sqnr = 10 * math.log10(float(x.square().sum() / noise.square().sum()))
+        sens = mpdiag.sensitivity(model, classification_loss, data, name)
+        assert sens.dtype == name
+        for layer in ("inp", "block.0", "head"):  # both operands rounded: a few dB under one cast
+            assert cast_sqnr - 6 <= sens.local[layer].sqnr_db <= cast_sqnr + 1, (name, layer, sens.local[layer])
+
+    outliers = nn.Sequential(OutlierProjection(), nn.ReLU())  # exact in fp32 once the projection is
+
+    def energy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return model(batch[0]).square().mean()
+
+    features = (torch.randn(16, 64), None)
+    assert mpdiag.sensitivity(outliers, energy, features, "bf16").loss_error < 0.01  # bf16 keeps every feature
+    sens = mpdiag.sensitivity(outliers, energy, features, "fp8_e4m3")
+    assert sens.fragile(1)[0].name == "0" and sens.local["0"].rel_error > 0.5
+    assert sens.loss_error > 0.1
+    answer = sens.keep_fp32(tolerance=0.01)
+    assert answer.names == ("0",) and answer.loss_error == 0.0

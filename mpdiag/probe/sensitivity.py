@@ -40,8 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpdiag.core import formats
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.sensitivity import LayerError, Sensitivity, relative
+from mpdiag.probe._fp8 import Fp8Matmuls
 from mpdiag.probe._rerun import _rng_state, _set_rng_state, preserved
 from mpdiag.probe.keep_fp32 import keep_fp32, transformers_line
 from mpdiag.record import floating_tensors
@@ -69,12 +71,14 @@ def sensitivity(
         loss_fn: ``loss_fn(model, batch)`` returns the scalar loss, forward included; it must not apply
             autocast itself (the passes choose the precision).
         batch: whatever ``loss_fn`` takes.
-        dtype: ``torch.float16`` / ``"fp16"`` or ``torch.bfloat16`` / ``"bf16"``.
+        dtype: ``torch.float16`` / ``"fp16"`` or ``torch.bfloat16`` / ``"bf16"`` (real autocast), or
+            ``"fp8_e4m3"`` / ``"fp8_e5m2"``: bf16 autocast with the linear layers and matmuls simulated
+            as fp8 GEMMs with per-tensor scaling (``mpdiag.probe._fp8`` says exactly what).
         device_type: the autocast device type; by default that of the model's parameters.
     """
     if not isinstance(model, nn.Module):
         raise MpdiagError(f"sensitivity expects a torch.nn.Module, got {type(model).__name__}")
-    low = _low_dtype(dtype)
+    low = _precision(dtype)
     device_type = device_type or _device_type_of(model)
     names = {module: name for name, module in model.named_modules()}
     leaves = [name for name, module in model.named_modules() if name and not any(True for _ in module.children())]
@@ -84,19 +88,19 @@ def sensitivity(
             loss_fp32 = _loss(rerun, model, loss_fn, batch)
         local, skipped = rerun(lambda: _local_errors(reference, device_type, low))  # buffers restored after
         propagated = _Capture(names, compare_with=reference)
-        with propagated.hooks(model), torch.autocast(device_type, dtype=low):
+        with propagated.hooks(model), low.running(device_type):
             loss_low = _loss(rerun, model, loss_fn, batch)
 
     def verify(kept: Sequence[str]) -> tuple[float, bool]:
         check = _Capture(names, finite_only=True)
         with preserved(model) as again, torch.no_grad(), _fp32_matmuls():
-            with keep_fp32(model, kept), check.hooks(model), torch.autocast(device_type, dtype=low):
+            with keep_fp32(model, kept), check.hooks(model), low.running(device_type):
                 loss = _loss(again, model, loss_fn, batch)
         return relative(loss, loss_fp32), check.all_finite and math.isfinite(loss)
 
     in_order = [names[m] for m in reference.order]
     return Sensitivity(
-        dtype=_AUTOCAST_DTYPES[low],
+        dtype=low.name,
         device_type=device_type,
         local={n: local[n] for n in in_order if n in local},
         propagated={n: e for n in in_order if (e := propagated.error(n)) is not None},
@@ -106,20 +110,44 @@ def sensitivity(
         first_nonfinite=propagated.first_nonfinite,
         skipped=skipped,
         passes=2 + len(local),
-        transformers_line_for=lambda kept: transformers_line(model, kept, low),
+        transformers_line_for=lambda kept: transformers_line(model, kept, low.autocast),
         verify=verify,
     )
 
 
-def _low_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    by_name = {name: d for d, name in _AUTOCAST_DTYPES.items()} | {"float16": torch.float16, "bfloat16": torch.bfloat16}
-    low = by_name.get(dtype) if isinstance(dtype, str) else dtype
-    if low not in _AUTOCAST_DTYPES:
-        raise MpdiagError(
-            f"sensitivity measures autocast's fp16 or bf16 (torch.float16, torch.bfloat16, 'fp16', 'bf16'), "
-            f"got {dtype!r}"
-        )
-    return low
+@dataclass(frozen=True)
+class _Precision:
+    """The low precision of the passes: autocast's dtype, and the fp8 format its matmuls simulate."""
+
+    name: str
+    autocast: torch.dtype
+    fp8: torch.dtype | None = None
+
+    @contextlib.contextmanager
+    def running(self, device_type: str) -> Iterator[None]:
+        with torch.autocast(device_type, dtype=self.autocast):
+            if self.fp8 is None:
+                yield
+            else:
+                with Fp8Matmuls(self.fp8, device_type):
+                    yield
+
+
+def _precision(dtype: torch.dtype | str) -> _Precision:
+    if dtype in _AUTOCAST_DTYPES:
+        return _Precision(_AUTOCAST_DTYPES[dtype], dtype)
+    try:
+        fmt = formats.get(dtype)
+    except MpdiagError:
+        fmt = None
+    if fmt is not None and fmt.dtype in _AUTOCAST_DTYPES:
+        return _Precision(_AUTOCAST_DTYPES[fmt.dtype], fmt.dtype)
+    if fmt is not None and fmt.dtype is not None and fmt.dtype.itemsize == 1:
+        return _Precision(fmt.name, torch.bfloat16, fmt.dtype)  # fp8 recipes run the rest in bf16
+    raise MpdiagError(
+        "sensitivity measures fp16 or bf16 under autocast, or simulated fp8 matmuls: torch.float16, "
+        f"torch.bfloat16, 'fp16', 'bf16', 'fp8_e4m3' or 'fp8_e5m2'; got {dtype!r}"
+    )
 
 
 def _device_type_of(model: nn.Module) -> str:
@@ -280,7 +308,7 @@ def _snapshot(tree: Any) -> Any:
 
 
 def _local_errors(
-    reference: _Capture, device_type: str, low: torch.dtype
+    reference: _Capture, device_type: str, low: _Precision
 ) -> tuple[dict[str, LayerError], dict[str, str]]:
     """Each module (the root aside) run alone under autocast on each of its reference inputs."""
     errors: dict[str, LayerError] = {}
@@ -293,7 +321,7 @@ def _local_errors(
         try:
             for call in reference.calls[module]:
                 _set_rng_state(call.rng)
-                with torch.autocast(device_type, dtype=low):
+                with low.running(device_type):
                     output = module(*_snapshot(call.args), **_snapshot(call.kwargs))
                 sums.add([t for t in floating_tensors(output) if t.is_floating_point()], call.outputs)
         except Exception as err:  # noqa: BLE001 - a module that cannot run alone is reported, not fatal
