@@ -25,6 +25,11 @@ CLAIMS = {
         "advice.at(1.0).underflow > 0.5 and advice.recommended is not None",
         "result.at(advice.recommended).underflow < result.at(1.0).underflow",
     ],
+    "keep-fp32.md": [
+        "answer.names == ('1.wo',) and sens.first_nonfinite == '1.wo'",
+        "sens.loss_low != sens.loss_low and sens.local['1.wo'].nonfinite",  # NaN
+        "abs(float(loss) - sens.loss_fp32) / sens.loss_fp32 <= 1e-3",
+    ],
     "cheaper-formats.md": ["{v.fmt: v.level for v in verdicts(diag.run)}['bf16'] == 'ok'"],
     "long-runs.md": ["live.steps == [0, 10, 20, 30, 40, 50]", "run.steps[-1] == 90"],
     "transformers-trainer.md": [

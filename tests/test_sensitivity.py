@@ -14,6 +14,7 @@ from torch import nn
 import mpdiag
 from mpdiag.core.errors import MpdiagError
 from mpdiag.probe._fp8 import Fp8Matmuls, fake_quantize, scale_for
+from mpdiag.probe.keep_fp32 import transformers_line
 
 
 class OverflowingBlock(nn.Module):
@@ -304,3 +305,25 @@ def test_fp8_matmuls_err_as_much_as_a_cast_and_keep_fp32_names_the_outlier_layer
     assert sens.loss_error > 0.1
     answer = sens.keep_fp32(tolerance=0.01)
     assert answer.names == ("0",) and answer.loss_error == 0.0
+
+
+def test_the_transformers_line_keeps_those_weights_in_fp32_when_loaded_in_fp16(tmp_path) -> None:  # noqa: ANN001
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(vocab_size=128, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    kept = ["transformer.h.1.mlp.c_proj"]
+    model = transformers.GPT2LMHeadModel(config)
+    line = transformers_line(model, kept, torch.float16)
+    assert line == "GPT2LMHeadModel._keep_in_fp32_modules = ['transformer.h.1.mlp.c_proj']"
+    assert transformers_line(model, kept, torch.bfloat16).startswith("GPT2LMHeadModel._keep_in_fp32_modules_strict")
+    assert transformers_line(nn.Linear(2, 2), ["x"]) is None
+
+    class Patched(transformers.GPT2LMHeadModel):  # the line, applied: what a user adds to the class
+        pass
+
+    exec(line.replace("GPT2LMHeadModel", "Patched"), {"Patched": Patched})
+    loaded = Patched.from_pretrained(tmp_path, dtype=torch.float16)
+    dtypes = {name: p.dtype for name, p in loaded.named_parameters()}
+    assert {d for n, d in dtypes.items() if n.startswith(kept[0] + ".")} == {torch.float32}
+    assert dtypes["transformer.h.0.mlp.c_proj.weight"] == torch.float16
