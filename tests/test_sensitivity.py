@@ -327,3 +327,21 @@ def test_the_transformers_line_keeps_those_weights_in_fp32_when_loaded_in_fp16(t
     dtypes = {name: p.dtype for name, p in loaded.named_parameters()}
     assert {d for n, d in dtypes.items() if n.startswith(kept[0] + ".")} == {torch.float32}
     assert dtypes["transformer.h.0.mlp.c_proj.weight"] == torch.float16
+
+
+def test_global_precision_flags_are_restored_also_after_an_error() -> None:
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high")
+    try:
+        model = nn.Linear(4, 1)
+        mpdiag.sensitivity(model, lambda m, x: m(x).sum(), torch.ones(2, 4), "bf16")
+        assert torch.get_float32_matmul_precision() == "high"
+
+        def failing(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("the user's loss broke")
+
+        with pytest.raises(RuntimeError, match="loss broke"):
+            mpdiag.sensitivity(model, failing, torch.ones(2, 4), "bf16")
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("high", before[1])
+    finally:
+        torch.set_float32_matmul_precision(before[0])

@@ -117,7 +117,8 @@ class Sensitivity:
         loss_fp32, loss_low: the loss of the fp32 pass and of the autocast pass.
         skipped: modules whose local error could not be measured, with the reason.
         passes: forward passes the measurement took (reference, one per module, autocast).
-        transformers_class: the transformers model class name, if the model is one.
+        transformers_line_for, verify: what the probe hands over to write the transformers line and
+            to run a candidate set (not compared, not part of the data).
     """
 
     dtype: str

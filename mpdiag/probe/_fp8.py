@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from mpdiag.record.environment import autocast_dtype
+from mpdiag.record import autocast_dtype
 
 __all__ = ["Fp8Matmuls", "fake_quantize", "scale_for"]
 

@@ -2,7 +2,7 @@
 
 ``sensitivity(model, loss_fn, batch, dtype)`` runs the batch forward (no backward, no optimizer):
 
-1. an fp32 reference pass (autocast off, fp32 matmuls at "highest" precision), keeping each module's
+1. an fp32 reference pass (autocast off, TF32 off for matmuls and convolutions), keeping each module's
    inputs, outputs and the random state it started from;
 2. per module, the module alone under autocast on its fp32 inputs, from the same random state (its
    **local error**: the error that module itself adds);
@@ -158,13 +158,15 @@ def _device_type_of(model: nn.Module) -> str:
 
 @contextlib.contextmanager
 def _fp32_matmuls() -> Iterator[None]:
-    """fp32 matmuls really in fp32 (TF32 off) while measuring; the setting is restored after."""
-    before = torch.get_float32_matmul_precision()
+    """fp32 matmuls and convolutions really in fp32 (TF32 off) while measuring; restored after."""
+    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(before)
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
 def _loss(rerun: Callable[[Callable[[], Any]], Any], model: nn.Module, loss_fn: LossFn, batch: Any) -> float:

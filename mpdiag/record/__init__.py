@@ -5,13 +5,13 @@ Imports ``mpdiag.core`` only. The session object is ``recording.Recording``; the
 
 What the probes (``mpdiag.probe``: re-runs of a batch on the live model) need from recording is exported
 here, and they import nothing else of it: pausing every recording attached to a model, the tensors in a
-module's output, the tag that names the module behind an autograd node, and the check that autocast
-can run a dtype on a device.
+module's output, the tag that names the module behind an autograd node, the check that autocast
+can run a dtype on a device, and the autocast dtype active now (the fp8 simulation runs where it is on).
 """
 
-from mpdiag.record.environment import check_autocast
+from mpdiag.record.environment import autocast_dtype, check_autocast
 from mpdiag.record.hooks import floating_tensors
 from mpdiag.record.nodes import MODULE_KEY, claim_nodes
 from mpdiag.record.recording import paused
 
-__all__ = ["paused", "floating_tensors", "claim_nodes", "MODULE_KEY", "check_autocast"]
+__all__ = ["paused", "floating_tensors", "claim_nodes", "MODULE_KEY", "check_autocast", "autocast_dtype"]
