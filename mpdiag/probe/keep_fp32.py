@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.text import display_name
@@ -96,35 +97,21 @@ def _unwrap(module: nn.Module) -> None:
 
 def _device_type(module: nn.Module, args: Any, kwargs: Any) -> str:
     """The device type whose autocast to turn off: the inputs', else the parameters', else the CPU's."""
-    for t in _tensors((args, kwargs)):
-        return t.device.type
+    for t in tree_leaves((args, kwargs)):
+        if isinstance(t, torch.Tensor):
+            return t.device.type
     for p in module.parameters():
         return p.device.type
     return "cpu"
 
 
-def _tensors(tree: Any) -> Iterator[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, (list, tuple)):
-        for item in tree:
-            yield from _tensors(item)
-    elif isinstance(tree, dict):
-        for item in tree.values():
-            yield from _tensors(item)
-
-
 def _to_fp32(tree: Any) -> Any:
     """``tree`` with its low-precision floating tensors cast to fp32 (fp64 and integer tensors as they are)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.float() if tree.is_floating_point() and tree.dtype.itemsize < 4 else tree
-    if isinstance(tree, tuple) and not hasattr(tree, "_fields"):
-        return tuple(_to_fp32(item) for item in tree)
-    if isinstance(tree, list):
-        return [_to_fp32(item) for item in tree]
-    if isinstance(tree, dict):
-        return {key: _to_fp32(item) for key, item in tree.items()}
-    return tree
+    return tree_map_only(torch.Tensor, _widened, tree)
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() and t.dtype.itemsize < 4 else t
 
 
 def transformers_line(model: nn.Module, names: Iterable[str], dtype: torch.dtype = torch.float16) -> str | None:

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from mpdiag.core import formats
 from mpdiag.core.errors import MpdiagError
@@ -295,18 +296,16 @@ class _Capture:
 def _snapshot(tree: Any) -> Any:
     """A copy of a module's inputs that later in-place updates cannot reach: tensors cloned (detached),
     other objects deep-copied where they allow it (a transformers cache grows as layers run)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().clone()
-    if isinstance(tree, tuple) and not hasattr(tree, "_fields"):
-        return tuple(_snapshot(item) for item in tree)
-    if isinstance(tree, list):
-        return [_snapshot(item) for item in tree]
-    if isinstance(tree, dict):
-        return {key: _snapshot(item) for key, item in tree.items()}
+    return tree_map(_copied, tree)
+
+
+def _copied(leaf: Any) -> Any:
+    if isinstance(leaf, torch.Tensor):
+        return leaf.detach().clone()
     try:
-        return copy.deepcopy(tree)
+        return copy.deepcopy(leaf)
     except Exception:  # noqa: BLE001 - an object that cannot be copied is passed as it is
-        return tree
+        return leaf
 
 
 def _local_errors(
