@@ -345,3 +345,77 @@ def test_global_precision_flags_are_restored_also_after_an_error() -> None:
         assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("high", before[1])
     finally:
         torch.set_float32_matmul_precision(before[0])
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "in place"])
+def test_a_compiled_model_is_measured_eagerly_with_its_own_names(how: str) -> None:
+    model, data = Classifier(OverflowingBlock()), batch()
+    if how == "torch.compile":
+        compiled = torch.compile(model, backend="eager")
+    else:
+        compiled = model
+        compiled.compile(backend="eager")
+    sens = mpdiag.sensitivity(compiled, classification_loss, data, torch.float16)
+    assert sens.first_nonfinite == "block.wo" and "block.wo" in sens.local
+    answer = sens.keep_fp32(tolerance=1e-3)
+    assert answer.names == ("block.wo",)
+    with mpdiag.keep_fp32(compiled, answer.names), torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        assert math.isfinite(float(classification_loss(compiled, data)))
+
+
+class NeedsItsParent(nn.Linear):
+    """A leaf that refuses to run outside its parent's forward (state the parent sets), and overflows."""
+
+    inside = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.inside:
+            raise RuntimeError("called outside its parent")
+        return super().forward(x)
+
+
+class Parent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wo = NeedsItsParent(64, 64)
+        with torch.no_grad():
+            self.wo.weight.mul_(1e5)
+        self.norm = nn.LayerNorm(64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.wo.inside = True
+        try:
+            return self.norm(self.wo(x))
+        finally:
+            self.wo.inside = False
+
+
+def test_a_leaf_that_cannot_run_alone_is_still_a_candidate() -> None:
+    model, data = Classifier(Parent()), batch()
+    sens = mpdiag.sensitivity(model, classification_loss, data, torch.float16)
+    assert "called outside its parent" in sens.skipped["block.wo"]
+    assert sens.first_nonfinite == "block.wo" and sens.candidates()[0] == "block.wo"
+    assert sens.keep_fp32(tolerance=1e-3).names == ("block.wo",)
+
+
+def test_what_cannot_be_measured_is_refused_with_what_to_do() -> None:
+    data = batch()
+    broken = Classifier(nn.Identity())
+    with torch.no_grad():
+        broken.head.bias[0] = math.nan
+    with pytest.raises(MpdiagError, match="in fp32 already.*trace_nonfinite"):
+        mpdiag.sensitivity(broken, classification_loss, data, torch.float16)
+    with pytest.raises(MpdiagError, match="fp32 parameters.*torch.bfloat16"):
+        mpdiag.sensitivity(Classifier(nn.Identity()).bfloat16(), classification_loss, data, torch.float16)
+
+    def autocast_inside(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return classification_loss(model, batch)
+
+    with pytest.raises(MpdiagError, match="autocast .*bfloat16.* was on inside the fp32 reference"):
+        mpdiag.sensitivity(Classifier(nn.Identity()), autocast_inside, data, torch.float16)
+    with pytest.raises(MpdiagError, match="names=None"), mpdiag.keep_fp32(broken, None):  # type: ignore[arg-type]
+        pass
+    sens = mpdiag.sensitivity(Classifier(nn.Identity()), classification_loss, data, torch.float16)
+    with pytest.raises(MpdiagError, match="tolerance above 0"):
+        sens.keep_fp32(tolerance="0.01")  # type: ignore[arg-type]

@@ -63,7 +63,7 @@ class KeepFp32:
         tolerance: the loss's relative error allowed.
         loss_error: the loss's relative error with ``names`` in fp32 (with every leaf in fp32 where
             ``names`` is None), measured by running the model.
-        passes: how many runs of the model the search took (each a forward pass of the batch).
+        passes: how many runs of the whole model the search took (each a forward pass of the batch).
         dtype: the low precision ("fp16", "bf16").
         transformers_line: for a transformers model, the class attribute with the same effect at load time.
     """
@@ -85,7 +85,8 @@ class KeepFp32:
         return f"with mpdiag.keep_fp32(model, {names!r}):"
 
     def __str__(self) -> str:
-        within = f"loss error {self.loss_error:.2e}, tolerance {self.tolerance:g}; {self.passes} passes"
+        runs = f"{self.passes} run{'s' if self.passes != 1 else ''} of the model"
+        within = f"loss error {self.loss_error:.2e}, tolerance {self.tolerance:g}; {runs}"
         if self.names is None:
             return (
                 f"no set of modules short of every leaf keeps the loss within tolerance in {self.dtype} "
@@ -116,7 +117,8 @@ class Sensitivity:
         leaves: the modules without children, in forward order: the candidates ``keep_fp32`` prefers.
         loss_fp32, loss_low: the loss of the fp32 pass and of the autocast pass.
         skipped: modules whose local error could not be measured, with the reason.
-        passes: forward passes the measurement took (reference, one per module, autocast).
+        passes: runs the measurement took: the fp32 and the autocast forward, and one per module run
+            alone.
         transformers_line_for, verify: what the probe hands over to write the transformers line and
             to run a candidate set (not compared, not part of the data).
     """
@@ -149,18 +151,28 @@ class Sensitivity:
         )
         return ranked if n is None else ranked[:n]
 
+    def candidates(self) -> list[str]:
+        """The leaf modules in the order ``keep_fp32`` tries them: the first one whose output went
+        non-finite under autocast, then by local error (``fragile``), then those that could not run
+        alone (``skipped``), by propagated error."""
+        order = [self.first_nonfinite] if self.first_nonfinite in self.leaves else []
+        order += [e.name for e in self.fragile(None)]
+        unmeasured = [n for n in self.leaves if n in self.skipped]
+        order += sorted(unmeasured, key=lambda n: -self.propagated[n].rel_error if n in self.propagated else 0.0)
+        return list(dict.fromkeys(order))
+
     def keep_fp32(self, tolerance: float = DEFAULT_TOLERANCE) -> KeepFp32:
         """The fewest modules found that, kept in fp32 with the rest in low precision, keep the loss's
         relative error within ``tolerance`` and every output finite.
 
         Greedy from the measured errors, each candidate verified by running the model: leaf modules are
-        added in order of local error (non-finite first) until a run passes, then each one added before
-        the last is dropped again if the run passes without it. One pass for the empty set, at most one
+        added in the order of ``candidates`` until a run passes, then each one added before the last is
+        dropped again if the run passes without it. One pass for the empty set, at most one
         per leaf while adding and one per member while pruning.
         """
         if self.verify is None:
             raise MpdiagError("this Sensitivity has no model to verify with (it was loaded, not measured)")
-        if not tolerance > 0:
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
             raise MpdiagError(f"keep_fp32 expects a tolerance above 0 (a relative loss error), got {tolerance!r}")
         passes = 0
 
@@ -175,8 +187,8 @@ class Sensitivity:
         if ok:
             return self._answer((), tolerance, error, passes)
         chosen: list[str] = []
-        for layer in self.fragile(None):
-            chosen.append(layer.name)
+        for name in self.candidates():
+            chosen.append(name)
             ok, error = passing(chosen)
             if ok:
                 break
@@ -198,7 +210,8 @@ class Sensitivity:
     def __str__(self) -> str:
         lines = [
             f"precision sensitivity, {self.dtype} on {self.device_type}: loss {self.loss_fp32:.6g} in fp32, "
-            f"{self.loss_low:.6g} in {self.dtype} (relative error {self.loss_error:.2e}); {self.passes} passes",
+            f"{self.loss_low:.6g} in {self.dtype} (relative error {self.loss_error:.2e}); "
+            f"2 forward passes and {self.passes - 2} modules run alone",
         ]
         if self.first_nonfinite is not None:
             lines.append(f"first non-finite output under autocast: {display_name(self.first_nonfinite)}")

@@ -47,6 +47,12 @@ def keep_fp32(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
         raise MpdiagError(f"keep_fp32 expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(names, str):
         raise MpdiagError(f"keep_fp32 expects a list of module names, not one string: use [{names!r}]")
+    if names is None:
+        raise MpdiagError(
+            "keep_fp32 got names=None: the search found no set of modules that works in low precision "
+            "(KeepFp32.names is None); train this model in fp32, or search again with a larger tolerance"
+        )
+    model = eager_module(model)
     names = list(names)
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
@@ -70,6 +76,13 @@ def keep_fp32(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
     finally:
         for module in wrapped:
             _unwrap(module)
+
+
+def eager_module(model: nn.Module) -> nn.Module:
+    """The module behind ``torch.compile(model)`` (an OptimizedModule), whose names ``sensitivity``
+    reports and ``keep_fp32`` takes; any other module as it is."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
 
 
 def _wrap(module: nn.Module) -> None:

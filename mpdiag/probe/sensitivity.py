@@ -46,8 +46,8 @@ from mpdiag.core.errors import MpdiagError
 from mpdiag.core.sensitivity import LayerError, Sensitivity, relative
 from mpdiag.probe._fp8 import Fp8Matmuls
 from mpdiag.probe._rerun import _rng_state, _set_rng_state, preserved
-from mpdiag.probe.keep_fp32 import keep_fp32, transformers_line
-from mpdiag.record import floating_tensors
+from mpdiag.probe.keep_fp32 import eager_module, keep_fp32, transformers_line
+from mpdiag.record import autocast_dtype, floating_tensors
 
 __all__ = ["sensitivity"]
 
@@ -79,14 +79,17 @@ def sensitivity(
     """
     if not isinstance(model, nn.Module):
         raise MpdiagError(f"sensitivity expects a torch.nn.Module, got {type(model).__name__}")
+    model = eager_module(model)
     low = _precision(dtype)
+    _check_fp32_weights(model)
     device_type = device_type or _device_type_of(model)
     names = {module: name for name, module in model.named_modules()}
     leaves = [name for name, module in model.named_modules() if name and not any(True for _ in module.children())]
-    with preserved(model) as rerun, torch.no_grad(), _fp32_matmuls():
-        reference = _Capture(names, keep_inputs=True)
+    with preserved(model) as rerun, torch.no_grad(), _fp32_matmuls(), _eager():
+        reference = _Capture(names, keep_inputs=True, device_type=device_type)
         with reference.hooks(model), torch.autocast(device_type, enabled=False):
             loss_fp32 = _loss(rerun, model, loss_fn, batch)
+        _check_reference(reference, loss_fp32)
         local, skipped = rerun(lambda: _local_errors(reference, device_type, low))  # buffers restored after
         propagated = _Capture(names, compare_with=reference)
         with propagated.hooks(model), low.running(device_type):
@@ -94,7 +97,7 @@ def sensitivity(
 
     def verify(kept: Sequence[str]) -> tuple[float, bool]:
         check = _Capture(names, finite_only=True)
-        with preserved(model) as again, torch.no_grad(), _fp32_matmuls():
+        with preserved(model) as again, torch.no_grad(), _fp32_matmuls(), _eager():
             with keep_fp32(model, kept), check.hooks(model), low.running(device_type):
                 loss = _loss(again, model, loss_fn, batch)
         return relative(loss, loss_fp32), check.all_finite and math.isfinite(loss)
@@ -111,7 +114,8 @@ def sensitivity(
         first_nonfinite=propagated.first_nonfinite,
         skipped=skipped,
         passes=2 + len(local),
-        transformers_line_for=lambda kept: transformers_line(model, kept, low.autocast),
+        # transformers loads weights in fp16 or bf16, never in fp8: no line for the fp8 simulation
+        transformers_line_for=None if low.fp8 else lambda kept: transformers_line(model, kept, low.autocast),
         verify=verify,
     )
 
@@ -151,6 +155,43 @@ def _precision(dtype: torch.dtype | str) -> _Precision:
     )
 
 
+@contextlib.contextmanager
+def _eager() -> Iterator[None]:
+    """Every forward eager while measuring: a module compiled in place (``model.compile()``) would run
+    its graph, past the hooks that see each module."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    if set_stance is not None:
+        with set_stance("force_eager"):
+            yield
+        return
+    from torch._dynamo import config as dynamo_config  # torch < 2.6: dynamo's own switch
+
+    with dynamo_config.patch(disable=True):
+        yield
+
+
+def _check_fp32_weights(model: nn.Module) -> None:
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()} - {"torch.float32"})
+    if dtypes:
+        raise MpdiagError(
+            f"sensitivity needs fp32 parameters (autocast training keeps fp32 weights), and this model has "
+            f"{', '.join(dtypes)} ones: measure a copy converted with copy.deepcopy(model).float()"
+        )
+
+
+def _check_reference(reference: _Capture, loss: float) -> None:
+    if reference.autocast_inside:
+        raise MpdiagError(
+            f"autocast ({reference.autocast_inside}) was on inside the fp32 reference pass: loss_fn or the model "
+            "applies autocast itself; remove it there (sensitivity chooses the precision of each pass)"
+        )
+    if not math.isfinite(loss):
+        raise MpdiagError(
+            f"the loss is {loss} in fp32 already, so no precision can be compared with it; "
+            "mpdiag.trace_nonfinite(model, loss_fn, batch) finds the operation that produced it"
+        )
+
+
 def _device_type_of(model: nn.Module) -> str:
     for p in model.parameters():
         return p.device.type
@@ -173,7 +214,8 @@ def _fp32_matmuls() -> Iterator[None]:
 def _loss(rerun: Callable[[Callable[[], Any]], Any], model: nn.Module, loss_fn: LossFn, batch: Any) -> float:
     loss = rerun(lambda: loss_fn(model, batch))
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise MpdiagError(f"loss_fn must return a scalar loss tensor, got {type(loss).__name__}")
+        shape = f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""
+        raise MpdiagError(f"loss_fn must return a scalar loss tensor, got a {type(loss).__name__}{shape}")
     return float(loss.detach().double())
 
 
@@ -234,8 +276,10 @@ class _Capture:
         keep_inputs: bool = False,
         compare_with: _Capture | None = None,
         finite_only: bool = False,
+        device_type: str = "cpu",
     ) -> None:
-        self.names = names
+        self.names, self.device_type = names, device_type
+        self.autocast_inside: str | None = None  # the reference pass: an autocast dtype seen inside it
         self.keep_inputs, self.reference, self.finite_only = keep_inputs, compare_with, finite_only
         self.calls: dict[nn.Module, list[_Call]] = {}
         self.order: list[nn.Module] = []  # modules in the order their first call finished
@@ -259,6 +303,7 @@ class _Capture:
                 h.remove()
 
     def _before(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self.autocast_inside = self.autocast_inside or autocast_dtype(self.device_type)
         self.calls.setdefault(module, []).append(_Call(_snapshot(args), _snapshot(kwargs), _rng_state()))
 
     def _after(self, module: nn.Module, args: Any, output: Any) -> None:
