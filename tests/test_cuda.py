@@ -46,3 +46,19 @@ def test_diagnose_under_fp16_autocast_on_the_gpu_reads_the_host_once_per_step() 
     assert run.steps == [0, 1, 2]
     assert run.stats("0", "activation").dtypes == {"float16"}
     assert run.stats("0.weight", "param").dtypes == {"float32"}
+
+
+def test_sensitivity_on_the_gpu_names_the_projection_that_overflows_fp16() -> None:
+    from test_sensitivity import Classifier, OverflowingBlock, batch, classification_loss
+
+    model = Classifier(OverflowingBlock()).cuda()
+    data = tuple(t.cuda() for t in batch())
+    before = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    sens = mpdiag.sensitivity(model, classification_loss, data, torch.float16)
+    assert sens.device_type == "cuda" and sens.first_nonfinite == "block.wo"
+    assert sens.keep_fp32(tolerance=1e-3).names == ("block.wo",)
+    assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32) == before
+    # bf16 and simulated fp8 run too; cuBLAS's fp16 GEMMs round once more than a cast, not much more
+    assert all(e.sqnr_db > 60 for n, e in sens.local.items() if n in ("inp", "head"))
+    for dtype in (torch.bfloat16, "fp8_e4m3"):
+        assert mpdiag.sensitivity(model, classification_loss, data, dtype).first_nonfinite is None
