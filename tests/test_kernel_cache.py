@@ -115,3 +115,28 @@ def test_the_default_directory_is_the_users_cache(monkeypatch: pytest.MonkeyPatc
     if sys.platform.startswith("linux"):
         assert cache_dir() == tmp_path / "mpdiag" / "numba" / mpdiag.__version__
     assert not cache_dir().is_relative_to(PACKAGE)
+
+
+def test_the_background_compile_never_runs_a_parallel_region_beside_the_main_thread(tmp_path: Path) -> None:
+    # numba's workqueue threading layer (the one pip users on macOS get) aborts the process when two
+    # threads run parallel regions at once: the main thread counts with the threaded fp32 kernel while
+    # the bf16 one compiles.
+    script = textwrap.dedent("""
+        import torch, mpdiag
+        from mpdiag.record import _cpu_kernel
+        x = torch.randn(300_000)
+        mpdiag.tensor_stats(x)
+        _cpu_kernel.finish_compiling()
+        mpdiag.tensor_stats(x.bfloat16())  # asks for the 16-bit threaded kernel: compiling from here on
+        while not any(d.itemsize == 2 for d in _cpu_kernel._THREADED_READY):  # threaded regions meanwhile
+            mpdiag.tensor_stats(x)
+        _cpu_kernel.finish_compiling()
+        print(sorted(str(d) for d in _cpu_kernel._THREADED_READY))
+    """)
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue", "NUMBA_NUM_THREADS": "2", "MPDIAG_NUMBA": "1",
+           "MPDIAG_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "['int16', 'int32']"

@@ -419,3 +419,99 @@ def test_what_cannot_be_measured_is_refused_with_what_to_do() -> None:
     sens = mpdiag.sensitivity(Classifier(nn.Identity()), classification_loss, data, torch.float16)
     with pytest.raises(MpdiagError, match="tolerance above 0"):
         sens.keep_fp32(tolerance="0.01")  # type: ignore[arg-type]
+
+
+# -- found in review: each a wrong answer before ------------------------------------------------
+def test_the_search_draws_the_same_dropout_masks_whenever_it_runs() -> None:
+    model = nn.Sequential(nn.Linear(16, 64), nn.Dropout(0.5), nn.Linear(64, 1))
+    x = torch.randn(32, 16)
+    sens = mpdiag.sensitivity(model, lambda m, b: m(b).square().mean(), x, torch.bfloat16)
+    torch.rand(10)  # the user's code moves the random state on before searching
+    answer = sens.keep_fp32(tolerance=0.01)
+    assert answer.names == () and answer.loss_error == pytest.approx(sens.loss_error, rel=1e-6)
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # training went on
+    with pytest.raises(MpdiagError, match="parameters changed since sensitivity"):
+        sens.keep_fp32(tolerance=0.02)
+
+
+class CausalScores(nn.Module):
+    """Scores with -inf above the diagonal (a causal mask), as attention computes them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = x @ x.transpose(-1, -2)
+        mask = torch.triu(torch.ones(scores.shape[-2:], dtype=torch.bool), diagonal=1)
+        return scores.masked_fill(mask, -math.inf)
+
+
+def test_an_inf_that_fp32_has_too_is_no_failure() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), CausalScores(), nn.Softmax(dim=-1))
+    x = torch.randn(4, 6, 8)
+    sens = mpdiag.sensitivity(model, lambda m, b: m(b).square().mean(), x, torch.bfloat16)
+    assert sens.first_nonfinite is None
+    assert sens.keep_fp32(tolerance=0.05).names == ()
+
+
+class ScoresInTheParent(nn.Module):
+    """Attention whose scores (q @ k^T, in the parent's own forward) pass fp16's max: no leaf holds them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.o = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+        with torch.no_grad():
+            self.q.weight.mul_(300.0)
+            self.k.weight.mul_(300.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = (self.q(x) @ self.k(x).transpose(-1, -2)).softmax(dim=-1)
+        return self.o(scores @ x)
+
+
+def test_an_overflow_between_children_is_answered_with_their_parent() -> None:
+    model, data = Classifier(ScoresInTheParent()), batch()
+    sens = mpdiag.sensitivity(model, classification_loss, data, torch.float16)
+    assert not math.isfinite(sens.loss_error)
+    answer = sens.keep_fp32(tolerance=0.01)
+    assert answer.names == ("block",)
+
+
+def test_modules_without_floating_outputs_are_not_reported_exact() -> None:
+    class Router(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.argmax(dim=-1)
+
+    model = nn.Sequential(nn.Linear(8, 4), Router())
+    sens = mpdiag.sensitivity(model, lambda m, b: m(b).float().mean(), torch.randn(4, 8), torch.bfloat16)
+    assert "1" not in sens.local and "no floating output" in sens.skipped["1"]
+
+
+def test_errors_of_huge_values_are_measured_not_overflowed() -> None:
+    model = nn.Sequential(nn.Linear(8, 8))
+    with torch.no_grad():
+        model[0].weight.mul_(1e18)
+    sens = mpdiag.sensitivity(model, lambda m, b: m(b).mean(), torch.randn(4, 8), torch.bfloat16)
+    assert 1e-4 < sens.local["0"].rel_error < 0.1  # bf16's rounding, not 0 from fp32 squares overflowing
+
+
+def test_torch_s_newer_precision_settings_are_honoured_and_restored() -> None:
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip("this torch has only the older TF32 settings")
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"  # the setting torch >= 2.9 recommends; the legacy getters then raise
+    try:
+        mpdiag.sensitivity(nn.Linear(4, 1), lambda m, x: m(x).sum(), torch.ones(2, 4), "bf16")
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_integer_and_fp64_matmuls_are_left_as_autocast_leaves_them() -> None:
+    i, d = torch.arange(4).reshape(2, 2), torch.randn(2, 2, dtype=torch.float64)
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Fp8Matmuls(torch.float8_e4m3fn, "cpu"):
+        assert (i @ i).dtype == torch.int64 and torch.equal(i @ i, torch.tensor([[2, 3], [6, 11]]))
+        assert (d @ d).dtype == torch.float64
+        einsum = torch.einsum("ij,jk->ik", a, b)
+    e4m3 = torch.float8_e4m3fn
+    assert torch.equal(einsum, (fake_quantize(a, e4m3) @ fake_quantize(b, e4m3)).bfloat16())

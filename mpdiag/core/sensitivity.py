@@ -88,9 +88,10 @@ class KeepFp32:
         runs = f"{self.passes} run{'s' if self.passes != 1 else ''} of the model"
         within = f"loss error {self.loss_error:.2e}, tolerance {self.tolerance:g}; {runs}"
         if self.names is None:
+            remedy = "train this model in fp32" + (", or raise the tolerance" if math.isfinite(self.loss_error) else "")
             return (
                 f"no set of modules short of every leaf keeps the loss within tolerance in {self.dtype} "
-                f"({within}): train this model in fp32, or raise the tolerance"
+                f"({within}): {remedy}"
             )
         if not self.names:
             return f"nothing needs fp32 in {self.dtype} ({within})"
@@ -167,7 +168,9 @@ class Sensitivity:
 
         Greedy from the measured errors, each candidate verified by running the model: leaf modules are
         added in the order of ``candidates`` until a run passes, then each one added before the last is
-        dropped again if the run passes without it. One pass for the empty set, at most one
+        dropped again if the run passes without it. When no set of leaves passes, the modules around
+        the first one that went non-finite are tried alone, innermost first (an error made in a
+        container's own forward, between its children). One pass for the empty set, at most one
         per leaf while adding and one per member while pruning.
         """
         if self.verify is None:
@@ -193,6 +196,13 @@ class Sensitivity:
             if ok:
                 break
         else:
+            # No set of leaves works: the error may be made in a container's own forward, between its
+            # children (attention scores computed in the parent). Try the containers around the first
+            # module that went non-finite, innermost first.
+            for name in self._enclosing(self.first_nonfinite):
+                ok, trial_error = passing([name])
+                if ok:
+                    return self._answer((name,), tolerance, trial_error, passes)
             return self._answer(None, tolerance, error, passes)
         for name in reversed(chosen[:-1]):  # the last one added made it pass; the others may not be needed
             trial = [n for n in chosen if n != name]
@@ -201,8 +211,16 @@ class Sensitivity:
                 chosen, error = trial, trial_error
         return self._answer(tuple(chosen), tolerance, error, passes)
 
+    def _enclosing(self, name: str | None) -> list[str]:
+        """The modules around ``name`` (not the model itself), innermost first."""
+        if not name:
+            return []
+        parts = name.split(".")
+        return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
     def _answer(self, names: tuple[str, ...] | None, tolerance: float, error: float, passes: int) -> KeepFp32:
-        in_order = None if names is None else tuple(n for n in self.leaves if n in names)
+        order = list(dict.fromkeys([*self.propagated, *self.local, *self.leaves]))
+        in_order = None if names is None else tuple(n for n in order if n in names)
         line = self.transformers_line_for(in_order) if in_order and self.transformers_line_for else None
         answer = self.answers[tolerance] = KeepFp32(in_order, tolerance, error, passes, self.dtype, line)
         return answer

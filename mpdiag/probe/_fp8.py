@@ -10,16 +10,21 @@ linear layer and matmul (``F.linear``, ``matmul``/``@``, ``mm``, ``bmm``, ``addm
 - multiplies them in fp32 (the products of fp8 values are exact there, and fp8 GEMMs accumulate in
   fp32), adds the bias in fp32, and rounds the result to bf16, the output an fp8 GEMM writes.
 
-Everything else runs as bf16 autocast runs it: attention's fused kernel
-(``scaled_dot_product_attention``), convolutions, normalisation, the loss. Where autocast is off
-(inside ``keep_fp32``, the fp32 reference), nothing is simulated. Delayed scaling (an amax history),
-per-block scaling (MX formats) and fp8 attention are not simulated.
+
+``torch.einsum`` of two or more float operands is simulated the same way. Matmuls of integers or fp64 are
+left alone, as autocast leaves them. Everything else runs as bf16 autocast runs it: attention's fused
+kernel (``scaled_dot_product_attention``), convolutions, normalisation, the loss; and so do matmuls
+inside composite torch functions that a mode sees only from the outside, above all
+``F.multi_head_attention_forward`` (``nn.MultiheadAttention`` and the ``nn.Transformer`` layers): their
+projections are not simulated. Where autocast is off (inside ``keep_fp32``, the fp32 reference),
+nothing is simulated. Delayed scaling (an amax history), per-block scaling (MX formats) and fp8
+attention are not simulated.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -79,6 +84,21 @@ def scale_for(x: torch.Tensor, fp8: torch.dtype) -> float:
     return 2.0 ** min(math.floor(math.log2(torch.finfo(fp8).max / amax)), _MAX_SCALE_EXPONENT)
 
 
+#: The dtypes autocast would compute a matmul of in low precision: others (integers, fp64) are left alone.
+_SIMULATED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _operands(func: Any, args: Sequence[Any]) -> tuple[int, ...]:
+    """The positions of the operands to cast through fp8, or () where ``func`` is not simulated here."""
+    if func is torch.einsum:  # einsum(equation, *operands): each tensor operand
+        positions: tuple[int, ...] = tuple(i for i in range(1, len(args)) if isinstance(args[i], torch.Tensor))
+    else:
+        positions = tuple(i for i in _OPERANDS.get(func, ()) if i < len(args) and isinstance(args[i], torch.Tensor))
+    if len(positions) < 2 or any(args[i].dtype not in _SIMULATED_DTYPES for i in positions):
+        return ()
+    return positions
+
+
 class Fp8Matmuls(TorchFunctionMode):
     """While active: linear layers and matmuls where autocast is on for ``device_type`` compute as fp8
     GEMMs would (see the module docstring); everything else is left to autocast."""
@@ -89,14 +109,13 @@ class Fp8Matmuls(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        operands = _OPERANDS.get(func)
-        low = autocast_dtype(self.device_type) if operands is not None else None
-        if operands is None or low is None:  # not a matmul, or autocast off here (keep_fp32, the reference)
+        operands = _operands(func, args)
+        low = autocast_dtype(self.device_type) if operands else None
+        if not operands or low is None:  # not a matmul of low-precision floats, or autocast off here
             return func(*args, **kwargs)
         args = list(args)
         for i in operands:
-            if i < len(args) and isinstance(args[i], torch.Tensor) and args[i].is_floating_point():
-                args[i] = fake_quantize(args[i], self.fp8)
+            args[i] = fake_quantize(args[i], self.fp8)
         wide = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
         with torch.autocast(self.device_type, enabled=False):
             out = func(*wide, **{k: v.float() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})

@@ -93,8 +93,9 @@ def _wrap(module: nn.Module) -> None:
 
     @functools.wraps(inner)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        device_type = _device_type(module, args, kwargs)
-        with torch.autocast(device_type, enabled=False):
+        with contextlib.ExitStack() as stack:
+            for device_type in _device_types(module, args, kwargs):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
             return inner(*_to_fp32(args), **_to_fp32(kwargs))
 
     setattr(module, _WRAPPED, own)
@@ -108,14 +109,12 @@ def _unwrap(module: nn.Module) -> None:
         module.forward = own
 
 
-def _device_type(module: nn.Module, args: Any, kwargs: Any) -> str:
-    """The device type whose autocast to turn off: the inputs', else the parameters', else the CPU's."""
-    for t in tree_leaves((args, kwargs)):
-        if isinstance(t, torch.Tensor):
-            return t.device.type
-    for p in module.parameters():
-        return p.device.type
-    return "cpu"
+def _device_types(module: nn.Module, args: Any, kwargs: Any) -> list[str]:
+    """Every device type whose autocast to turn off: the parameters' and the inputs' (a CPU side
+    tensor passed to a CUDA module must not leave CUDA's autocast on), the CPU's when there are none."""
+    types = {p.device.type for p in module.parameters()}
+    types |= {t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+    return sorted(types) or ["cpu"]
 
 
 def _to_fp32(tree: Any) -> Any:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,7 @@ def sensitivity(
     device_type = device_type or _device_type_of(model)
     names = {module: name for name, module in model.named_modules()}
     leaves = [name for name, module in model.named_modules() if name and not any(True for _ in module.children())]
+    start = _rng_state()
     with preserved(model) as rerun, torch.no_grad(), _fp32_matmuls(), _eager():
         reference = _Capture(names, keep_inputs=True, device_type=device_type)
         with reference.hooks(model), torch.autocast(device_type, enabled=False):
@@ -95,11 +97,20 @@ def sensitivity(
         with propagated.hooks(model), low.running(device_type):
             loss_low = _loss(rerun, model, loss_fn, batch)
 
+    weights = _fingerprint(model)
+    finite_in_fp32 = reference.finite_outputs()
+
     def verify(kept: Sequence[str]) -> tuple[float, bool]:
-        check = _Capture(names, finite_only=True)
+        if _fingerprint(model) != weights:
+            raise MpdiagError(
+                "the model's parameters changed since sensitivity() measured it (training went on?); "
+                "measure again with mpdiag.sensitivity before searching"
+            )
+        check = _Capture(names, finite_only=True, finite_in_fp32=finite_in_fp32)
         with preserved(model) as again, torch.no_grad(), _fp32_matmuls(), _eager():
             with keep_fp32(model, kept), check.hooks(model), low.running(device_type):
-                loss = _loss(again, model, loss_fn, batch)
+                # from the random state the measurement started from: dropout draws the same masks
+                loss = _loss(again, model, lambda m, b: _seeded(start, loss_fn, m, b), batch)
         return relative(loss, loss_fp32), check.all_finite and math.isfinite(loss)
 
     in_order = [names[m] for m in reference.order]
@@ -192,15 +203,44 @@ def _check_reference(reference: _Capture, loss: float) -> None:
         )
 
 
+def _seeded(rng: dict[str, Any], loss_fn: LossFn, model: nn.Module, batch: Any) -> torch.Tensor:
+    _set_rng_state(rng)
+    return loss_fn(model, batch)
+
+
+def _fingerprint(model: nn.Module) -> list[tuple[int, int]]:
+    """What changes when a parameter is written: its storage and its version counter."""
+    return [(p.data_ptr(), p._version) for p in model.parameters()]
+
+
 def _device_type_of(model: nn.Module) -> str:
     for p in model.parameters():
         return p.device.type
     return "cpu"
 
 
+#: torch >= 2.9's per-backend fp32 precision settings ("ieee", "tf32", "bf16", "none": inherit).
+_FP32_PRECISION_SETTINGS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul",
+                            "mkldnn.conv", "mkldnn.rnn")  # fmt: skip
+
+
 @contextlib.contextmanager
 def _fp32_matmuls() -> Iterator[None]:
-    """fp32 matmuls and convolutions really in fp32 (TF32 off) while measuring; restored after."""
+    """fp32 matmuls and convolutions really in fp32 (no TF32, no oneDNN bf16) while measuring; every
+    setting restored after. torch >= 2.9 has per-backend ``fp32_precision`` settings, and mixing them
+    with the older calls raises: each torch gets its own API."""
+    if hasattr(torch.backends, "fp32_precision"):
+        owners = [_backend(path) for path in _FP32_PRECISION_SETTINGS]
+        owners = [o for o in owners if o is not None and hasattr(o, "fp32_precision")]
+        before = [o.fp32_precision for o in owners]
+        try:
+            for o in owners:
+                o.fp32_precision = "ieee"
+            yield
+        finally:
+            for o, value in zip(owners, before):
+                o.fp32_precision = value
+        return
     precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.allow_tf32 = False
@@ -209,6 +249,13 @@ def _fp32_matmuls() -> Iterator[None]:
     finally:
         torch.set_float32_matmul_precision(precision)
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+def _backend(path: str) -> Any:
+    owner: Any = torch.backends
+    for part in filter(None, path.split(".")):
+        owner = getattr(owner, part, None)
+    return owner
 
 
 def _loss(rerun: Callable[[Callable[[], Any]], Any], model: nn.Module, loss_fn: LossFn, batch: Any) -> float:
@@ -230,17 +277,20 @@ class _Call:
 
 
 class _Sums:
-    """Sums of squares over a module's outputs: the signal, the error and whether it went non-finite."""
+    """Sums of squares over a module's outputs: the signal, the error, how many elements were compared
+    and whether the low-precision output went non-finite where fp32's is finite."""
 
     def __init__(self) -> None:
         self.signal = 0.0
         self.noise = 0.0
+        self.compared = 0
         self.nonfinite = False
 
     def add(self, low: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> None:
         # In fp32: the low-precision values widen exactly, their difference to fp32's is exact to an fp32
         # rounding (far below the error measured), and the dot products accumulate blockwise. fp64 copies
-        # of GPT-2's logits would cost more than the forward.
+        # of GPT-2's logits would cost more than the forward. A power-of-two scale keeps the squares in
+        # fp32's range (a tensor of 1e19 would overflow them); the sums are kept in Python floats (fp64).
         for a, b in zip(low, ref):
             if a.shape != b.shape:
                 continue
@@ -248,14 +298,23 @@ class _Sums:
             if not bool(torch.isfinite(b).all()):  # where fp32 itself is not finite there is nothing to compare
                 keep = torch.isfinite(b)
                 a, b = a[keep], b[keep]
+            if not b.numel():
+                continue
+            self.compared += b.numel()
             if not bool(torch.isfinite(a).all()):
                 self.nonfinite = True
                 continue
             diff = a - b
-            self.signal += float(torch.dot(b, b))
-            self.noise += float(torch.dot(diff, diff))
+            top = max(float(b.abs().max()), float(diff.abs().max()))
+            scale = 2.0 ** -math.floor(math.log2(top)) if top > 0 else 1.0
+            b, diff = b * scale, diff * scale
+            self.signal += float(torch.dot(b, b)) / scale**2
+            self.noise += float(torch.dot(diff, diff)) / scale**2
 
-    def error(self, name: str) -> LayerError:
+    def error(self, name: str) -> LayerError | None:
+        """The module's error; None when no element could be compared (no floating output)."""
+        if self.compared == 0:
+            return None
         if self.nonfinite or not math.isfinite(self.noise):
             return LayerError(name, math.inf, -math.inf, True)
         if self.noise == 0:
@@ -276,8 +335,10 @@ class _Capture:
         keep_inputs: bool = False,
         compare_with: _Capture | None = None,
         finite_only: bool = False,
+        finite_in_fp32: dict[tuple[nn.Module, int], list[bool]] | None = None,
         device_type: str = "cpu",
     ) -> None:
+        self.finite_in_fp32 = finite_in_fp32 or {}
         self.names, self.device_type = names, device_type
         self.autocast_inside: str | None = None  # the reference pass: an autocast dtype seen inside it
         self.keep_inputs, self.reference, self.finite_only = keep_inputs, compare_with, finite_only
@@ -287,7 +348,7 @@ class _Capture:
         self.seen: dict[nn.Module, int] = {}
         self.all_finite = True
         self.first_nonfinite: str | None = None  # comparing: the first module whose output went non-finite
-        self._copies: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._copies: dict[tuple[int, int], tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
 
     @contextlib.contextmanager
     def hooks(self, model: nn.Module) -> Iterator[None]:
@@ -307,16 +368,20 @@ class _Capture:
         self.calls.setdefault(module, []).append(_Call(_snapshot(args), _snapshot(kwargs), _rng_state()))
 
     def _after(self, module: nn.Module, args: Any, output: Any) -> None:
-        outputs = [t.detach() for t in floating_tensors(output) if t.is_floating_point()]
-        if self.finite_only:
-            self.all_finite &= all(bool(torch.isfinite(t).all()) for t in outputs)
-            return
+        originals = [t for t in floating_tensors(output) if t.is_floating_point()]
+        outputs = [t.detach() for t in originals]
         index = self.seen.get(module, 0)
         self.seen[module] = index + 1
+        if self.finite_only:  # non-finite only where fp32's output was finite (a mask's -inf is no failure)
+            expected = self.finite_in_fp32.get((module, index), [])
+            for j, t in enumerate(outputs):
+                if (j >= len(expected) or expected[j]) and not bool(torch.isfinite(t).all()):
+                    self.all_finite = False
+            return
         if index == 0:
             self.order.append(module)
         if self.keep_inputs:
-            self.calls[module][index].outputs = [self._copy(t) for t in outputs]
+            self.calls[module][index].outputs = [self._copy(t) for t in originals]
         elif self.reference is not None:
             ref_calls = self.reference.calls.get(module, [])
             if index < len(ref_calls):
@@ -326,12 +391,21 @@ class _Capture:
                     self.first_nonfinite = self.names[module]
 
     def _copy(self, t: torch.Tensor) -> torch.Tensor:
-        # A tensor several modules return (a head's logits are the model's) is copied once; the
-        # original is held with its copy so that its id stays its own for the whole pass.
+        # A tensor several modules return (a head's logits are the model's, a Sequential's its last
+        # child's) is copied once. Weakly held: the original may be freed, and its id reused.
         key = (id(t), t._version)
-        if key not in self._copies:
-            self._copies[key] = (t, t.clone())
-        return self._copies[key][1]
+        held = self._copies.get(key)
+        if held is None or held[0]() is not t:
+            held = self._copies[key] = (weakref.ref(t), t.detach().clone())
+        return held[1]
+
+    def finite_outputs(self) -> dict[tuple[nn.Module, int], list[bool]]:
+        """For each call of the reference pass, whether each of its outputs was finite."""
+        return {
+            (module, i): [bool(torch.isfinite(t).all()) for t in call.outputs]
+            for module, calls in self.calls.items()
+            for i, call in enumerate(calls)
+        }
 
     def error(self, name: str) -> LayerError | None:
         sums = self.sums.get(name)
@@ -373,5 +447,9 @@ def _local_errors(
         except Exception as err:  # noqa: BLE001 - a module that cannot run alone is reported, not fatal
             skipped[name] = f"{type(err).__name__}: {err}"
             continue
-        errors[name] = sums.error(name)
+        error = sums.error(name)
+        if error is None:
+            skipped[name] = "no floating output to compare"
+        else:
+            errors[name] = error
     return errors, skipped

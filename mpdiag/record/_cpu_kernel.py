@@ -318,15 +318,26 @@ def compile_wanted() -> None:
     with _THREADED_LOCK:
         for dtype, tables in list(_THREADED_WANTED.items()):
             del _THREADED_WANTED[dtype]
-            if dtype not in _THREADED_COMPILING:
-                thread = threading.Thread(target=_compile_threaded, args=(dtype, tables), name="mpdiag-kernel-compile")
-                _THREADED_COMPILING[dtype] = thread
+            if dtype in _THREADED_COMPILING:
+                continue
+            thread = threading.Thread(target=_compile_threaded, args=(dtype, tables), name="mpdiag-kernel-compile")
+            try:
                 thread.start()
+            except RuntimeError as err:  # at interpreter shutdown, or a thread limit: keep one thread
+                log.debug("mpdiag: the threaded CPU kernel is not compiled (%s)", err)
+                continue
+            _THREADED_COMPILING[dtype] = thread
 
 
 def _compile_threaded(dtype: np.dtype, tables: KernelTables) -> None:
-    try:  # a call on an empty array compiles the signature every later call of this width has
-        _count_parallel(np.zeros(0, dtype), *tables.args, np.zeros(1, np.int64), tables.no_extremes.copy(), 1)
+    # Compiled (or loaded from the cache) for the signature every later call of this width has, without
+    # running it: a parallel region launched from this thread while the main thread runs one would abort
+    # the process under numba's workqueue threading layer, which is not thread-safe.
+    example = (np.zeros(0, dtype), *tables.args, np.zeros(1, np.int64), tables.no_extremes.copy(), 1)
+    compile_signature = getattr(_count_parallel, "compile", None)  # absent with NUMBA_DISABLE_JIT=1
+    try:
+        if compile_signature is not None:
+            compile_signature(tuple(numba.typeof(a) for a in example))
     except Exception as err:  # noqa: BLE001 - the sequential kernel is exact: keep counting with it
         log.warning(
             "mpdiag: the threaded CPU kernel did not compile (%s: %s); large tensors take one thread",
