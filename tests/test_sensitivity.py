@@ -315,7 +315,10 @@ def test_the_transformers_line_keeps_those_weights_in_fp32_when_loaded_in_fp16(t
     kept = ["transformer.h.1.mlp.c_proj"]
     model = transformers.GPT2LMHeadModel(config)
     line = transformers_line(model, kept, torch.float16)
-    assert line == "GPT2LMHeadModel._keep_in_fp32_modules = ['transformer.h.1.mlp.c_proj']"
+    assert line == (
+        "GPT2LMHeadModel._keep_in_fp32_modules = [*(GPT2LMHeadModel._keep_in_fp32_modules or []), "
+        "'transformer.h.1.mlp.c_proj']"
+    )
     assert transformers_line(model, kept, torch.bfloat16).startswith("GPT2LMHeadModel._keep_in_fp32_modules_strict")
     assert transformers_line(nn.Linear(2, 2), ["x"]) is None
 

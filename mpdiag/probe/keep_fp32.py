@@ -139,7 +139,9 @@ def transformers_line(model: nn.Module, names: Iterable[str], dtype: torch.dtype
     if not _is_transformers_model(model):
         return None
     attribute = "_keep_in_fp32_modules_strict" if dtype == torch.bfloat16 else "_keep_in_fp32_modules"
-    return f"{type(model).__name__}.{attribute} = {list(dict.fromkeys(names))!r}"
+    target = f"{type(model).__name__}.{attribute}"
+    entries = ", ".join(repr(n) for n in dict.fromkeys(names))
+    return f"{target} = [*({target} or []), {entries}]"  # added to the class's own entries (T5 has some)
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
