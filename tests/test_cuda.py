@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fragile_models import Classifier, OverflowingBlock, batch, classification_loss
 from host_reads import CountHostReads
 from torch import nn
 
@@ -49,8 +50,6 @@ def test_diagnose_under_fp16_autocast_on_the_gpu_reads_the_host_once_per_step() 
 
 
 def test_sensitivity_on_the_gpu_names_the_projection_that_overflows_fp16() -> None:
-    from test_sensitivity import Classifier, OverflowingBlock, batch, classification_loss
-
     model = Classifier(OverflowingBlock()).cuda()
     data = tuple(t.cuda() for t in batch())
     before = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
