@@ -13,14 +13,21 @@ from mpdiag.record import paused
 
 
 @contextlib.contextmanager
-def preserved(model: nn.Module) -> Iterator[Callable[[Callable[[], Any]], Any]]:
-    """Yield ``rerun(fn)``: runs fn from the same RNG state with .grad cleared; restore everything after."""
+def preserved(
+    model: nn.Module, start_from: dict[str, Any] | None = None
+) -> Iterator[Callable[[Callable[[], Any]], Any]]:
+    """Yield ``rerun(fn)``: runs fn from the same RNG state with .grad cleared; restore everything after.
+
+    ``start_from``: the RNG state (``rng_state()``) each run starts from, when not the current one (a
+    later run that must draw what an earlier one drew); the current state is restored at the end.
+    """
     grads = {p: p.grad for p in model.parameters()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    rng = _rng_state()
+    rng = rng_state()
+    start = start_from if start_from is not None else rng
 
     def rerun(fn: Callable[[], Any]) -> Any:
-        _set_rng_state(rng)
+        set_rng_state(start)
         for p in model.parameters():
             p.grad = None
         try:
@@ -36,17 +43,17 @@ def preserved(model: nn.Module) -> Iterator[Callable[[Callable[[], Any]], Any]]:
     finally:
         for p, g in grads.items():
             p.grad = g
-        _set_rng_state(rng)
+        set_rng_state(rng)
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])

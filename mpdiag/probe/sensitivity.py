@@ -46,7 +46,7 @@ from mpdiag.core import formats
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.sensitivity import LayerError, Sensitivity, relative
 from mpdiag.probe._fp8 import Fp8Matmuls
-from mpdiag.probe._rerun import _rng_state, _set_rng_state, preserved
+from mpdiag.probe._rerun import preserved, rng_state, set_rng_state
 from mpdiag.probe.keep_fp32 import eager_module, keep_fp32, transformers_line
 from mpdiag.record import autocast_dtype, floating_tensors
 
@@ -86,7 +86,7 @@ def sensitivity(
     device_type = device_type or _device_type_of(model)
     names = {module: name for name, module in model.named_modules()}
     leaves = [name for name, module in model.named_modules() if name and not any(True for _ in module.children())]
-    start = _rng_state()
+    start = rng_state()
     with preserved(model) as rerun, torch.no_grad(), _fp32_matmuls(), _eager():
         reference = _Capture(names, keep_inputs=True, device_type=device_type)
         with reference.hooks(model), torch.autocast(device_type, enabled=False):
@@ -107,10 +107,10 @@ def sensitivity(
                 "measure again with mpdiag.sensitivity before searching"
             )
         check = _Capture(names, finite_only=True, finite_in_fp32=finite_in_fp32)
-        with preserved(model) as again, torch.no_grad(), _fp32_matmuls(), _eager():
+        # from the random state the measurement started from: dropout draws the same masks
+        with preserved(model, start_from=start) as again, torch.no_grad(), _fp32_matmuls(), _eager():
             with keep_fp32(model, kept), check.hooks(model), low.running(device_type):
-                # from the random state the measurement started from: dropout draws the same masks
-                loss = _loss(again, model, lambda m, b: _seeded(start, loss_fn, m, b), batch)
+                loss = _loss(again, model, loss_fn, batch)
         return relative(loss, loss_fp32), check.all_finite and math.isfinite(loss)
 
     in_order = [names[m] for m in reference.order]
@@ -201,11 +201,6 @@ def _check_reference(reference: _Capture, loss: float) -> None:
             f"the loss is {loss} in fp32 already, so no precision can be compared with it; "
             "mpdiag.trace_nonfinite(model, loss_fn, batch) finds the operation that produced it"
         )
-
-
-def _seeded(rng: dict[str, Any], loss_fn: LossFn, model: nn.Module, batch: Any) -> torch.Tensor:
-    _set_rng_state(rng)
-    return loss_fn(model, batch)
 
 
 def _fingerprint(model: nn.Module) -> list[tuple[int, int]]:
@@ -365,7 +360,7 @@ class _Capture:
 
     def _before(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         self.autocast_inside = self.autocast_inside or autocast_dtype(self.device_type)
-        self.calls.setdefault(module, []).append(_Call(_snapshot(args), _snapshot(kwargs), _rng_state()))
+        self.calls.setdefault(module, []).append(_Call(_snapshot(args), _snapshot(kwargs), rng_state()))
 
     def _after(self, module: nn.Module, args: Any, output: Any) -> None:
         originals = [t for t in floating_tensors(output) if t.is_floating_point()]
@@ -440,7 +435,7 @@ def _local_errors(
         sums = _Sums()
         try:
             for call in reference.calls[module]:
-                _set_rng_state(call.rng)
+                set_rng_state(call.rng)
                 with low.running(device_type):
                     output = module(*_snapshot(call.args), **_snapshot(call.kwargs))
                 sums.add([t for t in floating_tensors(output) if t.is_floating_point()], call.outputs)
