@@ -76,6 +76,20 @@ def amax_hooks(model: nn.Module, params: bool = False) -> Iterator[tuple[list[to
             h.remove()
 
 
+def floor_variants(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Callable[[], contextlib.AbstractContextManager[object]]]:
+    """The variants both overhead benchmarks time: a plain step, mpdiag recording every step and one in
+    ten, and the two amax floors (outputs only, and with parameters and their gradients)."""
+    return {
+        "plain": contextlib.nullcontext,
+        "mpdiag every=1": lambda: mpdiag.diagnose(model, every=1, optimizer=optimizer),
+        "mpdiag every=10": lambda: mpdiag.diagnose(model, every=10, optimizer=optimizer),
+        "amax hooks": lambda: amax_hooks(model),
+        "amax +params": lambda: amax_hooks(model, params=True),
+    }
+
+
 def observed_per_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[], None]) -> str:
     """What each observer reads in one training step: mpdiag's sites by kind, the amax observers' tensors.
     Runs three steps of training (one with each)."""

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import torch
-from _observers import amax_hooks, observed_per_step
+from _observers import floor_variants, observed_per_step
 from _timing import interleaved_rounds, print_times, whole_cycles
 from torch import nn
 
@@ -232,13 +232,7 @@ def main() -> None:
     for _ in range(3):
         step()  # warm up: the allocator, cuBLAS/cuDNN heuristics, the fused optimizer
     observed = observed_per_step(model, opt, step)  # also compiles mpdiag's kernels before the timing
-    variants: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
-        "plain": contextlib.nullcontext,
-        "mpdiag every=1": lambda: mpdiag.diagnose(model, every=1, optimizer=opt),
-        "mpdiag every=10": lambda: mpdiag.diagnose(model, every=10, optimizer=opt),
-        "amax hooks": lambda: amax_hooks(model),
-        "amax +params": lambda: amax_hooks(model, params=True),
-    }
+    variants = floor_variants(model, opt)
     times = timed_rounds({v: (step, make) for v, make in variants.items()}, args.rounds, args.steps, args.max_seconds)
 
     fused = "fused" if opt.defaults.get("fused") else "unfused"

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator, Mapping
 import _torch_counter
 import torch
 import torch.nn.functional as F
-from _observers import amax_hooks, observed_per_step
+from _observers import floor_variants, observed_per_step
 from _timing import interleaved_rounds, print_times, whole_cycles
 from torch import nn
 
@@ -195,15 +195,8 @@ BUILDERS: dict[str, Callable[[Mapping[str, int]], Workload]] = {
 
 # -- measuring --------------------------------------------------------------------------------------
 def variants_of(work: Workload, breakdown: bool) -> dict[str, Callable[[], contextlib.AbstractContextManager[object]]]:
-    model, opt = work.model, work.optimizer
-    variants: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
-        "plain": contextlib.nullcontext,
-        "mpdiag every=1": lambda: mpdiag.diagnose(model, every=1, optimizer=opt),
-        "mpdiag every=10": lambda: mpdiag.diagnose(model, every=10, optimizer=opt),
-        "amax hooks": lambda: amax_hooks(model),
-        "amax +params": lambda: amax_hooks(model, params=True),
-        "detect_anomaly": lambda: torch.autograd.detect_anomaly(check_nan=True),
-    }
+    variants = floor_variants(work.model, work.optimizer)
+    variants["detect_anomaly"] = lambda: torch.autograd.detect_anomaly(check_nan=True)
     if breakdown:
         every1 = variants["mpdiag every=1"]
         variants["mpdiag no kernel"] = lambda: _counting_with(_no_count, every1)
