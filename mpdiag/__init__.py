@@ -13,6 +13,7 @@ from mpdiag.core import formats
 from mpdiag.core.casting import classify, round_to
 from mpdiag.core.errors import MpdiagError, MpdiagWarning
 from mpdiag.core.events import AnomalyRecord, NonFiniteError, NonFiniteEvent, NonFiniteOrigin
+from mpdiag.core.comparison import Comparison, Convergence, NoiseBand, PrecisionResult
 from mpdiag.core.run import Kind, Run, Site
 from mpdiag.core.sensitivity import KeepFp32, LayerError, Sensitivity
 from mpdiag.core.stats import TensorStats
@@ -20,6 +21,7 @@ from mpdiag.core.version import __version__ as __version__  # re-exported, as th
 from mpdiag.diagnose import Diagnosis, diagnose
 from mpdiag.integrations.tensorboard import to_tensorboard
 from mpdiag.io.runfile import RunFileError, load
+from mpdiag.probe.compare import compare
 from mpdiag.probe.keep_fp32 import keep_fp32
 from mpdiag.probe.replay import replay_loss_scale
 from mpdiag.probe.sensitivity import sensitivity
@@ -62,6 +64,11 @@ __all__ = [
     "LayerError",
     "KeepFp32",
     "keep_fp32",
+    "compare",
+    "Comparison",
+    "PrecisionResult",
+    "Convergence",
+    "NoiseBand",
     "report",
     "Report",
     "load",

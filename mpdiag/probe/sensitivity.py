@@ -46,6 +46,7 @@ from mpdiag.core import formats
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.sensitivity import LayerError, Sensitivity, relative
 from mpdiag.probe._fp8 import Fp8Matmuls
+from mpdiag.probe._matmul_precision import matmul_precision
 from mpdiag.probe._rerun import preserved, rng_state, set_rng_state
 from mpdiag.probe.keep_fp32 import eager_module, keep_fp32, transformers_line
 from mpdiag.record import autocast_dtype, floating_tensors
@@ -87,7 +88,7 @@ def sensitivity(
     names = {module: name for name, module in model.named_modules()}
     leaves = [name for name, module in model.named_modules() if name and not any(True for _ in module.children())]
     start = rng_state()
-    with preserved(model) as rerun, torch.no_grad(), _fp32_matmuls(), _eager():
+    with preserved(model) as rerun, torch.no_grad(), matmul_precision("ieee"), _eager():
         reference = _Capture(names, keep_inputs=True, device_type=device_type)
         with reference.hooks(model), torch.autocast(device_type, enabled=False):
             loss_fp32 = _loss(rerun, model, loss_fn, batch)
@@ -108,7 +109,7 @@ def sensitivity(
             )
         check = _Capture(names, finite_only=True, finite_in_fp32=finite_in_fp32)
         # from the random state the measurement started from: dropout draws the same masks
-        with preserved(model, start_from=start) as again, torch.no_grad(), _fp32_matmuls(), _eager():
+        with preserved(model, start_from=start) as again, torch.no_grad(), matmul_precision("ieee"), _eager():
             with keep_fp32(model, kept), check.hooks(model), low.running(device_type):
                 loss = _loss(again, model, loss_fn, batch)
         return relative(loss, loss_fp32), check.all_finite and math.isfinite(loss)
@@ -212,45 +213,6 @@ def _device_type_of(model: nn.Module) -> str:
     for p in model.parameters():
         return p.device.type
     return "cpu"
-
-
-#: torch >= 2.9's per-backend fp32 precision settings ("ieee", "tf32", "bf16", "none": inherit).
-_FP32_PRECISION_SETTINGS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul",
-                            "mkldnn.conv", "mkldnn.rnn")  # fmt: skip
-
-
-@contextlib.contextmanager
-def _fp32_matmuls() -> Iterator[None]:
-    """fp32 matmuls and convolutions really in fp32 (no TF32, no oneDNN bf16) while measuring; every
-    setting restored after. torch >= 2.9 has per-backend ``fp32_precision`` settings, and mixing them
-    with the older calls raises: each torch gets its own API."""
-    if hasattr(torch.backends, "fp32_precision"):
-        owners = [_backend(path) for path in _FP32_PRECISION_SETTINGS]
-        owners = [o for o in owners if o is not None and hasattr(o, "fp32_precision")]
-        before = [o.fp32_precision for o in owners]
-        try:
-            for o in owners:
-                o.fp32_precision = "ieee"
-            yield
-        finally:
-            for o, value in zip(owners, before):
-                o.fp32_precision = value
-        return
-    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(precision)
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
-
-
-def _backend(path: str) -> Any:
-    owner: Any = torch.backends
-    for part in filter(None, path.split(".")):
-        owner = getattr(owner, part, None)
-    return owner
 
 
 def _loss(rerun: Callable[[Callable[[], Any]], Any], model: nn.Module, loss_fn: LossFn, batch: Any) -> float:

@@ -21,9 +21,7 @@ def describe(model: nn.Module, formats: tuple[str, ...], scaler: Any = None) -> 
         "torch": torch.__version__,
         "device": str(device),
         "device_name": _device_name(device),
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        **_precision_flags(),
         "anomaly_mode": bool(torch.is_anomaly_enabled()),
         "bf16_supported": _bf16_supported(device),
         "formats": list(formats),
@@ -38,6 +36,38 @@ def describe(model: nn.Module, formats: tuple[str, ...], scaler: Any = None) -> 
             "growth_interval": int(scaler.get_growth_interval()),
         }
     return env
+
+
+#: torch >= 2.9's per-backend fp32 precision settings, by the names the run keeps them under.
+_FP32_PRECISIONS = {"all": (), "cuda_matmul": ("cuda", "matmul"), "cudnn_conv": ("cudnn", "conv"),
+                    "cudnn_rnn": ("cudnn", "rnn"), "mkldnn_matmul": ("mkldnn", "matmul"),
+                    "mkldnn_conv": ("mkldnn", "conv")}  # fmt: skip
+
+
+def _precision_flags() -> dict[str, Any]:
+    """The matmul precision and TF32 flags. Once torch >= 2.9's per-backend settings differ, the legacy
+    getters raise (a "mix of the legacy and new APIs"): those read None, and the settings are kept too."""
+    flags: dict[str, Any] = {}
+    legacy = {
+        "float32_matmul_precision": torch.get_float32_matmul_precision,
+        "cuda_matmul_allow_tf32": lambda: bool(torch.backends.cuda.matmul.allow_tf32),
+        "cudnn_allow_tf32": lambda: bool(torch.backends.cudnn.allow_tf32),
+    }
+    for key, read in legacy.items():
+        try:
+            flags[key] = read()
+        except RuntimeError:
+            flags[key] = None
+    if hasattr(torch.backends, "fp32_precision"):
+        precisions = {}
+        for key, path in _FP32_PRECISIONS.items():
+            owner: Any = torch.backends
+            for part in path:
+                owner = getattr(owner, part, None)
+            if owner is not None and hasattr(owner, "fp32_precision"):
+                precisions[key] = owner.fp32_precision
+        flags["fp32_precision"] = precisions
+    return flags
 
 
 def autocast_dtype(device_type: str) -> str | None:

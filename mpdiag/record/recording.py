@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, tuple[Recording, str]] = weakref.WeakKeyDictionary()
 
 
+def diagnosed(model: nn.Module) -> bool:
+    """Whether a recording is attached to ``model`` or to any of its modules."""
+    return any(m in _ATTACHED for m in model.modules())
+
+
 @contextlib.contextmanager
 def paused(model: nn.Module) -> Iterator[None]:
     """Inside, every recording attached to ``model`` (or to any of its modules) is paused (see

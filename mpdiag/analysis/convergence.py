@@ -1,0 +1,99 @@
+"""Convergence of a precision against fp32, judged by fp32's own noise: pure functions on loss lists.
+
+The yardstick: the losses of two fp32 runs from the same weights differ for reasons that have nothing
+to do with precision (the order batches come in, the dropout masks drawn). That difference, as an RMS
+over a trailing window of steps, is the **noise band**. A precision whose loss stays as close to fp32's
+as the band converges as fp32 does; one that leaves it changes training more than reshuffling the data.
+
+Without a second fp32 run, fp32's own step-to-step change stands in: two consecutive losses differ by
+batch noise plus progress, so |L(t) - L(t-1)| / sqrt(2) estimates the noise of one loss (it errs wide
+where the loss falls fast).
+
+Examples:
+    >>> from mpdiag.analysis.convergence import convergence, noise_band
+    >>> fp32 = [4.0, 3.0, 2.5, 2.2, 2.0, 1.9]
+    >>> noise = noise_band(fp32, [4.1, 3.2, 2.4, 2.3, 2.1, 1.8], window=3)
+    >>> [round(b, 3) for b in noise.band]
+    [0.1, 0.158, 0.141, 0.141, 0.1, 0.1]
+    >>> c = convergence([4.0, 3.01, 2.52, 2.21, 2.0, 1.92], fp32, noise, param_distance=0.01)
+    >>> c.first_outside, c.within_noise, round(c.final_change, 4)
+    (None, True, 0.0049)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from mpdiag.core.comparison import Convergence, NoiseBand
+
+__all__ = ["window_for", "noise_band", "step_noise_band", "convergence"]
+
+#: Trailing-window length bounds: at least 3 steps to have an RMS at all, at most 25 to stay local.
+_MIN_WINDOW, _MAX_WINDOW = 3, 25
+
+REORDERED = "a second fp32 run on the same batches in another order, with other random draws"
+STEP_TO_STEP = "fp32's own step-to-step change of the loss, / sqrt(2) (no second fp32 run)"
+
+
+def window_for(steps: int) -> int:
+    """The trailing window for a run of ``steps`` steps: a tenth of it, within [3, 25]."""
+    return min(max(steps // 10, _MIN_WINDOW), _MAX_WINDOW)
+
+
+def noise_band(reference: Sequence[float], other: Sequence[float], window: int | None = None) -> NoiseBand:
+    """The band from a second fp32 run (``other``) of as many steps as ``reference``."""
+    if len(other) != len(reference):
+        raise ValueError(f"the two fp32 runs have {len(reference)} and {len(other)} steps; they must match")
+    window = window or window_for(len(reference))
+    distance = [abs(a - b) for a, b in zip(reference, other)]
+    return NoiseBand(band=_trailing_rms(distance, window), window=window, how=REORDERED, losses=tuple(other))
+
+
+def step_noise_band(reference: Sequence[float], window: int | None = None) -> NoiseBand:
+    """The band from fp32's own step-to-step change (one run)."""
+    window = window or window_for(len(reference))
+    change = [abs(b - a) / math.sqrt(2) for a, b in zip(reference, reference[1:])]
+    change = change[:1] + change if change else [0.0] * len(reference)  # step 0 has no predecessor
+    return NoiseBand(band=_trailing_rms(change, window), window=window, how=STEP_TO_STEP)
+
+
+def convergence(
+    losses: Sequence[float], reference: Sequence[float], noise: NoiseBand, *, param_distance: float
+) -> Convergence:
+    """How ``losses`` follow fp32's ``reference`` losses, step by step, against ``noise``."""
+    if len(losses) != len(reference) or len(noise.band) != len(reference):
+        raise ValueError(
+            f"losses ({len(losses)}), fp32's ({len(reference)}) and the band ({len(noise.band)}) cover different steps"
+        )
+    difference = [a - b for a, b in zip(losses, reference)]
+    deviation = _trailing_rms([abs(d) for d in difference], noise.window)
+    outside = [not (dev <= band) for dev, band in zip(deviation, noise.band)]  # NaN is outside
+    diverged_at = next((t for t, loss in enumerate(losses) if not math.isfinite(loss)), None)
+    tail = slice(-noise.window, None)
+    return Convergence(
+        difference=tuple(_ratio(d, b) for d, b in zip(difference, noise.band)),
+        first_outside=outside.index(True) if any(outside) else None,
+        final_change=_mean(losses[tail]) / _mean(reference[tail]) - 1 if losses else math.nan,
+        final_ratio_to_noise=_ratio(deviation[-1], noise.band[-1]) if losses else math.nan,
+        diverged_at=diverged_at,
+        param_distance=param_distance,
+    )
+
+
+def _trailing_rms(values: Sequence[float], window: int) -> tuple[float, ...]:
+    out = []
+    for t in range(len(values)):
+        part = values[max(0, t - window + 1) : t + 1]
+        out.append(math.sqrt(sum(v * v for v in part) / len(part)))
+    return tuple(out)
+
+
+def _ratio(value: float, band: float) -> float:
+    if band > 0:
+        return value / band
+    return 0.0 if value == 0 else math.copysign(math.inf, value)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)

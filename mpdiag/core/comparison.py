@@ -1,0 +1,209 @@
+"""Comparison: the same model trained in several precisions, side by side, as plain data.
+
+``mpdiag.compare`` fills it (``mpdiag.probe.compare``); ``mpdiag.analysis.convergence`` computes the
+convergence figures from the losses; ``str(comparison)`` is the summary, one line per precision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from mpdiag.core.run import Run
+from mpdiag.core.text import percent
+
+__all__ = ["Comparison", "PrecisionResult", "Convergence", "NoiseBand", "PRECISIONS", "REFERENCE"]
+
+#: The precisions compare() trains, in the order it reports them.
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "bf16-pure")
+
+#: The precision every other one is measured against.
+REFERENCE = "fp32"
+
+#: Step time ratios within this of 1 read "as fast": the timing noise of a shared machine.
+_SAME_SPEED = 0.03
+
+
+@dataclass(frozen=True)
+class NoiseBand:
+    """fp32's own noise: how far the loss of an fp32 run moves for reasons that have nothing to do with
+    precision, per step. A precision whose loss stays within it converges as fp32 does.
+
+    Attributes:
+        band: per step, the RMS over the trailing ``window`` steps of the yardstick's distance to fp32's loss.
+        window: the steps each RMS covers (and the final loss averages over).
+        how: what the yardstick is, as a sentence.
+        losses: the yardstick run's losses (the second fp32 run), or None when it is fp32's own
+            step-to-step change.
+        param_distance: the yardstick run's final parameter distance to fp32 (relative L2), or None.
+    """
+
+    band: tuple[float, ...]
+    window: int
+    how: str
+    losses: tuple[float, ...] | None = None
+    param_distance: float | None = None
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """How one precision's training followed fp32's, against fp32's noise band.
+
+    Attributes:
+        difference: per step, (loss - fp32's loss) / the band at that step: within +-1 is within noise.
+        first_outside: the first step whose RMS distance to fp32 over the trailing window exceeds the
+            band (a non-finite loss is outside), or None.
+        final_change: mean loss over the last ``window`` steps relative to fp32's, minus 1 (+0.004: 0.4% higher).
+        final_ratio_to_noise: at the last step, the trailing RMS distance to fp32 over the band.
+        diverged_at: the first step whose loss is NaN or inf, or None.
+        param_distance: ||params - fp32's params|| / ||fp32's params|| at the end (relative L2).
+    """
+
+    difference: tuple[float, ...]
+    first_outside: int | None
+    final_change: float
+    final_ratio_to_noise: float
+    diverged_at: int | None
+    param_distance: float
+
+    @property
+    def within_noise(self) -> bool:
+        """Whether, at the end, the loss is as close to fp32's as fp32's own noise."""
+        return self.diverged_at is None and self.final_ratio_to_noise <= 1.0
+
+    def describe(self) -> str:
+        """'converges with fp32 (final loss +0.4%, within noise)' and the like."""
+        if self.diverged_at is not None:
+            return f"diverges at step {self.diverged_at} (the loss is not finite)"
+        change = f"final loss {_signed_percent(self.final_change)}"
+        if not self.within_noise:
+            return (
+                f"departs from fp32 from step {self.first_outside} on ({change}, "
+                f"{self.final_ratio_to_noise:.1f}x fp32's noise)"
+            )
+        left = f"; outside it from step {self.first_outside}, back by the end" if self.first_outside is not None else ""
+        return f"converges with fp32 ({change}, within noise{left})"
+
+
+@dataclass(frozen=True)
+class PrecisionResult:
+    """One precision's training.
+
+    Attributes:
+        precision: its name ("fp32", "tf32", "bf16", "fp16", "bf16-pure").
+        losses: the loss of every step (a float each; NaN where it was).
+        skipped_steps: the steps whose optimizer step did not run (fp16: those its GradScaler skipped).
+        step_time: median seconds per step over ``step_times`` (CUDA-synchronised on a GPU).
+        step_times: step -> seconds, for the steps timed (see ``Comparison.timing``).
+        peak_memory: bytes, the highest of the steps measured (see ``Comparison.memory``).
+        memory_steps: the steps whose memory was measured.
+        run: what mpdiag recorded of this training (``diagnose=True``), or None.
+        convergence: against fp32 (None for fp32 itself).
+        notes: what this precision did on this device that its name does not say.
+    """
+
+    precision: str
+    losses: list[float]
+    skipped_steps: list[int]
+    step_time: float
+    step_times: dict[int, float]
+    peak_memory: int
+    memory_steps: tuple[int, ...]
+    run: Run | None = None
+    convergence: Convergence | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1] if self.losses else math.nan
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The same model trained from the same weights on the same batches in several precisions.
+
+    Attributes:
+        results: precision -> its PrecisionResult, fp32 first.
+        noise: fp32's noise band, the yardstick of convergence.
+        device: where training ran ("cpu", "cuda:0").
+        steps: steps trained per precision.
+        timing: which steps ``step_time`` is the median of, as a sentence.
+        memory: what ``peak_memory`` measures and how, as a sentence.
+    """
+
+    results: dict[str, PrecisionResult]
+    noise: NoiseBand
+    device: str
+    steps: int
+    timing: str
+    memory: str
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def reference(self) -> PrecisionResult:
+        return self.results[REFERENCE]
+
+    def line(self, precision: str) -> str:
+        """The summary's line for one precision."""
+        result = self.results[precision]
+        ref = self.reference
+        if result is ref:
+            parts = [
+                f"{precision}: the reference (final loss {result.final_loss:.4g})",
+                f"{_seconds(result.step_time)} per step",
+                f"peak memory {_bytes(result.peak_memory)}",
+            ]
+        else:
+            assert result.convergence is not None
+            parts = [
+                f"{precision}: {result.convergence.describe()}",
+                _speed(ref.step_time, result.step_time),
+                _memory(ref.peak_memory, result.peak_memory),
+            ]
+        if result.skipped_steps:
+            parts.append(f"{len(result.skipped_steps)} of {len(result.losses)} steps skipped by the GradScaler")
+        return ", ".join(parts) + "".join(f"; {note}" for note in result.notes)
+
+    def __str__(self) -> str:
+        head = f"mpdiag compare: {self.steps} steps per precision on {self.device}, from the same weights and batches"
+        lines = [head, *(self.line(p) for p in self.results)]
+        lines.append(f"noise band: {self.noise.how} (RMS over {self.noise.window} steps)")
+        lines.append(f"step time: {self.timing}")
+        lines.append(f"peak memory: {self.memory}")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def _signed_percent(change: float) -> str:
+    if not math.isfinite(change):
+        return str(change)
+    return ("+" if change >= 0 else "-") + percent(abs(change))
+
+
+def _speed(reference: float, seconds: float) -> str:
+    if not (reference > 0 and seconds > 0):
+        return "speed not measured"
+    ratio = reference / seconds
+    if abs(ratio - 1) < _SAME_SPEED:
+        return f"as fast ({ratio:.2f}x)"
+    return f"{ratio:.2f}x faster" if ratio > 1 else f"{1 / ratio:.2f}x slower"
+
+
+def _memory(reference: int, peak: int) -> str:
+    if reference <= 0:
+        return "peak memory not measured"
+    change = peak / reference - 1
+    if abs(change) < 0.005:
+        return "the same peak memory"
+    return f"{percent(abs(change))} {'less' if change < 0 else 'more'} peak memory"
+
+
+def _seconds(seconds: float) -> str:
+    return f"{1e3 * seconds:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
