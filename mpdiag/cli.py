@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TextIO
 from pathlib import Path
 
 from mpdiag.core import formats as _formats
@@ -81,6 +82,51 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     title = "mpdiag demo: the built-in transformer"
     written = report(run, out, title=title, analysis=analysis, sensitivity=sens)
     print(f"\nrun file: {path}\nreport:   {written.html} (figures beside it, {written.seconds:.1f} s)")
+    return 0
+
+
+class _Bars:
+    """A progress bar per precision on stderr. On a terminal they are redrawn in place; elsewhere (a log,
+    a pipe) each is written once, when its precision has trained every step."""
+
+    _WIDTH = 24
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+        self.state: dict[str, tuple[int, int, float]] = {}
+        self.drawn = 0
+
+    def __call__(self, precision: str, step: int, total: int, loss: float) -> None:
+        self.state[precision] = (step, total, loss)
+        if self.live:
+            self._redraw()
+        elif step == total:
+            print(self._bar(precision), file=self.stream, flush=True)
+
+    def _bar(self, precision: str) -> str:
+        step, total, loss = self.state[precision]
+        done = self._WIDTH * step // total
+        return f"{precision:>12} [{'#' * done}{'.' * (self._WIDTH - done)}] step {step}/{total}  loss {loss:.3f}"
+
+    def _redraw(self) -> None:
+        up = f"\x1b[{self.drawn}F" if self.drawn else ""
+        lines = "\n".join(f"{self._bar(p)}\x1b[K" for p in self.state)
+        print(up + lines, file=self.stream, flush=True)
+        self.drawn = len(self.state)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mpdiag.demo import compare_demo
+    from mpdiag.render import report
+
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    cmp = compare_demo(steps=args.steps, device=args.device, precisions=precisions, progress=_Bars())
+    print(cmp)
+    written = report(cmp, Path(args.out), title="mpdiag compare: the built-in transformer in each precision")
+    print(
+        f"\nreport: {written.html} (each precision's own report in a folder beside it, {written.seconds:.1f} s)"
+    )
     return 0
 
 
@@ -162,6 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="mpdiag-demo", help="output directory (default mpdiag-demo/)")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser(
+        "compare",
+        help="train the built-in transformer in each precision side by side; summary and HTML report",
+        description="Train copies of the demo's transformer from the same weights on the same batches in "
+        "each precision (mpdiag.compare), print one line per precision (convergence against fp32's noise, "
+        "speed, peak memory) and write the comparison's report into --out.",
+    )
+    p.add_argument("--steps", type=_positive, default=40, help="training steps per precision (default 40; at least 4)")
+    p.add_argument(
+        "--precisions",
+        default="fp32,tf32,bf16,fp16",
+        help="comma-separated, among fp32, tf32, bf16, fp16, bf16-pure (default fp32,tf32,bf16,fp16)",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", default="mpdiag-compare", help="output directory (default mpdiag-compare/)")
+    p.set_defaults(func=_cmd_compare)
     p = sub.add_parser(
         "summary",
         help="the riskiest sites per format of a run file",

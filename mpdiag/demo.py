@@ -9,18 +9,20 @@ overflows) and the loss down (gradients below fp16's smallest subnormal), so the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 import mpdiag
+from mpdiag.core.comparison import Comparison
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.sensitivity import Sensitivity
 from mpdiag.record.environment import check_autocast
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
-__all__ = ["run_demo", "unstable_sensitivity", "DTYPES"]
+__all__ = ["run_demo", "unstable_sensitivity", "compare_demo", "DTYPES"]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -91,6 +93,28 @@ def unstable_sensitivity(device: str = "cpu") -> Sensitivity:
     sens = mpdiag.sensitivity(model, lambda m, b: lm_loss(m(b[0]), b[1]), (tokens, targets), torch.float16)
     sens.keep_fp32()
     return sens
+
+
+def compare_demo(
+    steps: int = 40,
+    device: str = "cpu",
+    precisions: Sequence[str] = ("fp32", "tf32", "bf16", "fp16"),
+    progress: Callable[[str, int, int, float], None] | None = None,
+) -> Comparison:
+    """The demo's model and data trained in each of ``precisions`` with ``mpdiag.compare``."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MpdiagError("--device cuda was asked for, but this torch sees no CUDA GPU; use --device cpu")
+    model = demo_model(device)
+    batches = itertools.islice(synthetic_batches(device=device), steps)
+    return mpdiag.compare(
+        model,
+        lambda m, batch: lm_loss(m(batch[0]), batch[1]),
+        batches,
+        make_optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        precisions=precisions,
+        steps=steps,
+        progress=progress,
+    )
 
 
 def _grad_scaler(device: str) -> torch.amp.GradScaler:

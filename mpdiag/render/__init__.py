@@ -15,6 +15,7 @@ from mpdiag.analysis.overall import Analysis, analyse
 from mpdiag.analysis.verdict import Verdict
 from mpdiag.core import formats as _formats
 from mpdiag.core.errors import MpdiagError
+from mpdiag.core.comparison import Comparison
 from mpdiag.core.events import NonFiniteOrigin
 from mpdiag.core.run import Run
 from mpdiag.core.sensitivity import Sensitivity
@@ -29,18 +30,20 @@ class Report:
     Attributes:
         html: the report page (self-contained: figures are embedded).
         figures: figure name -> PNG file beside the page.
-        verdicts: the verdict per format the page leads with.
+        verdicts: the verdict per format the page leads with (a comparison's page: none of its own).
         seconds: how long rendering took.
+        parts: a comparison's page: precision -> that precision's own report, in a folder beside it.
     """
 
     html: Path
     figures: dict[str, Path] = field(default_factory=dict)
     verdicts: tuple[Verdict, ...] = ()
     seconds: float = 0.0
+    parts: dict[str, Report] = field(default_factory=dict)
 
 
 def report(
-    run: Run,
+    run: Run | Comparison,
     out_dir: str | os.PathLike[str],
     *,
     top: int = 40,
@@ -53,7 +56,10 @@ def report(
     """Write ``report.html`` and one PNG per figure into ``out_dir`` (created if missing).
 
     Args:
-        run: a recorded run (``diag.run`` or ``mpdiag.load(path)``).
+        run: a recorded run (``diag.run`` or ``mpdiag.load(path)``), or a ``mpdiag.compare`` result: its
+            page has the summary, the loss curves against fp32's noise band, step time and peak memory
+            per precision and each precision's verdicts, and each recorded precision's own report is
+            written into a folder of that name beside it (``top`` and ``scale_format`` apply there).
         out_dir: the directory to write into; existing report files there are replaced.
         top: how many sites the figures show at most (the riskiest in the first tracked format; the
             table lists every site).
@@ -78,8 +84,18 @@ def report(
     from mpdiag.render._build import build  # matplotlib is imported only when a report is written
 
     started = time.perf_counter()
+    if isinstance(run, Comparison):
+        if origin is not None or analysis is not None or sensitivity is not None:
+            raise MpdiagError(
+                "a comparison's report takes no origin=, analysis= or sensitivity=: those belong to one run "
+                "(report a precision's run, comparison.results[precision].run, with them)"
+            )
+        return _comparison_report(run, Path(out_dir), top, scale_format, title, started)
     if not isinstance(run, Run):
-        raise MpdiagError(f"report() expects an mpdiag Run (diag.run or mpdiag.load(path)), got {type(run).__name__}")
+        raise MpdiagError(
+            "report() expects an mpdiag Run (diag.run or mpdiag.load(path)) or a Comparison (mpdiag.compare), "
+            f"got {type(run).__name__}"
+        )
     if not run.steps:
         raise MpdiagError("the run has no recorded steps; train at least one step with diagnose() attached")
     if top < 1:
@@ -95,6 +111,27 @@ def report(
     html = out / "report.html"
     html.write_text(page, encoding="utf-8")
     return Report(html=html, figures=figures, verdicts=analysis.verdicts, seconds=time.perf_counter() - started)
+
+
+def _comparison_report(
+    cmp: Comparison, out: Path, top: int, scale_format: str | None, title: str | None, started: float
+) -> Report:
+    from mpdiag.render._comparison import Part, build_comparison
+
+    out.mkdir(parents=True, exist_ok=True)
+    parts: dict[str, Report] = {}
+    for precision, result in cmp.results.items():
+        if result.run is not None and result.run.steps:
+            parts[precision] = report(result.run, out / precision, top=top, scale_format=scale_format,
+                                      title=f"mpdiag report: {precision} in the comparison")  # fmt: skip
+    linked = [
+        Part(p, parts[p].verdicts if p in parts else (), f"{p}/report.html" if p in parts else None)
+        for p in cmp.results
+    ]
+    page, figures = build_comparison(cmp, out, title=title or "mpdiag comparison of precisions", parts=linked)
+    html = out / "report.html"
+    html.write_text(page, encoding="utf-8")
+    return Report(html=html, figures=figures, seconds=time.perf_counter() - started, parts=parts)
 
 
 def _analysed(run: Run, scale_format: str | None, given: Analysis | None) -> Analysis:

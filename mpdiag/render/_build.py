@@ -53,7 +53,7 @@ def build(
     saved: dict[str, EmbeddedFigure] = {}
 
     def save(name: str, figure: Figure, caption: str, note: str = "") -> EmbeddedFigure:
-        saved[name] = _save(out, name, figure, caption, note)
+        saved[name] = save_figure(out, name, figure, caption, note)
         return saved[name]
 
     sites, note = chosen(run, ranked, top)
@@ -137,7 +137,7 @@ def _overview(run: Run) -> str:
     )
 
 
-def _save(out: Path, name: str, figure: Figure, caption: str, note: str) -> EmbeddedFigure:
+def save_figure(out: Path, name: str, figure: Figure, caption: str, note: str) -> EmbeddedFigure:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=_DPI)
     png = buffer.getvalue()

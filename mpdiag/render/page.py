@@ -52,6 +52,7 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_page(**context: Any) -> str:
-    """The report page for ``context`` (see templates/report.html.j2 for the names it reads)."""
-    return _environment().get_template("report.html.j2").render(**context)
+def render_page(template: str = "report.html.j2", **context: Any) -> str:
+    """The page ``template`` renders for ``context`` (the template names what it reads): a run's report
+    (report.html.j2) or a comparison's (comparison.html.j2)."""
+    return _environment().get_template(template).render(**context)
