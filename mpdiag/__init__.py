@@ -11,9 +11,9 @@ from mpdiag.analysis.scaling import LossScaleAdvice, ScaleOutcome, advise
 from mpdiag.analysis.verdict import Level, Verdict, scaled_underflow, verdicts
 from mpdiag.core import formats
 from mpdiag.core.casting import classify, round_to
+from mpdiag.core.comparison import Comparison, Convergence, NoiseBand, PrecisionResult
 from mpdiag.core.errors import MpdiagError, MpdiagWarning
 from mpdiag.core.events import AnomalyRecord, NonFiniteError, NonFiniteEvent, NonFiniteOrigin
-from mpdiag.core.comparison import Comparison, Convergence, NoiseBand, PrecisionResult
 from mpdiag.core.run import Kind, Run, Site
 from mpdiag.core.sensitivity import KeepFp32, LayerError, Sensitivity
 from mpdiag.core.stats import TensorStats

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import TextIO
 from pathlib import Path
+from typing import TextIO
 
 from mpdiag.core import formats as _formats
 from mpdiag.core.errors import MpdiagError
@@ -124,9 +124,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     cmp = compare_demo(steps=args.steps, device=args.device, precisions=precisions, progress=_Bars())
     print(cmp)
     written = report(cmp, Path(args.out), title="mpdiag compare: the built-in transformer in each precision")
-    print(
-        f"\nreport: {written.html} (each precision's own report in a folder beside it, {written.seconds:.1f} s)"
-    )
+    print(f"\nreport: {written.html} (each precision's own report in a folder beside it, {written.seconds:.1f} s)")
     return 0
 
 

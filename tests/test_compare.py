@@ -11,6 +11,7 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
+from models import lm_loss, tiny_gpt2, token_batches
 from torch import nn
 
 import mpdiag
@@ -18,7 +19,6 @@ from mpdiag.analysis.convergence import convergence, noise_band, step_noise_band
 from mpdiag.core.errors import MpdiagError
 from mpdiag.probe._matmul_precision import matmul_precision
 from mpdiag.probe._memory import state_bytes
-from tests.models import lm_loss, tiny_gpt2, token_batches
 
 STEPS = 8
 
@@ -173,7 +173,9 @@ def test_the_model_the_random_state_and_the_flags_are_left_as_found() -> None:
 
 def _fp32_precisions() -> list[str]:
     b = torch.backends
-    return [o.fp32_precision for o in (b, b.cuda.matmul, b.cudnn, b.cudnn.conv, b.mkldnn, b.mkldnn.matmul, b.mkldnn.conv)]
+    return [
+        o.fp32_precision for o in (b, b.cuda.matmul, b.cudnn, b.cudnn.conv, b.mkldnn, b.mkldnn.matmul, b.mkldnn.conv)
+    ]
 
 
 @pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"), reason="torch < 2.9: no per-backend settings")

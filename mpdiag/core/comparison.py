@@ -7,6 +7,7 @@ convergence figures from the losses; ``str(comparison)`` is the summary, one lin
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
 
 from mpdiag.core.run import Run
@@ -19,6 +20,9 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "bf16-pure")
 
 #: The precision every other one is measured against.
 REFERENCE = "fp32"
+
+#: How wide the summary's notes on method are wrapped (the lines per precision are not: one line each).
+_WIDTH = 100
 
 #: Step time ratios within this of 1 read "as fast": the timing noise of a shared machine.
 _SAME_SPEED = 0.03
@@ -166,11 +170,14 @@ class Comparison:
 
     def __str__(self) -> str:
         head = f"mpdiag compare: {self.steps} steps per precision on {self.device}, from the same weights and batches"
-        lines = [head, *(self.line(p) for p in self.results)]
-        lines.append(f"noise band: {self.noise.how} (RMS over {self.noise.window} steps)")
-        lines.append(f"step time: {self.timing}")
-        lines.append(f"peak memory: {self.memory}")
-        lines.extend(self.notes)
+        lines = [head, *(self.line(p) for p in self.results), ""]
+        how = [
+            f"noise band: {self.noise.how} (RMS over {self.noise.window} steps)",
+            f"step time: {self.timing}",
+            f"peak memory: {self.memory}",
+            *self.notes,
+        ]
+        lines += [textwrap.fill(text, _WIDTH, subsequent_indent="  ") for text in how]
         return "\n".join(lines)
 
 

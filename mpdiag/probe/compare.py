@@ -403,7 +403,9 @@ def _rotated(trainings: list[_Training], index: int) -> list[_Training]:
 
 def _notes(spec: _Spec, device: torch.device) -> tuple[str, ...]:
     if spec.matmuls == "tf32" and not tf32_changes_matmuls(device):
-        return (f"no TF32 matmuls on this {device.type} (a probe matmul in TF32 mode gave fp32's bits): it trained as fp32",)
+        return (
+            f"no TF32 matmuls on this {device.type} (a probe matmul in TF32 mode gave fp32's bits): it trained as fp32",
+        )
     if spec.weights is not None:
         return ("weights, optimizer state and floating inputs in bf16, no fp32 master copy",)
     return ()

@@ -16,4 +16,13 @@ from mpdiag.record.hooks import floating_tensors
 from mpdiag.record.nodes import MODULE_KEY, claim_nodes
 from mpdiag.record.recording import Recording, diagnosed, paused
 
-__all__ = ["Recording", "diagnosed", "paused", "floating_tensors", "claim_nodes", "MODULE_KEY", "check_autocast", "autocast_dtype"]
+__all__ = [
+    "Recording",
+    "diagnosed",
+    "paused",
+    "floating_tensors",
+    "claim_nodes",
+    "MODULE_KEY",
+    "check_autocast",
+    "autocast_dtype",
+]

@@ -14,8 +14,8 @@ from pathlib import Path
 from mpdiag.analysis.overall import Analysis, analyse
 from mpdiag.analysis.verdict import Verdict
 from mpdiag.core import formats as _formats
-from mpdiag.core.errors import MpdiagError
 from mpdiag.core.comparison import Comparison
+from mpdiag.core.errors import MpdiagError
 from mpdiag.core.events import NonFiniteOrigin
 from mpdiag.core.run import Run
 from mpdiag.core.sensitivity import Sensitivity

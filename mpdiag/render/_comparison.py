@@ -54,19 +54,18 @@ def build_comparison(cmp: Comparison, out: Path, *, title: str, parts: Sequence[
         f"Median step time ({cmp.timing}) and peak memory per precision, labelled with the ratio to fp32.",
         "",
     )
-    context = dict(
-        template="comparison.html.j2",
-        title=title,
-        overview=str(cmp).splitlines()[0],
-        lines=[_line(cmp, p) for p in cmp.results],
-        figures=saved,
-        table={"columns": _COLUMNS, "rows": [_row(cmp, r) for r in cmp.results.values()]},
-        parts=parts,
-        method=_method(cmp),
-        version=__version__,
-        generated=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-    )
-    return render_page(**context), {name: out / f.file for name, f in saved.items()}
+    context: dict[str, Any] = {
+        "title": title,
+        "overview": str(cmp).splitlines()[0],
+        "lines": [_line(cmp, p) for p in cmp.results],
+        "figures": saved,
+        "table": {"columns": _COLUMNS, "rows": [_row(cmp, r) for r in cmp.results.values()]},
+        "parts": parts,
+        "method": _method(cmp),
+        "version": __version__,
+        "generated": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    }
+    return render_page("comparison.html.j2", **context), {name: out / f.file for name, f in saved.items()}
 
 
 def _line(cmp: Comparison, precision: str) -> dict[str, str]:
