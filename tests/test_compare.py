@@ -102,6 +102,15 @@ def test_each_column_is_bit_for_bit_the_plain_loop_of_its_precision(comparison) 
     assert all(not r.skipped_steps for p, r in results.items() if p != "fp16")
 
 
+def test_the_band_is_where_a_reordered_fp32_training_got_to_on_fp32s_own_batches(comparison) -> None:  # noqa: ANN001
+    """The yardstick's loss is taken on fp32's batch with fp32's dropout masks: at step 0, from the same
+    weights, it is fp32's loss exactly, and the band opens from 0 as the trajectories part."""
+    noise, fp32 = comparison.noise, comparison.results["fp32"].losses
+    assert noise.losses is not None and noise.losses[0] == fp32[0] and noise.band[0] == 0
+    assert noise.losses[1:] != tuple(fp32[1:]) and max(noise.band) > 0
+    assert noise.param_distance is not None and noise.param_distance > 0
+
+
 def test_tf32_on_a_cpu_says_it_ran_as_fp32_and_did(comparison) -> None:  # noqa: ANN001
     tf32 = comparison.results["tf32"]
     assert tf32.losses == comparison.results["fp32"].losses
@@ -260,6 +269,9 @@ def test_convergence_is_judged_against_the_noise_band() -> None:
     drifting = convergence([v + 0.02 * t for t, v in enumerate(fp32)], fp32, noise, param_distance=0.0)
     assert drifting.first_outside == 4 and not drifting.within_noise  # RMS of 0.04, 0.06, 0.08 > 0.05
     assert "departs from fp32 from step 4" in drifting.describe()
+    excursion = [v + (0.2 if t == 5 else 0.0) for t, v in enumerate(fp32)]
+    back = convergence(excursion, fp32, noise, param_distance=0.0)
+    assert back.within_noise and back.first_outside is None and back.outside_share == pytest.approx(0.3)
     diverged = convergence([*fp32[:6], math.nan, math.nan, math.nan, math.nan], fp32, noise, param_distance=1.0)
     assert diverged.diverged_at == 6 and diverged.first_outside == 6 and not diverged.within_noise
     assert "diverges at step 6" in diverged.describe()

@@ -30,6 +30,13 @@ CLAIMS = {
         "sens.loss_low != sens.loss_low and sens.local['1.wo'].nonfinite",  # NaN
         "abs(float(loss) - sens.loss_fp32) / sens.loss_fp32 <= 1e-3",
     ],
+    "compare-precisions.md": [
+        "list(cmp.results) == ['fp32', 'bf16', 'fp16', 'bf16-pure']",
+        "all(len(r.losses) == 20 for r in cmp.results.values())",
+        "cmp.results['bf16'].convergence.within_noise and cmp.noise.band[0] == 0",
+        "cmp.results['bf16'].peak_memory < cmp.results['fp32'].peak_memory",
+        "report.parts['bf16'].html.exists() and (report.html.parent / 'loss_curves.png').exists()",
+    ],
     "cheaper-formats.md": ["{v.fmt: v.level for v in verdicts(diag.run)}['bf16'] == 'ok'"],
     "long-runs.md": ["live.steps == [0, 10, 20, 30, 40, 50]", "run.steps[-1] == 90"],
     "transformers-trainer.md": [

@@ -1,9 +1,15 @@
 """Convergence of a precision against fp32, judged by fp32's own noise: pure functions on loss lists.
 
-The yardstick: the losses of two fp32 runs from the same weights differ for reasons that have nothing
-to do with precision (the order batches come in, the dropout masks drawn). That difference, as an RMS
-over a trailing window of steps, is the **noise band**. A precision whose loss stays as close to fp32's
-as the band converges as fp32 does; one that leaves it changes training more than reshuffling the data.
+The yardstick: two fp32 trainings from the same weights end up in different places for reasons that
+have nothing to do with precision (the order the batches come in, the dropout masks drawn). The second
+one's loss on fp32's batch of each step, with fp32's dropout masks, minus fp32's, says how far apart
+the two trajectories are, with the batch-to-batch spread of the loss taken out (a precision's loss is
+compared on the same batch too). That distance, as an RMS over a trailing window of steps, is the
+**noise band**. It starts at 0 (same weights, same batch) and widens as the trajectories part. A
+precision whose loss stays as close to fp32's as the band converges as fp32 does; one further off
+changes training more than reshuffling the data does. Its rounding shows from step 0, before the band
+has opened, so early steps are often outside: ``first_outside`` is the step from which it stays outside
+to the end (it left and did not come back), ``outside_share`` how many steps were outside at all.
 
 Without a second fp32 run, fp32's own step-to-step change stands in: two consecutive losses differ by
 batch noise plus progress, so |L(t) - L(t-1)| / sqrt(2) estimates the noise of one loss (it errs wide
@@ -32,7 +38,10 @@ __all__ = ["window_for", "noise_band", "step_noise_band", "convergence"]
 #: Trailing-window length bounds: at least 3 steps to have an RMS at all, at most 25 to stay local.
 _MIN_WINDOW, _MAX_WINDOW = 3, 25
 
-REORDERED = "a second fp32 run on the same batches in another order, with other random draws"
+REORDERED = (
+    "a second fp32 training on the batches in another order with other random draws, its loss taken "
+    "on fp32's batch of each step with fp32's dropout masks"
+)
 STEP_TO_STEP = "fp32's own step-to-step change of the loss, / sqrt(2) (no second fp32 run)"
 
 
@@ -73,12 +82,23 @@ def convergence(
     tail = slice(-noise.window, None)
     return Convergence(
         difference=tuple(_ratio(d, b) for d, b in zip(difference, noise.band)),
-        first_outside=outside.index(True) if any(outside) else None,
+        first_outside=_stays_outside_from(outside),
+        outside_share=sum(outside) / len(outside) if outside else 0.0,
         final_change=_mean(losses[tail]) / _mean(reference[tail]) - 1 if losses else math.nan,
         final_ratio_to_noise=_ratio(deviation[-1], noise.band[-1]) if losses else math.nan,
         diverged_at=diverged_at,
         param_distance=param_distance,
     )
+
+
+def _stays_outside_from(outside: Sequence[bool]) -> int | None:
+    """The first step of the last stretch of steps outside the band, when that stretch reaches the end."""
+    if not outside or not outside[-1]:
+        return None
+    t = len(outside) - 1
+    while t > 0 and outside[t - 1]:
+        t -= 1
+    return t
 
 
 def _trailing_rms(values: Sequence[float], window: int) -> tuple[float, ...]:

@@ -55,8 +55,11 @@ class Convergence:
 
     Attributes:
         difference: per step, (loss - fp32's loss) / the band at that step: within +-1 is within noise.
-        first_outside: the first step whose RMS distance to fp32 over the trailing window exceeds the
-            band (a non-finite loss is outside), or None.
+        first_outside: the step from which the RMS distance to fp32 over the trailing window stays
+            above the band to the end (a non-finite loss is outside): where it left fp32 for good; None
+            when the last step is within.
+        outside_share: the share of steps outside the band at all (early steps often are: the band
+            opens from 0 as the two fp32 trajectories part, while rounding shows from step 0).
         final_change: mean loss over the last ``window`` steps relative to fp32's, minus 1 (+0.004: 0.4% higher).
         final_ratio_to_noise: at the last step, the trailing RMS distance to fp32 over the band.
         diverged_at: the first step whose loss is NaN or inf, or None.
@@ -65,6 +68,7 @@ class Convergence:
 
     difference: tuple[float, ...]
     first_outside: int | None
+    outside_share: float
     final_change: float
     final_ratio_to_noise: float
     diverged_at: int | None
@@ -85,8 +89,7 @@ class Convergence:
                 f"departs from fp32 from step {self.first_outside} on ({change}, "
                 f"{self.final_ratio_to_noise:.1f}x fp32's noise)"
             )
-        left = f"; outside it from step {self.first_outside}, back by the end" if self.first_outside is not None else ""
-        return f"converges with fp32 ({change}, within noise{left})"
+        return f"converges with fp32 ({change}, within noise)"
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@ state that precision's previous step left (so every copy draws the same dropout 
 copy draws exactly what a plain loop would). By default the copies train in lock-step, one step of
 each in turn (the order rotating), so that a shared machine's slow moments fall on all of them alike.
 
-A second fp32 copy trains on the same batches in another order, with other random draws: how far its
-loss moves from fp32's is the **noise band** each precision is judged against
-(``mpdiag.analysis.convergence``).
+A second fp32 copy trains on the same batches in another order, with other random draws. Before each
+of its steps its loss is also taken on fp32's batch of that step, with fp32's dropout masks: how far
+that loss is from fp32's is the **noise band** each precision is judged against
+(``mpdiag.analysis.convergence``): where two fp32 trajectories differing only in data order have got to.
 
 Cost: one training per precision plus the yardstick's, with every copy and its optimizer state held at
 once (``interleave=False``: one at a time). The user's model, its ``.grad``, the random state and every
@@ -45,7 +46,7 @@ from mpdiag.core.errors import MpdiagError
 from mpdiag.core.run import Run
 from mpdiag.probe._matmul_precision import Fp32Mode, matmul_precision, tf32_changes_matmuls
 from mpdiag.probe._memory import StepMemory
-from mpdiag.probe._rerun import rng_state, set_rng_state
+from mpdiag.probe._rerun import preserved, rng_state, set_rng_state
 from mpdiag.record import Recording, check_autocast, diagnosed
 
 __all__ = ["compare"]
@@ -229,8 +230,14 @@ class _Finished:
 class _Training:
     """One copy of the model in training in one precision: its optimizer, scaler, recording, random stream."""
 
-    def __init__(self, job: _Job, setup: _Setup, stack: contextlib.ExitStack) -> None:
+    def __init__(
+        self, job: _Job, setup: _Setup, stack: contextlib.ExitStack, fp32_starts: list[dict[str, Any]]
+    ) -> None:
         self.job, self.setup, self.spec = job, setup, job.spec
+        # The random state fp32's every step started from: fp32 writes it, the yardstick reads it.
+        self.fp32_starts = fp32_starts
+        if job.label == REFERENCE:
+            fp32_starts[:] = [job.start]
         self.model = _copy(setup.model, setup.device, self.spec.weights)
         self.optimizer = _optimizer(setup.make_optimizer, self.model)
         self.scaler = _grad_scaler(setup.device, setup.grad_scaler) if self.spec.scaled else None
@@ -243,6 +250,7 @@ class _Training:
         stack.callback(self.optimizer.register_step_post_hook(self._count_step).remove)
         self.rng = job.start
         self.losses: list[torch.Tensor] = []
+        self.losses_on_fp32s_batches: list[torch.Tensor] = []  # the yardstick's
         self.skipped: list[int] = []
         self.step_times: dict[int, float] = {}
         self.memory = StepMemory(setup.device)
@@ -261,6 +269,8 @@ class _Training:
 
     def step(self, index: int) -> None:
         setup = self.setup
+        if self.job.yardstick:
+            self._loss_on_fp32s_batch(index)
         set_rng_state(self.rng)
         if self.recording is not None:
             self.recording.begin_step(index)  # closes a step the GradScaler skipped, untimed
@@ -276,6 +286,8 @@ class _Training:
                 _synchronize(setup.device)
                 seconds = time.perf_counter() - started
         self.rng = rng_state()
+        if self.job.label == REFERENCE:
+            self.fp32_starts.append(self.rng)
         if index in setup.plan.timed and not self.job.yardstick and not (measuring and setup.plan.profiled):
             self.step_times[index] = seconds
         if self.optimizer_steps == steps_before:
@@ -285,6 +297,18 @@ class _Training:
         self.losses.append(loss.detach())
         if setup.progress is not None:
             setup.progress(self.job.label, index + 1, setup.plan.steps, float(loss.detach()))
+
+    def _loss_on_fp32s_batch(self, index: int) -> None:
+        """The yardstick's loss on fp32's batch of this step, with fp32's dropout masks, before its own
+        step: the two losses differ only by where the two trajectories have got to (a training loss
+        would differ by the batches too, which fp32 and every precision share). Buffers (BatchNorm's
+        running statistics), .grad and the random state are left as they were."""
+        batch = _prepared(self.setup.batches[index], self.setup.device, None)
+        with preserved(self.model, start_from=self.fp32_starts[index]) as rerun, torch.no_grad():
+            with matmul_precision("ieee"):
+                loss = rerun(lambda: self.setup.loss_fn(self.model, batch))
+        _check_loss(loss)
+        self.losses_on_fp32s_batches.append(loss.detach())
 
     def _train_on(self, batch: Any) -> torch.Tensor:
         autocast = self.spec.autocast
@@ -305,7 +329,8 @@ class _Training:
         if self.recording is not None:
             self.recording.close()  # a last step the GradScaler skipped is recorded now
             run = self.recording.run
-        losses = torch.stack([loss.double() for loss in self.losses]).tolist()
+        # the yardstick's figures are its losses on fp32's batches
+        losses = _floats(self.losses_on_fp32s_batches if self.job.yardstick else self.losses)
         params = {name: p.detach().float().clone() for name, p in self.model.named_parameters()}
         times = self.step_times
         result = PrecisionResult(
@@ -323,16 +348,23 @@ class _Training:
         return _Finished(self.job, result, distance, params if self.job.label == REFERENCE else {})
 
 
+def _floats(losses: list[torch.Tensor]) -> list[float]:
+    """Every step's loss as a float, with one host sync; fp64 holds every floating dtype exactly."""
+    return torch.stack([loss.double() for loss in losses]).tolist()
+
+
 def _train(jobs: list[_Job], setup: _Setup, interleave: bool) -> list[_Finished]:
-    """Run every job, the fp32 reference's results first (the others' distances are to its weights)."""
+    """Run every job, the fp32 reference's results first (the others' distances are to its weights).
+    In lock-step, every training has finished step i - 1 before any begins step i."""
     finished: list[_Finished] = []
+    fp32_starts: list[dict[str, Any]] = []
 
     def reference() -> dict[str, torch.Tensor] | None:
         return finished[0].params if finished else None
 
     with contextlib.ExitStack() as stack:
         if interleave:
-            trainings = [_Training(job, setup, stack) for job in jobs]
+            trainings = [_Training(job, setup, stack, fp32_starts) for job in jobs]
             for index in range(setup.plan.steps):
                 for training in _rotated(trainings, index):
                     training.step(index)
@@ -341,7 +373,7 @@ def _train(jobs: list[_Job], setup: _Setup, interleave: bool) -> list[_Finished]
             return finished
     for job in jobs:
         with contextlib.ExitStack() as stack:
-            training = _Training(job, setup, stack)
+            training = _Training(job, setup, stack, fp32_starts)
             for index in range(setup.plan.steps):
                 training.step(index)
             finished.append(training.finish(reference()))

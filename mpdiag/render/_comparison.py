@@ -22,8 +22,9 @@ __all__ = ["Part", "build_comparison", "FIGURES"]
 
 FIGURES = ("loss_curves", "cost")
 
-_COLUMNS = ("precision", "final loss", "vs fp32", "left the band at", "distance / band at the end",
-            "parameter distance", "median step", "vs fp32", "peak memory", "vs fp32", "skipped steps")  # fmt: skip
+_COLUMNS = ("precision", "final loss", "vs fp32", "steps outside the band", "left it for good at",
+            "distance / band at the end", "parameter distance", "median step", "vs fp32", "peak memory",
+            "vs fp32", "skipped steps")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ def _row(cmp: Comparison, result: PrecisionResult) -> list[str]:
         result.precision,
         f"{result.final_loss:.5g}",
         _signed(judged.final_change) if judged else "-",
+        percent(judged.outside_share) if judged else "-",
         ("never" if judged.first_outside is None else f"step {judged.first_outside}") if judged else "-",
         f"{judged.final_ratio_to_noise:.2f}" if judged else "-",
         f"{judged.param_distance:.3g}" if judged else _yardstick_distance(cmp),
