@@ -61,3 +61,43 @@ def test_sensitivity_on_the_gpu_names_the_projection_that_overflows_fp16() -> No
     assert all(e.sqnr_db > 60 for n, e in sens.local.items() if n in ("inp", "head"))
     for dtype in (torch.bfloat16, "fp8_e4m3"):
         assert mpdiag.sensitivity(model, classification_loss, data, dtype).first_nonfinite is None
+
+
+class _ActivationHeavy(nn.Module):
+    """0.5 MB of weights, 8 MB per hidden activation at 8192 rows: activations dominate peak memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),
+            nn.Linear(256, 8),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def test_compare_on_the_gpu_measures_bf16s_smaller_activations_and_restores_the_flags() -> None:
+    torch.manual_seed(0)
+    model = _ActivationHeavy().cuda()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8192, 64, generator=g), torch.randn(8192, 8, generator=g)) for _ in range(8)]
+    flags = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    cmp = mpdiag.compare(
+        model,
+        lambda m, b: nn.functional.mse_loss(m(b[0]).float(), b[1]),
+        batches,  # on the CPU: compare moves each to the model's device
+        make_optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+        precisions=("tf32", "bf16", "fp16", "bf16-pure"),
+    )
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == flags
+    fp32, bf16 = cmp.results["fp32"], cmp.results["bf16"]
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert fp32.peak_memory >= 4 * params  # weights, gradients, Adam's two moments
+    assert bf16.peak_memory < 0.8 * fp32.peak_memory  # bf16 activations are half as large
+    assert cmp.results["bf16-pure"].peak_memory < bf16.peak_memory
+    assert set(fp32.memory_steps) == {1, 3, 5, 7}  # every unrecorded step: the allocator's peak costs nothing
+    assert all(r.step_time > 0 for r in cmp.results.values()) and "CUDA-synchronised" in cmp.timing
+    if torch.cuda.get_device_capability()[0] >= 8:  # Ampere and later have TF32 tensor cores
+        assert not cmp.results["tf32"].notes and cmp.results["tf32"].losses != fp32.losses
+    print(cmp)
