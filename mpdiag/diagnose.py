@@ -73,6 +73,7 @@ def diagnose(
     run_file: str | os.PathLike[str] | None = None,
     group: Any = None,
     sinks: Sequence[Sink] = (),
+    optimizer_state: bool = True,
 ) -> Diagnosis:
     """Record, per module and parameter, how values sit against each format's range.
 
@@ -82,8 +83,10 @@ def diagnose(
         every: record one step in ``every``; unrecorded steps cost next to nothing.
         include: glob(s) of module names to observe; default all.
         exclude: glob(s) of module names not to observe.
-        optimizer: when given, a step closes by itself just before ``optimizer.step()``; a step that a
-            GradScaler skips closes when the next forward starts with gradients cleared.
+        optimizer: when given, a step closes by itself when ``optimizer.step()`` returns (the parameters
+            are observed as it begins: what the forward used); a step that a GradScaler skips closes when
+            the next forward starts with gradients cleared. Its state is recorded too (see
+            ``optimizer_state``).
         scaler: the GradScaler (``torch.amp`` or ``torch.cuda.amp``) scaling this training, if any: the
             loss scale of each recorded step is kept in ``run.loss_scales``, so that analyses can tell
             true gradients from the scaled ones that were recorded.
@@ -99,6 +102,10 @@ def diagnose(
             Every rank must close the same steps (``optimizer=`` does), as with any collective.
         sinks: more destinations for every recorded step as it closes, besides the Run in memory and
             ``run_file`` (``mpdiag.record.sinks.Sink``: opened at attach, closed at detach; rank 0 only).
+        optimizer_state: with ``optimizer=``, record every floating tensor of its state after each
+            recorded step, per parameter, as sites of kind ``optimizer_state`` named
+            ``<parameter>.<key>`` (``blocks.0.mlp.0.weight.exp_avg_sq``). Costs as much counting as the
+            parameters once per state tensor (Adam: twice); False leaves it out.
 
     Returns:
         A ``Diagnosis``, usable as a context manager.
@@ -125,4 +132,5 @@ def diagnose(
         run_file=run_file,
         sinks=sinks,
         group=group,
+        optimizer_state=optimizer_state,
     )

@@ -83,7 +83,7 @@ def comparison() -> mpdiag.Comparison:
         _batches(),
         make_optimizer=_adam,
         precisions=("fp32", "tf32", "bf16", "fp16", "bf16-pure"),
-        grad_scaler={"init_scale": 2.0**40},
+        grad_scaler={"init_scale": 2.0**22},  # too large for the first steps: the GradScaler skips them
     )
 
 
@@ -94,11 +94,11 @@ def test_each_column_is_bit_for_bit_the_plain_loop_of_its_precision(comparison) 
     assert results["bf16"].losses == _plain_loop(model, batches, autocast=torch.bfloat16)[0]
     assert results["bf16-pure"].losses == _plain_loop(model, batches, weights=torch.bfloat16)[0]
     losses, skipped = _plain_loop(
-        model, batches, autocast=torch.float16, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**40)
+        model, batches, autocast=torch.float16, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**22)
     )
     assert results["fp16"].losses == losses
     assert results["fp16"].skipped_steps == skipped
-    assert len(skipped) >= 2  # 2^40 overflows fp16 until the scaler has halved it enough
+    assert 2 <= len(skipped) < STEPS - 3  # 2^22 overflows fp16 until the scaler has halved it enough
     assert all(not r.skipped_steps for p, r in results.items() if p != "fp16")
 
 
@@ -129,10 +129,21 @@ def test_the_copies_are_recorded_one_step_in_two_and_timed_on_the_others(compari
     assert fp16 is not None and fp16.loss_scales  # the GradScaler's scale is known to the analyses
 
 
-def test_a_skipped_step_is_not_the_one_whose_memory_counts(comparison) -> None:  # noqa: ANN001
+def test_skipped_steps_are_neither_timed_nor_the_ones_whose_memory_counts(comparison) -> None:  # noqa: ANN001
     fp16 = comparison.results["fp16"]
-    measured_full = [s for s in fp16.memory_steps if s not in fp16.skipped_steps]
-    assert measured_full or len(fp16.memory_steps) == 3  # profiled until an optimizer step ran (at most 3)
+    first_ran = min(set(range(STEPS)) - set(fp16.skipped_steps))
+    assert fp16.memory_steps and min(fp16.memory_steps) > first_ran  # the optimizer's state exists by then
+    assert not set(fp16.memory_steps) & set(fp16.skipped_steps)
+    assert fp16.step_times and not set(fp16.step_times) & set(fp16.skipped_steps)
+
+
+def test_a_precision_whose_every_step_was_skipped_did_not_train() -> None:
+    cmp = mpdiag.compare(
+        _mlp(), _loss, _batches(), make_optimizer=_adam, precisions=("fp16",), grad_scaler={"init_scale": 2.0**60}
+    )
+    fp16 = cmp.results["fp16"]
+    assert fp16.skipped_steps == list(range(STEPS)) and not fp16.step_times and fp16.peak_memory == 0
+    assert "did not train: the GradScaler skipped all 8 steps" in cmp.line("fp16")
 
 
 def test_the_summary_has_a_line_per_precision_with_what_was_measured(comparison) -> None:  # noqa: ANN001
@@ -197,9 +208,10 @@ def test_flags_are_restored_after_training_raised() -> None:
             raise RuntimeError("boom")
         return _loss(model, batch)
 
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
-    try:
+    # Setting one backend's and back does not give the legacy getters back: the context restores them all.
+    with matmul_precision("ieee"):
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
         model = _mlp()
         flags, rng = _fp32_precisions(), torch.get_rng_state()
         with pytest.raises(RuntimeError, match="boom"):
@@ -207,9 +219,6 @@ def test_flags_are_restored_after_training_raised() -> None:
         assert _fp32_precisions() == flags
         assert torch.equal(rng, torch.get_rng_state())
         assert not torch.is_autocast_enabled("cpu")
-    finally:
-        torch.backends.mkldnn.matmul.fp32_precision = "none"
-        torch.backends.cudnn.conv.fp32_precision = "none"
 
 
 def test_matmul_precision_sets_every_backend_and_restores_it() -> None:
@@ -312,6 +321,9 @@ def test_loss_inside_a_transformers_model_trains_each_precision() -> None:
         ({"make_optimizer": lambda p: torch.optim.SGD(_mlp().parameters(), lr=0.1)}, "over the parameters it is given"),
         ({"make_optimizer": lambda p: None}, "must return a torch.optim.Optimizer"),
         ({"warmup": -1}, "warmup must be"),
+        ({"warmup": 7}, "warmup=7 leaves no step of 8 to time"),
+        ({"make_optimizer": lambda p: torch.optim.LBFGS(p)}, "LBFGS needs one"),
+        ({"device": "meta"}, "on a CPU or a CUDA GPU; got 'meta'"),
     ],
 )
 def test_bad_arguments_say_what_was_expected(kwargs, message) -> None:  # noqa: ANN001
@@ -336,3 +348,56 @@ def test_bad_models_batches_and_losses_say_what_to_do() -> None:
     model = _mlp()
     with mpdiag.diagnose(model), pytest.raises(MpdiagError, match="close it first"):
         mpdiag.compare(model, _loss, _batches(), make_optimizer=_adam)
+    with pytest.raises(MpdiagError, match="has no length and may never end: pass steps="):
+        mpdiag.compare(_mlp(), _loss, (b for b in _batches()), make_optimizer=_adam)
+    frozen = _mlp().requires_grad_(False)
+    with pytest.raises(MpdiagError, match="no parameter that requires grad"):
+        mpdiag.compare(frozen, _loss, _batches(), make_optimizer=_adam)
+    with pytest.raises(MpdiagError, match="does not require grad"):
+        mpdiag.compare(_mlp(), lambda m, b: _loss(m, b).detach(), _batches(), make_optimizer=_adam)
+
+
+def test_autocast_applied_by_the_loss_function_itself_is_refused() -> None:
+    def autocasting(model, batch):  # noqa: ANN001, ANN202
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _loss(model, batch)
+
+    with pytest.raises(MpdiagError, match=r"autocast \(bfloat16\) was not what fp32 sets \(off\)"):
+        mpdiag.compare(_mlp(), autocasting, _batches(), make_optimizer=_adam, precisions=("bf16",))
+
+
+def test_one_batch_repeated_without_dropout_falls_back_to_the_step_to_step_band() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))  # no dropout: nothing random
+    cmp = mpdiag.compare(model, _loss, _batches(1), steps=8, make_optimizer=_adam, precisions=("bf16",))
+    assert "came out identical to fp32" in cmp.noise.how and "step-to-step" in cmp.noise.how
+    assert any(cmp.noise.band) and cmp.noise.losses is None
+
+
+def test_a_loss_that_reaches_zero_or_goes_negative_gets_an_absolute_final_difference() -> None:
+    fp32 = [1.0, 0.5, 0.0, -0.5, -1.0, -1.0]
+    noise = noise_band(fp32, [1.0, 0.6, 0.1, -0.4, -0.9, -1.1], window=3)
+    judged = convergence([1.0, 0.5, 0.1, -0.4, -0.5, -0.5], fp32, noise, param_distance=0.0)
+    assert math.isnan(judged.final_change) and judged.final_difference == pytest.approx(11 / 30)  # last 3 steps
+    assert "final loss +0.3667 (absolute)" in judged.describe()
+
+
+def test_a_dict_like_batch_is_copied_not_moved_or_cast_in_place() -> None:
+    transformers = pytest.importorskip("transformers")
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(16, 4)
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.linear(pixel_values)
+
+    torch.manual_seed(0)
+    batches = [transformers.BatchEncoding({"pixel_values": torch.randn(8, 16)}) for _ in range(6)]
+    originals = [b["pixel_values"] for b in batches]
+    cmp = mpdiag.compare(
+        Model(), lambda m, b: m(**b).float().square().mean(), batches, make_optimizer=_adam, precisions=("bf16-pure",)
+    )
+    assert all(math.isfinite(v) for v in cmp.results["bf16-pure"].losses)  # the bf16 model got bf16 inputs
+    assert all(b["pixel_values"] is t and t.dtype == torch.float32 for b, t in zip(batches, originals))

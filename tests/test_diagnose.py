@@ -662,9 +662,12 @@ def test_nonfinite_values_are_counted_not_fatal() -> None:
 @pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"), reason="torch < 2.9: no per-backend settings")
 def test_a_run_records_the_per_backend_precision_settings_where_the_legacy_flags_cannot_be_read() -> None:
     """Once torch >= 2.9's settings differ per backend, reading cudnn.allow_tf32 raises; attaching must not."""
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
-    torch.backends.cudnn.rnn.fp32_precision = "ieee"  # conv and rnn now differ
-    try:
+    from mpdiag.probe._matmul_precision import matmul_precision
+
+    # Setting one backend's and back does not give the legacy getters back: the context restores them all.
+    with matmul_precision("ieee"):
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"  # conv and rnn now differ
         with pytest.raises(RuntimeError):
             torch.backends.cudnn.allow_tf32  # noqa: B018 - the legacy getter refuses
         model = nn.Linear(2, 2)
@@ -672,5 +675,3 @@ def test_a_run_records_the_per_backend_precision_settings_where_the_legacy_flags
             model(torch.randn(1, 2)).sum().backward()
         env = diag.run.meta["environment"]
         assert env["cudnn_allow_tf32"] is None and env["fp32_precision"]["cudnn_conv"] == "tf32"
-    finally:
-        torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.rnn.fp32_precision = "none"

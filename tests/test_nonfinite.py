@@ -71,7 +71,7 @@ def test_clean_steps_have_no_events_and_steps_are_told_apart() -> None:
     assert {e.step for e in run.nonfinite_events()} == {1}
     assert run.first_nonfinite().step == 1 and run.first_nonfinite(step=1).name == "1"
     assert run.first_nonfinite(step=0) is None and run.first_nonfinite(step=2) is None
-    with pytest.raises(MpdiagError, match="phase must be one of forward, backward or None, got 'sideways'"):
+    with pytest.raises(MpdiagError, match="phase must be one of forward, backward, optimizer or None, got 'sideways'"):
         run.first_nonfinite(phase="sideways")
     with pytest.raises(MpdiagError, match="step 99 was not recorded; recorded steps: 0-2"):
         run.first_nonfinite(step=99)

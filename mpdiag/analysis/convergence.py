@@ -38,6 +38,9 @@ __all__ = ["window_for", "noise_band", "step_noise_band", "convergence"]
 #: Trailing-window length bounds: at least 3 steps to have an RMS at all, at most 25 to stay local.
 _MIN_WINDOW, _MAX_WINDOW = 3, 25
 
+IDENTICAL_YARDSTICK = (
+    "the second fp32 training came out identical to fp32 (the same batch every step and no random draws?), so "
+)
 REORDERED = (
     "a second fp32 training on the batches in another order with other random draws, its loss taken "
     "on fp32's batch of each step with fp32's dropout masks"
@@ -50,21 +53,29 @@ def window_for(steps: int) -> int:
     return min(max(steps // 10, _MIN_WINDOW), _MAX_WINDOW)
 
 
-def noise_band(reference: Sequence[float], other: Sequence[float], window: int | None = None) -> NoiseBand:
-    """The band from a second fp32 run (``other``) of as many steps as ``reference``."""
+def noise_band(
+    reference: Sequence[float],
+    other: Sequence[float],
+    window: int | None = None,
+    *,
+    param_distance: float | None = None,
+) -> NoiseBand:
+    """The band from a second fp32 run (``other``: its losses on fp32's batches) of as many steps as
+    ``reference``; ``param_distance``: its final parameter distance to fp32, kept for scale."""
     if len(other) != len(reference):
         raise ValueError(f"the two fp32 runs have {len(reference)} and {len(other)} steps; they must match")
     window = window or window_for(len(reference))
     distance = [abs(a - b) for a, b in zip(reference, other)]
-    return NoiseBand(band=_trailing_rms(distance, window), window=window, how=REORDERED, losses=tuple(other))
+    band = _trailing_rms(distance, window)
+    return NoiseBand(band=band, window=window, how=REORDERED, losses=tuple(other), param_distance=param_distance)
 
 
-def step_noise_band(reference: Sequence[float], window: int | None = None) -> NoiseBand:
-    """The band from fp32's own step-to-step change (one run)."""
+def step_noise_band(reference: Sequence[float], window: int | None = None, *, why: str = "") -> NoiseBand:
+    """The band from fp32's own step-to-step change (one run); ``why``: the reason it stands in, if any."""
     window = window or window_for(len(reference))
     change = [abs(b - a) / math.sqrt(2) for a, b in zip(reference, reference[1:])]
     change = change[:1] + change if change else [0.0] * len(reference)  # step 0 has no predecessor
-    return NoiseBand(band=_trailing_rms(change, window), window=window, how=STEP_TO_STEP)
+    return NoiseBand(band=_trailing_rms(change, window), window=window, how=why + STEP_TO_STEP)
 
 
 def convergence(
@@ -77,14 +88,22 @@ def convergence(
         )
     difference = [a - b for a, b in zip(losses, reference)]
     deviation = _trailing_rms([abs(d) for d in difference], noise.window)
-    outside = [not (dev <= band) for dev, band in zip(deviation, noise.band)]  # NaN is outside
+    # A step where the band is 0 is not judged (step 0 from the same weights, batch and masks: the
+    # trajectories have not parted yet, while a precision's rounding shows at once); NaN is outside.
+    judged = [band > 0 or not math.isfinite(dev) for dev, band in zip(deviation, noise.band)]
+    outside = [j and not (dev <= band) for j, dev, band in zip(judged, deviation, noise.band)]
     diverged_at = next((t for t, loss in enumerate(losses) if not math.isfinite(loss)), None)
     tail = slice(-noise.window, None)
+    final_difference = _mean(losses[tail]) - _mean(reference[tail]) if losses else math.nan
+    scale = _mean(reference[tail]) if losses else math.nan
     return Convergence(
         difference=tuple(_ratio(d, b) for d, b in zip(difference, noise.band)),
         first_outside=_stays_outside_from(outside),
-        outside_share=sum(outside) / len(outside) if outside else 0.0,
-        final_change=_mean(losses[tail]) / _mean(reference[tail]) - 1 if losses else math.nan,
+        outside_share=sum(outside) / max(1, sum(judged)),
+        # relative to fp32's final loss where that is a positive scale; a loss that reaches 0 or goes
+        # negative (a hinge loss, a log-likelihood) has only the absolute difference
+        final_change=final_difference / scale if scale > 0 else math.nan,
+        final_difference=final_difference,
         final_ratio_to_noise=_ratio(deviation[-1], noise.band[-1]) if losses else math.nan,
         diverged_at=diverged_at,
         param_distance=param_distance,
@@ -110,9 +129,10 @@ def _trailing_rms(values: Sequence[float], window: int) -> tuple[float, ...]:
 
 
 def _ratio(value: float, band: float) -> float:
+    """``value`` in units of the band: 0 where both are, NaN (no yardstick) where only the band is 0."""
     if band > 0:
         return value / band
-    return 0.0 if value == 0 else math.copysign(math.inf, value)
+    return 0.0 if value == 0 else math.nan
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -165,7 +165,11 @@ def verdict(
     # Under a GradScaler the recorded gradients are scaled: their overflow and headroom belong to the
     # loss scale (the scaler skips such steps and backs off), which the advice judges on the true
     # gradients. Range is judged here on the values the run holds unscaled.
-    judged = {s: v for s, v in merged.items() if not (run.loss_scales and _is_gradient(s))}
+    # The optimizer's state stays in fp32 under autocast: whether it would fit a format is its own question,
+    # not this format's verdict on training.
+    judged = {
+        s: v for s, v in merged.items() if s.kind != Kind.OPTIMIZER_STATE and not (run.loss_scales and _is_gradient(s))
+    }
     overflowing = sorted((s for s in judged if judged[s].overflow(fmt)), key=lambda s: -judged[s].overflow(fmt))
     # Only sites that overflow in some step can overflow in a given one: look at those alone.
     first_overflow = next(

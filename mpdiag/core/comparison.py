@@ -11,9 +11,9 @@ import textwrap
 from dataclasses import dataclass, field
 
 from mpdiag.core.run import Run
-from mpdiag.core.text import percent
+from mpdiag.core.text import byte_size, duration, percent, signed_percent
 
-__all__ = ["Comparison", "PrecisionResult", "Convergence", "NoiseBand", "PRECISIONS", "REFERENCE"]
+__all__ = ["Comparison", "PrecisionResult", "Convergence", "NoiseBand", "PRECISIONS", "REFERENCE", "speed_ratio"]
 
 #: The precisions compare() trains, in the order it reports them.
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "bf16-pure")
@@ -58,9 +58,12 @@ class Convergence:
         first_outside: the step from which the RMS distance to fp32 over the trailing window stays
             above the band to the end (a non-finite loss is outside): where it left fp32 for good; None
             when the last step is within.
-        outside_share: the share of steps outside the band at all (early steps often are: the band
-            opens from 0 as the two fp32 trajectories part, while rounding shows from step 0).
-        final_change: mean loss over the last ``window`` steps relative to fp32's, minus 1 (+0.004: 0.4% higher).
+        outside_share: the share of the judged steps outside the band at all (early steps often are:
+            the band opens from 0 as the two fp32 trajectories part, while rounding shows from step
+            0; a step where the band is 0 is not judged).
+        final_change: mean loss over the last ``window`` steps relative to fp32's, minus 1 (+0.004:
+            0.4% higher); NaN where fp32's is not positive (a loss that reaches 0, a log-likelihood).
+        final_difference: the same two means' difference, in the loss's own units.
         final_ratio_to_noise: at the last step, the trailing RMS distance to fp32 over the band.
         diverged_at: the first step whose loss is NaN or inf, or None.
         param_distance: ||params - fp32's params|| / ||fp32's params|| at the end (relative L2).
@@ -70,6 +73,7 @@ class Convergence:
     first_outside: int | None
     outside_share: float
     final_change: float
+    final_difference: float
     final_ratio_to_noise: float
     diverged_at: int | None
     param_distance: float
@@ -83,7 +87,9 @@ class Convergence:
         """'converges with fp32 (final loss +0.4%, within noise)' and the like."""
         if self.diverged_at is not None:
             return f"diverges at step {self.diverged_at} (the loss is not finite)"
-        change = f"final loss {_signed_percent(self.final_change)}"
+        change = f"final loss {signed_percent(self.final_change)}"
+        if not math.isfinite(self.final_change):
+            change = f"final loss {self.final_difference:+.4g} (absolute)"
         if not self.within_noise:
             return (
                 f"departs from fp32 from step {self.first_outside} on ({change}, "
@@ -100,8 +106,11 @@ class PrecisionResult:
         precision: its name ("fp32", "tf32", "bf16", "fp16", "bf16-pure").
         losses: the loss of every step (a float each; NaN where it was).
         skipped_steps: the steps whose optimizer step did not run (fp16: those its GradScaler skipped).
-        step_time: median seconds per step over ``step_times`` (CUDA-synchronised on a GPU).
+        step_time: median seconds per step over ``step_times`` (CUDA-synchronised on a GPU; NaN when no
+            step could be timed: every one was recorded or skipped).
         step_times: step -> seconds, for the steps timed (see ``Comparison.timing``).
+        step_time_spread: the interquartile range of ``step_times`` over their median: how noisy the
+            timing was (NaN with fewer than 4 timed steps).
         peak_memory: bytes, the highest of the steps measured (see ``Comparison.memory``).
         memory_steps: the steps whose memory was measured.
         run: what mpdiag recorded of this training (``diagnose=True``), or None.
@@ -119,6 +128,7 @@ class PrecisionResult:
     run: Run | None = None
     convergence: Convergence | None = None
     notes: tuple[str, ...] = ()
+    step_time_spread: float = math.nan
 
     @property
     def final_loss(self) -> float:
@@ -155,16 +165,24 @@ class Comparison:
         result = self.results[precision]
         ref = self.reference
         if result is ref:
+            diverged = next((t for t, loss in enumerate(ref.losses) if not math.isfinite(loss)), None)
             parts = [
-                f"{precision}: the reference (final loss {result.final_loss:.4g})",
-                f"{_seconds(result.step_time)} per step",
-                f"peak memory {_bytes(result.peak_memory)}",
+                f"{precision}: the reference (final loss {result.final_loss:.4g})"
+                if diverged is None
+                else f"{precision}: the reference itself diverges at step {diverged}: nothing to compare with",
+                f"{duration(result.step_time)} per step ({_timed(result)})",
+                f"peak memory {byte_size(result.peak_memory)}",
+            ]
+        elif len(result.skipped_steps) == len(result.losses):
+            parts = [
+                f"{precision}: did not train: the GradScaler skipped all {len(result.losses)} steps (its scale "
+                "never came down to one whose gradients fit; grad_scaler={'init_scale': ...} sets where it starts)"
             ]
         else:
             assert result.convergence is not None
             parts = [
                 f"{precision}: {result.convergence.describe()}",
-                _speed(ref.step_time, result.step_time),
+                _speed(ref, result),
                 _memory(ref.peak_memory, result.peak_memory),
             ]
         if result.skipped_steps:
@@ -184,36 +202,36 @@ class Comparison:
         return "\n".join(lines)
 
 
-def _signed_percent(change: float) -> str:
-    if not math.isfinite(change):
-        return str(change)
-    return ("+" if change >= 0 else "-") + percent(abs(change))
+def speed_ratio(reference: PrecisionResult, result: PrecisionResult) -> float:
+    """How many times faster than fp32 a step of ``result`` is (< 1: slower); NaN where not measured."""
+    if reference.step_time > 0 and result.step_time > 0:
+        return reference.step_time / result.step_time
+    return math.nan
 
 
-def _speed(reference: float, seconds: float) -> str:
-    if not (reference > 0 and seconds > 0):
-        return "speed not measured"
-    ratio = reference / seconds
-    if abs(ratio - 1) < _SAME_SPEED:
-        return f"as fast ({ratio:.2f}x)"
-    return f"{ratio:.2f}x faster" if ratio > 1 else f"{1 / ratio:.2f}x slower"
+def _speed(reference: PrecisionResult, result: PrecisionResult) -> str:
+    ratio = speed_ratio(reference, result)
+    if not math.isfinite(ratio):
+        return "speed not measured (no step both unrecorded and fully run)"
+    # within the timing's own spread (or 3%): no difference this run can tell
+    spreads = [s for s in (reference.step_time_spread, result.step_time_spread) if math.isfinite(s)]
+    noise = max([_SAME_SPEED, *spreads])
+    if abs(math.log(ratio)) < math.log1p(noise):
+        return f"as fast within the timing noise ({ratio:.2f}x, {_timed(result)})"
+    faster = f"{ratio:.2f}x faster" if ratio > 1 else f"{1 / ratio:.2f}x slower"
+    return f"{faster} ({_timed(result)})"
+
+
+def _timed(result: PrecisionResult) -> str:
+    n = len(result.step_times)
+    spread = f", spread {percent(result.step_time_spread)}" if math.isfinite(result.step_time_spread) else ""
+    return f"median of {n} step{'s' if n != 1 else ''}{spread}"
 
 
 def _memory(reference: int, peak: int) -> str:
-    if reference <= 0:
-        return "peak memory not measured"
+    if reference <= 0 or peak <= 0:
+        return "peak memory not measured (no step after a completed optimizer step ran one itself)"
     change = peak / reference - 1
     if abs(change) < 0.005:
         return "the same peak memory"
     return f"{percent(abs(change))} {'less' if change < 0 else 'more'} peak memory"
-
-
-def _seconds(seconds: float) -> str:
-    return f"{1e3 * seconds:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
-
-
-def _bytes(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} B"

@@ -32,13 +32,14 @@ __all__ = ["NonFiniteEvent", "NonFiniteError", "NonFiniteOrigin", "AnomalyRecord
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # mpdiag/
 
 #: The phase of training a non-finite value of each kind of site is seen in.
-Phase = Literal["forward", "backward"]
-PHASES: tuple[Phase, ...] = ("forward", "backward")
+Phase = Literal["forward", "backward", "optimizer"]
+PHASES: tuple[Phase, ...] = ("forward", "backward", "optimizer")
 PHASE_OF_KIND: dict[Kind, Phase] = {
     Kind.ACTIVATION: "forward",
     Kind.PARAM: "forward",
     Kind.ACTIVATION_GRAD: "backward",
     Kind.PARAM_GRAD: "backward",
+    Kind.OPTIMIZER_STATE: "optimizer",
 }
 
 

@@ -18,6 +18,8 @@ class Kind(str, enum.Enum):
     ACTIVATION_GRAD = "activation_grad"  # the gradient arriving at those outputs in backward
     PARAM = "param"  # a parameter's values when the step closed
     PARAM_GRAD = "param_grad"  # a parameter's gradient as backward left it
+    # a tensor of the optimizer's state for a parameter, after the step: "<parameter>.<state key>"
+    OPTIMIZER_STATE = "optimizer_state"
 
     @classmethod
     def parse(cls, value: str | Kind) -> Kind:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["ROOT_LABEL", "display_name", "shown", "percent"]
+import math
+
+__all__ = ["ROOT_LABEL", "display_name", "shown", "percent", "signed_percent", "duration", "byte_size"]
 
 ROOT_LABEL = "<root>"
 
@@ -24,3 +26,25 @@ def percent(share: float) -> str:
     if share < 1e-4:
         return "<0.01%"
     return f"{100 * share:.3g}%"
+
+
+def signed_percent(change: float) -> str:
+    """A relative change with its sign: 0.004 -> '+0.4%', -0.2 -> '-20%'."""
+    if not math.isfinite(change):
+        return str(change)
+    return ("+" if change >= 0 else "-") + percent(abs(change))
+
+
+def duration(seconds: float) -> str:
+    """Seconds as people read them: '412 ms', '1.05 s'."""
+    if not math.isfinite(seconds):
+        return "-"
+    return f"{1e3 * seconds:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
+def byte_size(n: int) -> str:
+    """Bytes in binary units: '38.2 MiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"

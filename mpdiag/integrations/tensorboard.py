@@ -21,7 +21,7 @@ Tags group as TensorBoard's UI groups them, by their first component:
 - ``loss_scale``: the GradScaler's scale of the step, when one was followed;
 - text ``nonfinite`` (the step's NaN/inf events, first seen first) and ``environment``.
 
-``kind`` is activation, activation_grad, param or param_grad; ``site`` is the module or parameter name
+``kind`` is activation, activation_grad, param, param_grad or optimizer_state; ``site`` is the module or parameter name
 (the root module's is ``_root``). Gradients are as recorded: under a GradScaler they are scaled, by
 the ``loss_scale`` of the same step.
 

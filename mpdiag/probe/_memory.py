@@ -52,17 +52,17 @@ def _tensors(value: Any) -> Iterable[torch.Tensor]:
 
 
 class StepMemory:
-    """Measures the peak of steps on one device: ``with memory.measuring(model, optimizer): step()``;
-    ``memory.peak`` is the highest of the steps measured (0 before any)."""
+    """Measures the peak of steps on one device: ``with memory.measuring(step, model, optimizer): ...``,
+    then ``memory.keep(True)`` to count that step (False: a step that does not count, one a GradScaler
+    skipped, say). ``memory.peak`` is the highest of the steps kept (0 before any), ``memory.steps`` them.
+
+    On CUDA this resets the allocator's peak statistics (``torch.cuda.reset_peak_memory_stats``)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak = 0
         self.steps: list[int] = []
-
-    @property
-    def method(self) -> str:
-        return METHODS["cuda" if self.device.type == "cuda" else "cpu"]
+        self._last: tuple[int, int] | None = None
 
     @contextlib.contextmanager
     def measuring(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
@@ -71,8 +71,14 @@ class StepMemory:
         rise: list[int] = []
         with measure(rise):
             yield
-        self.peak = max(self.peak, at_start + rise[0])
-        self.steps.append(step)
+        self._last = (step, at_start + rise[0])
+
+    def keep(self, counts: bool) -> None:
+        """Count the step just measured, or not."""
+        if counts and self._last is not None:
+            self.steps.append(self._last[0])
+            self.peak = max(self.peak, self._last[1])
+        self._last = None
 
     @contextlib.contextmanager
     def _cuda(self, rise: list[int]) -> Iterator[None]:

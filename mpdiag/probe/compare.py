@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,14 +42,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from mpdiag.analysis.convergence import convergence, noise_band, step_noise_band, window_for
-from mpdiag.core.comparison import PRECISIONS, REFERENCE, Comparison, NoiseBand, PrecisionResult
+from mpdiag.analysis.convergence import IDENTICAL_YARDSTICK, convergence, noise_band, step_noise_band, window_for
+from mpdiag.core.comparison import PRECISIONS, REFERENCE, Comparison, PrecisionResult
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.run import Run
 from mpdiag.probe._matmul_precision import Fp32Mode, matmul_precision, tf32_changes_matmuls
-from mpdiag.probe._memory import StepMemory
+from mpdiag.probe._memory import METHODS, StepMemory
 from mpdiag.probe._rerun import preserved, rng_state, set_rng_state
-from mpdiag.record import Recording, check_autocast, diagnosed
+from mpdiag.record import Recording, autocast_dtype, check_autocast, diagnosed
 
 __all__ = ["compare"]
 
@@ -124,7 +126,8 @@ def compare(
             recorded and the others are timed; False records nothing.
         device: the device to train on (default: the model's); copies and batches are moved there.
         noise_run: train the second fp32 copy that gives the noise band; False: fp32's own
-            step-to-step change stands in (one training less, a wider band where the loss falls fast).
+            step-to-step change stands in (one training less, but a band that holds the batch-to-batch
+            spread of the loss too: much wider).
         warmup: steps not timed at the start of each training.
         interleave: train the copies in lock-step (default); False: one after another, one copy in
             memory at a time.
@@ -137,10 +140,14 @@ def compare(
     specs = _specs(precisions)
     taken = _take(batches, steps)
     options = _diagnose_options(diagnose)
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = _device(device, model)
     for spec in specs:
         if spec.autocast is not None:
             check_autocast(device.type, spec.autocast)
+    if warmup >= len(taken) - 1:
+        raise MpdiagError(
+            f"warmup={warmup} leaves no step of {len(taken)} to time; pass a smaller warmup or more steps"
+        )
     plan = _Plan.of(len(taken), options.get("every") if options is not None else None, warmup, device)
     noise_order = _another_order(len(taken))
     start = rng_state()
@@ -184,19 +191,16 @@ class _Setup:
 @dataclass(frozen=True)
 class _Plan:
     """Which steps may be timed and which may have their memory measured: unrecorded steps (recording
-    costs time and memory of its own), timed after the warm-up, measured from step 1 (the optimizer's
-    state exists from then). On a CPU memory is measured under the profiler, which slows the step: one
-    step is profiled (more while those profiled were skipped by a GradScaler, whose optimizer step did
-    not run), and a profiled step is not timed."""
+    costs time and memory of its own; its hooks still fire there, a flag check per module), timed after
+    the warm-up. Only steps whose optimizer step ran count (a GradScaler skips some), and memory only
+    after one already ran, so that the optimizer's state exists. On a CPU memory is measured under the
+    profiler, which slows the step: one such step is profiled and not timed."""
 
     steps: int
     timed: frozenset[int]
     memory: frozenset[int]
     profiled: bool
     timing: str
-
-    #: A CPU profiles at most this many steps looking for one whose optimizer step ran.
-    MAX_PROFILED = 3
 
     @classmethod
     def of(cls, steps: int, every: int | None, warmup: int, device: torch.device) -> _Plan:
@@ -206,10 +210,12 @@ class _Plan:
         memory = [i for i in candidates if i >= 1]
         timed = [i for i in candidates if i >= warmup] or memory
         profiled = device.type != "cuda"
-        what = "unrecorded steps" if every is not None and clean else "steps"
-        timing = f"median over the {what} from step {timed[0]} on"
+        what = "steps"
+        if every is not None and clean:
+            what = "unrecorded steps (mpdiag's hooks fire there, recording nothing)"
+        timing = f"median over the {what} from step {timed[0]} on whose optimizer step ran"
         if profiled:
-            timing += " but the one profiled for memory"
+            timing += ", but the one profiled for memory"
         if not clean and every is not None:
             timing += " (every step was recorded, so the times include mpdiag's recording)"
         if device.type == "cuda":
@@ -228,49 +234,54 @@ class _Finished:
 
 
 class _Training:
-    """One copy of the model in training in one precision: its optimizer, scaler, recording, random stream."""
+    """One copy of the model in training in one precision: its optimizer, scaler, recording, random stream,
+    and what is measured of each step."""
 
-    def __init__(
-        self, job: _Job, setup: _Setup, stack: contextlib.ExitStack, fp32_starts: list[dict[str, Any]]
-    ) -> None:
+    def __init__(self, job: _Job, setup: _Setup, stack: contextlib.ExitStack) -> None:
         self.job, self.setup, self.spec = job, setup, job.spec
-        # The random state fp32's every step started from: fp32 writes it, the yardstick reads it.
-        self.fp32_starts = fp32_starts
-        if job.label == REFERENCE:
-            fp32_starts[:] = [job.start]
         self.model = _copy(setup.model, setup.device, self.spec.weights)
         self.optimizer = _optimizer(setup.make_optimizer, self.model)
         self.scaler = _grad_scaler(setup.device, setup.grad_scaler) if self.spec.scaled else None
-        self.recording = None
-        if setup.diagnose is not None and not job.yardstick:
-            self.recording = stack.enter_context(
-                Recording(self.model, optimizer=self.optimizer, scaler=self.scaler, **setup.diagnose)
-            )
+        self.recording: Recording | None = None
+        if setup.diagnose is not None and self.recorded:
+            with matmul_precision(self.spec.matmuls):  # the run's environment: this copy's own flags
+                self.recording = stack.enter_context(
+                    Recording(self.model, optimizer=self.optimizer, scaler=self.scaler, **setup.diagnose)
+                )
+        stack.callback(self.model.register_forward_pre_hook(self._check_autocast).remove)
         self.optimizer_steps = 0
         stack.callback(self.optimizer.register_step_post_hook(self._count_step).remove)
         self.rng = job.start
+        self.starts = [job.start]  # the random state each step started from
         self.losses: list[torch.Tensor] = []
-        self.losses_on_fp32s_batches: list[torch.Tensor] = []  # the yardstick's
         self.skipped: list[int] = []
         self.step_times: dict[int, float] = {}
         self.memory = StepMemory(setup.device)
         self.memory_of_a_full_step = False  # a measured step whose optimizer step ran
 
-    def _measures_memory(self, index: int) -> bool:
-        plan = self.setup.plan
-        if self.job.yardstick or index not in plan.memory:
-            return False
-        if not plan.profiled:
-            return True  # the allocator's peak costs nothing: every candidate step
-        return not self.memory_of_a_full_step and len(self.memory.steps) < plan.MAX_PROFILED
+    #: Recorded with mpdiag (when diagnose=), timed and measured; the yardstick is none of these.
+    recorded = True
 
     def _count_step(self, *args: Any) -> None:
         self.optimizer_steps += 1
 
+    def _check_autocast(self, module: nn.Module, args: Any) -> None:
+        found = autocast_dtype(self.setup.device.type)
+        wanted = str(self.spec.autocast).replace("torch.", "") if self.spec.autocast is not None else None
+        if found != wanted:
+            raise MpdiagError(
+                f"autocast ({found or 'off'}) was not what {self.spec.name} sets ({wanted or 'off'}) in the "
+                "model's forward: loss_fn or the model applies autocast itself; remove it there (compare "
+                "sets each precision's own)"
+            )
+
+    def _measures_memory(self, index: int) -> bool:
+        if not self.recorded or index not in self.setup.plan.memory or self.optimizer_steps == 0:
+            return False  # before any optimizer step ran, there is no optimizer state to count
+        return not (self.setup.plan.profiled and self.memory_of_a_full_step)  # a CUDA peak costs nothing
+
     def step(self, index: int) -> None:
         setup = self.setup
-        if self.job.yardstick:
-            self._loss_on_fp32s_batch(index)
         set_rng_state(self.rng)
         if self.recording is not None:
             self.recording.begin_step(index)  # closes a step the GradScaler skipped, untimed
@@ -286,35 +297,29 @@ class _Training:
                 _synchronize(setup.device)
                 seconds = time.perf_counter() - started
         self.rng = rng_state()
-        if self.job.label == REFERENCE:
-            self.fp32_starts.append(self.rng)
-        if index in setup.plan.timed and not self.job.yardstick and not (measuring and setup.plan.profiled):
-            self.step_times[index] = seconds
-        if self.optimizer_steps == steps_before:
+        self.starts.append(self.rng)
+        ran = self.optimizer_steps > steps_before
+        if not ran:
             self.skipped.append(index)
-        elif measuring:
-            self.memory_of_a_full_step = True
+        if measuring:
+            self.memory.keep(ran)  # a skipped step's peak lacks the optimizer's update
+            self.memory_of_a_full_step |= ran
+        profiled = measuring and setup.plan.profiled
+        if self.recorded and ran and index in setup.plan.timed and not profiled:
+            self.step_times[index] = seconds
         self.losses.append(loss.detach())
         if setup.progress is not None:
             setup.progress(self.job.label, index + 1, setup.plan.steps, float(loss.detach()))
-
-    def _loss_on_fp32s_batch(self, index: int) -> None:
-        """The yardstick's loss on fp32's batch of this step, with fp32's dropout masks, before its own
-        step: the two losses differ only by where the two trajectories have got to (a training loss
-        would differ by the batches too, which fp32 and every precision share). Buffers (BatchNorm's
-        running statistics), .grad and the random state are left as they were."""
-        batch = _prepared(self.setup.batches[index], self.setup.device, None)
-        with preserved(self.model, start_from=self.fp32_starts[index]) as rerun, torch.no_grad():
-            with matmul_precision("ieee"):
-                loss = rerun(lambda: self.setup.loss_fn(self.model, batch))
-        _check_loss(loss)
-        self.losses_on_fp32s_batches.append(loss.detach())
 
     def _train_on(self, batch: Any) -> torch.Tensor:
         autocast = self.spec.autocast
         with torch.autocast(self.setup.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             loss = self.setup.loss_fn(self.model, batch)
         _check_loss(loss)
+        if not loss.requires_grad:
+            raise MpdiagError(
+                "loss_fn's loss does not require grad (detached, or computed under no_grad): nothing to train"
+            )
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -324,28 +329,59 @@ class _Training:
             self.optimizer.step()
         return loss
 
+    def reported_losses(self) -> list[float]:
+        return _floats(self.losses)
+
     def finish(self, reference: dict[str, torch.Tensor] | None) -> _Finished:
         run: Run | None = None
         if self.recording is not None:
             self.recording.close()  # a last step the GradScaler skipped is recorded now
             run = self.recording.run
-        # the yardstick's figures are its losses on fp32's batches
-        losses = _floats(self.losses_on_fp32s_batches if self.job.yardstick else self.losses)
         params = {name: p.detach().float().clone() for name, p in self.model.named_parameters()}
-        times = self.step_times
+        times = list(self.step_times.values())
         result = PrecisionResult(
             precision=self.spec.name,
-            losses=losses,
+            losses=self.reported_losses(),
             skipped_steps=self.skipped,
-            step_time=statistics.median(times.values()) if times else float("nan"),
-            step_times=dict(times),
+            step_time=statistics.median(times) if times else math.nan,
+            step_times=dict(self.step_times),
             peak_memory=self.memory.peak,
             memory_steps=tuple(self.memory.steps),
             run=run,
             notes=_notes(self.spec, self.setup.device),
+            step_time_spread=_relative_spread(times),
         )
         distance = _distance(params, reference) if reference is not None else 0.0
         return _Finished(self.job, result, distance, params if self.job.label == REFERENCE else {})
+
+
+class _Yardstick(_Training):
+    """The second fp32 copy, trained on the batches in another order with other random draws. Before each
+    of its steps, its loss on fp32's batch of that step with fp32's dropout masks: the two losses differ
+    only by where the two trajectories have got to (a training loss would differ by the batches too,
+    which fp32 and every precision share). Neither recorded, timed nor measured."""
+
+    recorded = False
+
+    def __init__(
+        self, job: _Job, setup: _Setup, stack: contextlib.ExitStack, fp32_starts: list[dict[str, Any]]
+    ) -> None:
+        super().__init__(job, setup, stack)
+        self.fp32_starts = fp32_starts  # in lock-step, fp32 has finished step i - 1 when this begins step i
+        self.on_fp32s_batches: list[torch.Tensor] = []
+
+    def step(self, index: int) -> None:
+        batch = _prepared(self.setup.batches[index], self.setup.device, None)
+        # buffers (BatchNorm's running statistics), .grad and the random state are left as they were
+        with preserved(self.model, start_from=self.fp32_starts[index]) as rerun, torch.no_grad():
+            with matmul_precision("ieee"):
+                loss = rerun(lambda: self.setup.loss_fn(self.model, batch))
+        _check_loss(loss)
+        self.on_fp32s_batches.append(loss.detach())
+        super().step(index)
+
+    def reported_losses(self) -> list[float]:
+        return _floats(self.on_fp32s_batches)
 
 
 def _floats(losses: list[torch.Tensor]) -> list[float]:
@@ -353,31 +389,48 @@ def _floats(losses: list[torch.Tensor]) -> list[float]:
     return torch.stack([loss.double() for loss in losses]).tolist()
 
 
+def _relative_spread(times: list[float]) -> float:
+    """The interquartile range of the step times over their median (NaN with fewer than 4)."""
+    if len(times) < 4:
+        return math.nan
+    q1, median, q3 = statistics.quantiles(times, n=4)
+    return (q3 - q1) / median if median > 0 else math.nan
+
+
 def _train(jobs: list[_Job], setup: _Setup, interleave: bool) -> list[_Finished]:
-    """Run every job, the fp32 reference's results first (the others' distances are to its weights).
-    In lock-step, every training has finished step i - 1 before any begins step i."""
+    """Run every job, fp32's result first (the others' distances are to its weights). In lock-step,
+    every training has finished step i - 1 before any begins step i; one after another, fp32 trains
+    first (the yardstick reads the random state of its every step)."""
     finished: list[_Finished] = []
-    fp32_starts: list[dict[str, Any]] = []
+    fp32_starts: list[list[dict[str, Any]]] = []  # the random state of fp32's every step, once it trains
+
+    def start(job: _Job, stack: contextlib.ExitStack) -> _Training:
+        if job.yardstick:
+            return _Yardstick(job, setup, stack, fp32_starts[0])
+        training = _Training(job, setup, stack)
+        if job.label == REFERENCE:
+            fp32_starts.append(training.starts)
+        return training
 
     def reference() -> dict[str, torch.Tensor] | None:
         return finished[0].params if finished else None
 
-    with contextlib.ExitStack() as stack:
-        if interleave:
-            trainings = [_Training(job, setup, stack, fp32_starts) for job in jobs]
+    if interleave:
+        with contextlib.ExitStack() as stack:
+            trainings = [start(job, stack) for job in jobs]
             for index in range(setup.plan.steps):
                 for training in _rotated(trainings, index):
                     training.step(index)
             for training in trainings:
                 finished.append(training.finish(reference()))
-            return finished
+        return finished
     for job in jobs:
         with contextlib.ExitStack() as stack:
-            training = _Training(job, setup, stack, fp32_starts)
+            training = start(job, stack)
             for index in range(setup.plan.steps):
                 training.step(index)
             finished.append(training.finish(reference()))
-            del training  # one copy in memory at a time
+        del training  # one copy in memory at a time (fp32's random states stay for the yardstick)
     return finished
 
 
@@ -385,18 +438,18 @@ def _comparison(finished: list[_Finished], setup: _Setup, noise_run: bool) -> Co
     ref = finished[0].result
     window = window_for(setup.plan.steps)
     yardstick = next((f for f in finished if f.job.yardstick), None)
+    noise = None
     if noise_run and yardstick is not None:
-        noise = noise_band(ref.losses, yardstick.result.losses, window)
-        noise = NoiseBand(noise.band, noise.window, noise.how, noise.losses, yardstick.distance)
-    else:
+        noise = noise_band(ref.losses, yardstick.result.losses, window, param_distance=yardstick.distance)
+        if not any(noise.band):  # one batch repeated, no dropout: the reordered run is fp32 itself
+            noise = step_noise_band(ref.losses, window, why=IDENTICAL_YARDSTICK)
+    if noise is None:
         noise = step_noise_band(ref.losses, window)
     results = {REFERENCE: ref}
     for f in finished[1:]:
-        if f.job.yardstick:
-            continue
-        result = f.result
-        judged = convergence(result.losses, ref.losses, noise, param_distance=f.distance)
-        results[result.precision] = PrecisionResult(**{**result.__dict__, "convergence": judged})
+        if not f.job.yardstick:
+            judged = convergence(f.result.losses, ref.losses, noise, param_distance=f.distance)
+            results[f.result.precision] = dataclasses.replace(f.result, convergence=judged)
     return Comparison(
         results=results,
         noise=noise,
@@ -408,12 +461,13 @@ def _comparison(finished: list[_Finished], setup: _Setup, noise_run: bool) -> Co
 
 
 def _memory_sentence(setup: _Setup) -> str:
-    which = "one step after the first" if setup.plan.profiled else "the highest of the steps after the first"
-    which += " (unrecorded where there are such steps)"
+    which = "one step" if setup.plan.profiled else "the highest of the steps"
+    which += " after the first optimizer step, whose own optimizer step ran (unrecorded where there are such steps)"
     return (
         f"{which}: parameters, buffers and optimizer state live at the step's start plus the most the "
         f"step's own allocations rose above them (activations, gradients, temporaries), from "
-        f"{StepMemory(setup.device).method}; not the batch or anything else the process holds"
+        f"{METHODS['cuda' if setup.device.type == 'cuda' else 'cpu']}; not the batch or anything else the "
+        "process holds"
     )
 
 
@@ -463,6 +517,8 @@ def _check_arguments(model: object, loss_fn: object, make_optimizer: object, war
             "this model has a Diagnosis attached, and a copy of it would carry its hooks: close it first "
             "(diag.close() or leave its with-block); compare records each copy itself (diagnose=True)"
         )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise MpdiagError("compare trains the model, and it has no parameter that requires grad")
     dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()} - {"torch.float32"})
     if dtypes:
         raise MpdiagError(
@@ -489,6 +545,11 @@ def _take(batches: Iterable[Any], steps: int | None) -> list[Any]:
         raise MpdiagError(
             "batches must be an iterable of batches (a list, a DataLoader, a generator); "
             f"got {type(batches).__name__} (for one batch repeated, pass [batch] with steps=N)"
+        )
+    if steps is None and not isinstance(batches, Sized):
+        raise MpdiagError(
+            f"batches ({type(batches).__name__}) has no length and may never end: pass steps=, the number of "
+            "steps to train each precision"
         )
     taken: list[Any] = []
     source = iter(batches)
@@ -528,10 +589,15 @@ def _diagnose_options(diagnose: bool | Mapping[str, Any]) -> dict[str, Any] | No
     return {"every": _DEFAULT_EVERY, **diagnose}
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+def _device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    chosen = torch.device(device) if device is not None else next(model.parameters()).device
+    if chosen.type not in ("cpu", "cuda"):
+        raise MpdiagError(f"compare measures time, memory and random state on a CPU or a CUDA GPU; got {chosen.type!r}")
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MpdiagError("device='cuda' was asked for, but this torch sees no CUDA GPU")
+        torch.cuda.init()  # so that the random state every copy starts from holds CUDA's too
+    return chosen
 
 
 def _another_order(steps: int) -> list[int]:
@@ -567,6 +633,8 @@ def _optimizer(make_optimizer: MakeOptimizer, model: nn.Module) -> torch.optim.O
     optimizer = make_optimizer(model.parameters())
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise MpdiagError(f"make_optimizer must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise MpdiagError("compare calls optimizer.step() without a closure, as most training does; LBFGS needs one")
     own = {id(p) for p in model.parameters()}
     if any(id(p) not in own for group in optimizer.param_groups for p in group["params"]):
         raise MpdiagError(
@@ -597,8 +665,12 @@ def _prepared(batch: Any, device: torch.device, weights: torch.dtype | None) -> 
         if isinstance(x, torch.Tensor):
             x = x.to(device)
             return x.to(weights) if weights is not None and x.is_floating_point() else x
-        if hasattr(x, "to") and not isinstance(x, nn.Module):  # transformers' BatchEncoding
-            return x.to(device)
+        if isinstance(x, Mapping):  # a dict-like pytree does not know (BatchEncoding): a new one, never .to()
+            moved = {k: tree_map(move, v) for k, v in x.items()}  # (which would move the user's own in place)
+            try:
+                return type(x)(moved)  # type: ignore[call-arg]
+            except TypeError:
+                return moved
         return x
 
     return tree_map(move, batch)

@@ -49,6 +49,10 @@ class EventLog:
             tensors.append(stacked.index_select(1, torch.tensor(buckets, device=device)))
         return tensors
 
+    def any_nonfinite(self) -> bool:
+        """Whether any observation of the step so far held NaN or inf: one read per device holding some."""
+        return bool(self._host) or any(bool(t.any()) for t in self.device_tensors())
+
     def events(self, step: int, device_values: Sequence[np.ndarray]) -> list[NonFiniteEvent]:
         """The step's events, given the host values of ``device_tensors()`` (read at the step close)."""
         raw = list(self._host)

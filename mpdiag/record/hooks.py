@@ -79,6 +79,7 @@ class Recorder:
     ) -> None:
         self.format_names = format_names
         self.params = dict(params)
+        self._param_names = {id(p): name for name, p in self.params.items()}  # the optimizer's state is keyed by tensor
         self.group = group  # torch.distributed: statistics are reduced across it when a step closes
         self.replicated = replicated or set()  # sites every rank holds whole: not summed
         self.recording = True
@@ -212,6 +213,25 @@ class Recorder:
         self.active = True
         for name, param in self.params.items():
             self._observe(Site(name, Kind.PARAM), param, seq=-1)  # what the forward used: before all else
+
+    def observe_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Observe, after ``optimizer``'s step, every floating tensor of its state for each observed
+        parameter (Adam's ``exp_avg``, ``exp_avg_sq``; SGD's ``momentum_buffer``; whatever an optimizer
+        keeps), as the site ``<parameter>.<key>``. 0-dim state (Adam's ``step`` count) is no tensor of
+        values. Read where it lives, with no host sync, as every other site."""
+        if not self.recording:
+            return
+        for param, state in optimizer.state.items():
+            name = self._param_names.get(id(param))
+            if name is None or not isinstance(state, Mapping):
+                continue  # a parameter outside include=/exclude=, or state an optimizer keeps its own way
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
+                    self.active = True
+                    site = Site(f"{name}.{key}", Kind.OPTIMIZER_STATE)
+                    if Site(name, Kind.PARAM) in self.replicated:  # DDP: every rank's state is the whole, alike
+                        self.replicated.add(site)
+                    self._observe(site, value)
 
     def collect(self, step: int) -> tuple[dict[Site, TensorStats], list[NonFiniteEvent]]:
         """Observe parameters (and gradients no hook saw), then read everything with one host transfer

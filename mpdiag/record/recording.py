@@ -107,8 +107,12 @@ class Recording:
         on_nonfinite: OnNonFinite = "record",
         sinks: Sequence[Sink] = (),
         group: Any = None,
+        optimizer_state: bool = True,
     ) -> None:
         _check_arguments(model, scaler)
+        if not isinstance(optimizer_state, bool):
+            raise MpdiagError(f"optimizer_state must be True or False, got {optimizer_state!r}")
+        self._records_optimizer_state = optimizer_state
         check_options(every, on_nonfinite, include, exclude)
         _dynamo.prepare(Recorder, Recording)
         optimizer, wrapper_scaler = unwrap_optimizer(optimizer) if optimizer is not None else (None, None)
@@ -142,7 +146,8 @@ class Recording:
         self._closed = False
         self._paused = False
         self._optimizer = optimizer
-        self._in_optimizer_step = False  # between optimizer.step()'s pre- and post-hook (closures run there)
+        self._in_optimizer_step = False  # between optimizer.step()'s pre- and post-hook
+        self._closure_running = False  # ... and step() was given a closure: forwards there are the step's own
         self._weights_version: int | None = None  # of one trainable weight, when the step's first forward ran
         self._warned: set[str] = set()  # the once-only warnings given
         self._forwards = 0  # training forwards of the whole model in the current step
@@ -336,25 +341,36 @@ class Recording:
         self._handles.append(model.register_forward_pre_hook(self._before_model_forward))
         self._handles.append(model.register_forward_hook(self._after_model_forward, always_call=True))
 
-    # Step boundaries. Without a closure, forward and backward ran before optimizer.step(): the step closes
-    # in its pre-hook, while the parameters are still those the forward used. With a closure
-    # (Lightning, LBFGS), forward and backward run inside step(): the parameters are observed in the
-    # pre-hook, and the step closes in the post-hook, after the closure's backward.
+    # Step boundaries. The parameters are observed in optimizer.step()'s pre-hook, while they are still
+    # those the forward used, and the step closes in its post-hook, once the optimizer's state holds this
+    # step's update. Without a closure, forward and backward ran before step(); with one (Lightning,
+    # LBFGS) they run inside it, between the two hooks.
     @untraced
     def _before_optimizer_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._paused:
             return
-        if closure_of(args, kwargs) is None:
-            self._in_optimizer_step = False  # a closure step whose closure raised never reached its post-hook
-            self._close_step()
-            return
-        self._in_optimizer_step = True
+        self._in_optimizer_step = True  # a step whose step() raised never reached its post-hook: reset here
+        self._closure_running = closure_of(args, kwargs) is not None
         self._recorder.observe_params()
+        if self._stops_before_the_update():
+            self._in_optimizer_step = self._closure_running = False
+            self._close_step()  # records the step, then raises NonFiniteError: step() never runs
+
+    def _stops_before_the_update(self) -> bool:
+        """on_nonfinite="raise" and NaN/inf seen already: raise before the optimizer writes them into the
+        weights (one read of the step's NaN/inf counts more per recorded step, in that mode only). A
+        closure's forward and backward have not run yet: they are checked when the step closes."""
+        rec = self._recorder
+        if self.on_nonfinite != "raise" or not rec.recording or self._closure_running:
+            return False
+        return rec.events.any_nonfinite()
 
     @untraced
     def _after_optimizer_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._in_optimizer_step:
-            self._in_optimizer_step = False
+            self._in_optimizer_step = self._closure_running = False
+            if self._records_optimizer_state:
+                self._recorder.observe_optimizer_state(optimizer)
             self._close_step()
 
     @untraced
@@ -367,7 +383,7 @@ class Recording:
         if self._recorder.evaluating or self._paused or in_backward():
             return
         self._recorder.in_model_forward = True
-        if not self._in_optimizer_step:
+        if not (self._in_optimizer_step and self._closure_running):  # not a closure's forward
             self._at_step_boundary(model)
         self._forwards += 1
 
@@ -438,6 +454,7 @@ class Recording:
             self._scale_seen.clear()
         rec.reset()
         self._forwards = 0
+        self._in_optimizer_step = self._closure_running = False  # a step() that raised: its step is over
         self._step += 1
         rec.recording = self._step % self.every == 0
         if events and report:

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from mpdiag.analysis.verdict import Level, Verdict
-from mpdiag.core.comparison import Comparison, PrecisionResult
-from mpdiag.core.text import percent
+from mpdiag.core.comparison import Comparison, Convergence, PrecisionResult, speed_ratio
+from mpdiag.core.text import byte_size, duration, percent, signed_percent
 from mpdiag.core.version import __version__
 from mpdiag.render import comparison_figures as fig
 from mpdiag.render._build import save_figure
@@ -23,8 +23,8 @@ __all__ = ["Part", "build_comparison", "FIGURES"]
 FIGURES = ("loss_curves", "cost")
 
 _COLUMNS = ("precision", "final loss", "vs fp32", "steps outside the band", "left it for good at",
-            "distance / band at the end", "parameter distance", "median step", "vs fp32", "peak memory",
-            "vs fp32", "skipped steps")  # fmt: skip
+            "distance / band at the end", "parameter distance", "median step (spread)", "speed vs fp32",
+            "peak memory", "memory vs fp32", "skipped steps")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -89,15 +89,17 @@ def _row(cmp: Comparison, result: PrecisionResult) -> list[str]:
     return [
         result.precision,
         f"{result.final_loss:.5g}",
-        _signed(judged.final_change) if judged else "-",
+        _final(judged) if judged else "-",
         percent(judged.outside_share) if judged else "-",
         ("never" if judged.first_outside is None else f"step {judged.first_outside}") if judged else "-",
         f"{judged.final_ratio_to_noise:.2f}" if judged else "-",
         f"{judged.param_distance:.3g}" if judged else _yardstick_distance(cmp),
-        f"{1e3 * result.step_time:.3g} ms",
-        _ratio(result.step_time, ref.step_time),
-        f"{result.peak_memory / 2**20:.3g} MiB",
-        _ratio(result.peak_memory, ref.peak_memory),
+        f"{duration(result.step_time)} ({percent(result.step_time_spread)})"
+        if math.isfinite(result.step_time_spread)
+        else duration(result.step_time),
+        _times(speed_ratio(ref, result)),
+        byte_size(result.peak_memory),
+        _times(result.peak_memory / ref.peak_memory if ref.peak_memory > 0 else math.nan),
         ", ".join(map(str, result.skipped_steps)) or "none",
     ]
 
@@ -107,12 +109,14 @@ def _yardstick_distance(cmp: Comparison) -> str:
     return "-" if distance is None else f"(reordered fp32: {distance:.3g})"
 
 
-def _signed(change: float) -> str:
-    return ("+" if change >= 0 else "-") + percent(abs(change)) if math.isfinite(change) else str(change)
+def _final(judged: Convergence) -> str:
+    if math.isfinite(judged.final_change):
+        return signed_percent(judged.final_change)
+    return f"{judged.final_difference:+.4g} (absolute)"
 
 
-def _ratio(value: float, reference: float) -> str:
-    return f"{value / reference:.2f}x" if reference > 0 and math.isfinite(value) else "-"
+def _times(ratio: float) -> str:
+    return f"{ratio:.2f}x" if math.isfinite(ratio) else "-"
 
 
 def _method(cmp: Comparison) -> list[tuple[str, str]]:

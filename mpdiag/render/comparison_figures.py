@@ -33,7 +33,8 @@ def loss_curves(cmp: Comparison) -> Figure:
         colour = PRECISION_COLOURS.get(precision, "#000000")
         top.plot(steps, result.losses, style, color=colour, lw=1.4 if precision == REFERENCE else 1.1, label=precision)
         if result.convergence is not None:
-            ratio = np.clip(np.array(result.convergence.difference, dtype=float), -50, 50)
+            # NaN where the band is 0 (step 0): not drawn; beyond +-20 bands the curve is cut
+            ratio = np.clip(np.array(result.convergence.difference, dtype=float), -20, 20)
             bottom.plot(steps, ratio, style, color=colour, lw=1.1, label=precision)
         for step in result.skipped_steps:
             top.axvline(step, color=colour, lw=0.6, alpha=0.35)
@@ -59,9 +60,9 @@ def cost_bars(cmp: Comparison) -> Figure:
     colours = [PRECISION_COLOURS.get(p, "#000000") for p in names]
     ref = cmp.reference
     _bars(time_ax, names, [1e3 * cmp.results[p].step_time for p in names], colours, 1e3 * ref.step_time)
-    time_ax.set_title("median step time (ms)")
+    time_ax.set_title("median step time (ms); labels: time vs fp32")
     _bars(memory_ax, names, [cmp.results[p].peak_memory / 2**20 for p in names], colours, ref.peak_memory / 2**20)
-    memory_ax.set_title("peak memory (MiB)")
+    memory_ax.set_title("peak memory (MiB); labels: memory vs fp32")
     return fig
 
 

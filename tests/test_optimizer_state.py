@@ -1,0 +1,178 @@
+"""The optimizer's state as sites: after each recorded step, every floating state tensor of every observed
+parameter, exactly as ``tensor_stats`` of that tensor taken by hand, for any optimizer; observing it
+never changes training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mpdiag
+from mpdiag.core.run import Kind
+
+STEPS = 3
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 2))
+
+
+def _batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 8, generator=g) for _ in range(STEPS)]
+
+
+OPTIMIZERS = {
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adamw-amsgrad": lambda p: torch.optim.AdamW(p, lr=1e-2, amsgrad=True),
+    "adam-foreach": lambda p: torch.optim.Adam(p, lr=1e-2, foreach=True),
+    "adam-fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5, centered=True),
+}
+
+
+def _train(make, **options):  # noqa: ANN001, ANN003, ANN202
+    """Train STEPS steps with diagnose attached; after each step, tensor_stats of every state tensor by hand."""
+    model = _model()
+    opt = make(model.parameters())
+    names = {p: n for n, p in model.named_parameters()}
+    by_hand = []
+    with mpdiag.diagnose(model, optimizer=opt, **options) as diag:
+        for x in _batches():
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            by_hand.append(
+                {
+                    f"{names[p]}.{key}": mpdiag.tensor_stats(t)
+                    for p, state in opt.state.items()
+                    for key, t in state.items()
+                    if t.is_floating_point() and t.dim() > 0
+                }
+            )
+    return model, diag.run, by_hand
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_sites_equal_the_state_tensors_measured_by_hand_after_each_step(name: str) -> None:
+    try:
+        _, run, by_hand = _train(OPTIMIZERS[name])
+    except RuntimeError as err:  # fused Adam on a CPU needs torch >= 2.4
+        pytest.skip(f"{name} does not run here: {err}")
+    assert run.steps == list(range(STEPS))
+    for step, expected in enumerate(by_hand):
+        recorded = {s.name: st for s, st in run.records[step].items() if s.kind == Kind.OPTIMIZER_STATE}
+        assert recorded == expected
+    assert expected  # every optimizer here keeps some state
+
+
+def test_fused_foreach_and_plain_adam_give_the_same_state_statistics() -> None:
+    plain = _train(OPTIMIZERS["adam"])[1]
+    foreach = _train(OPTIMIZERS["adam-foreach"])[1]
+    assert plain.sites == foreach.sites
+    assert all(plain.stats(s.name, s.kind) == foreach.stats(s.name, s.kind) for s in plain.sites)
+
+
+def test_adams_names_and_the_step_count_left_out() -> None:
+    _, run, _ = _train(OPTIMIZERS["adamw-amsgrad"])
+    state = sorted(s.name for s in run.sites if s.kind == Kind.OPTIMIZER_STATE)
+    assert state[:3] == ["0.bias.exp_avg", "0.bias.exp_avg_sq", "0.bias.max_exp_avg_sq"]
+    assert len(state) == 3 * len(list(_model().parameters()))  # no ".step": a 0-dim count, not values
+    assert run.stats("3.weight.exp_avg_sq", "optimizer_state").numel == 32 * STEPS
+
+
+def test_observing_the_state_never_changes_training() -> None:
+    def final(**options):  # noqa: ANN003, ANN202
+        model, _, _ = _train(OPTIMIZERS["adamw-amsgrad"], **options)
+        return [p.detach().clone() for p in model.parameters()]
+
+    model = _model()
+    opt = OPTIMIZERS["adamw-amsgrad"](model.parameters())
+    for x in _batches():
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    plain = [p.detach() for p in model.parameters()]
+    for recorded in (final(), final(optimizer_state=False)):
+        assert all(torch.equal(a, b) for a, b in zip(recorded, plain))
+
+
+def test_state_is_left_out_when_asked_on_unrecorded_steps_and_outside_include() -> None:
+    _, run, _ = _train(OPTIMIZERS["adam"], optimizer_state=False)
+    assert not any(s.kind == Kind.OPTIMIZER_STATE for s in run.sites)
+    _, run, _ = _train(OPTIMIZERS["adam"], every=2)
+    assert run.steps == [0, 2] and all(
+        any(s.kind == Kind.OPTIMIZER_STATE for s in run.records[step]) for step in run.steps
+    )
+    _, run, _ = _train(OPTIMIZERS["adam"], include="3")
+    assert {s.name.rsplit(".", 1)[0] for s in run.sites if s.kind == Kind.OPTIMIZER_STATE} == {"3.weight", "3.bias"}
+    with pytest.raises(mpdiag.MpdiagError, match="optimizer_state must be True or False"):
+        mpdiag.diagnose(_model(), optimizer_state="yes")  # type: ignore[arg-type]
+
+
+def test_a_nan_in_the_state_is_an_event_of_the_optimizer_phase() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        for step, x in enumerate(_batches()):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            if step == 0:
+                opt.state[model[3].weight]["momentum_buffer"][0, 0] = float("nan")  # as a faulty kernel would
+    events = [e for e in diag.run.nonfinite_events() if e.kind == Kind.OPTIMIZER_STATE]
+    # step 1's momentum is 0.9 times that NaN plus the gradient: seen when step 1's step() returns
+    assert events and events[0].step == 1 and events[0].phase == "optimizer" and events[0].produced
+    assert events[0].name == "3.weight.momentum_buffer" and events[0].nans == 1
+    assert not [e for e in diag.run.nonfinite_events() if e.step == 1 and e.phase != "optimizer"]
+
+
+def test_gradscaler_skipped_steps_and_a_step_that_raised_close_at_the_next_forward() -> None:
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # overflows: the first steps are skipped
+    with mpdiag.diagnose(model, optimizer=opt, scaler=scaler) as diag:
+        for x in _batches():
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(x).float().pow(2).mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    run = diag.run
+    assert run.steps == list(range(STEPS))
+    skipped = [s for s in run.steps if not any(site.kind == Kind.OPTIMIZER_STATE for site in run.records[s])]
+    assert skipped and skipped == list(range(len(skipped)))  # no state before Adam's first real step
+
+
+class _Failing(torch.optim.SGD):
+    """SGD whose step() raises once asked to: after the pre-hook, before the post-hook."""
+
+    fail = False
+
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        if self.fail:
+            raise RuntimeError("boom")
+        return super().step(closure)
+
+
+def test_a_step_that_raised_closes_at_the_next_forward_and_training_goes_on() -> None:
+    model = _model()
+    opt = _Failing(model.parameters(), lr=0.1, momentum=0.9)
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        for step, x in enumerate(_batches()):
+            opt.fail = step == 0
+            opt.zero_grad()
+            model(x).sum().backward()
+            try:
+                opt.step()
+            except RuntimeError:
+                assert step == 0
+    run = diag.run
+    assert run.steps == [0, 1, 2]
+    assert run.stats("3.weight", "param", step=0).calls == 1  # observed when step() began
+    assert not any(s.kind == Kind.OPTIMIZER_STATE for s in run.records[0])  # the failed step() made none
+    assert Kind.OPTIMIZER_STATE in {s.kind for s in run.records[1]}
