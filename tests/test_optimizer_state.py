@@ -176,3 +176,32 @@ def test_a_step_that_raised_closes_at_the_next_forward_and_training_goes_on() ->
     assert run.stats("3.weight", "param", step=0).calls == 1  # observed when step() began
     assert not any(s.kind == Kind.OPTIMIZER_STATE for s in run.records[0])  # the failed step() made none
     assert Kind.OPTIMIZER_STATE in {s.kind for s in run.records[1]}
+
+
+def test_the_verdicts_say_which_state_would_not_fit_a_format_and_leave_the_level_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with mpdiag.diagnose(model, optimizer=opt, formats=("fp16", "bf16")) as diag:
+        opt.zero_grad()  # one step: the verdict's statistics are those of the state as it is now
+        (model(torch.randn(8, 64)).pow(2).mean() * 1e-2).backward()
+        opt.step()
+    fp16, bf16 = mpdiag.verdicts(diag.run)
+    keys = {key: (n, total) for key, n, total, _, _ in fp16.optimizer_state}
+
+    def loses(t: torch.Tensor) -> bool:  # a real cast: non-zero values that fp16 turns into 0 or inf
+        nonzero = t[t != 0]
+        cast = nonzero.to(torch.float16)
+        return bool(((cast == 0) | cast.isinf()).sum() > 1e-3 * nonzero.numel())
+
+    # squared gradients of ~1e-4 are ~1e-8: below fp16's smallest subnormal (6e-8)
+    expected = sum(loses(opt.state[p]["exp_avg_sq"]) for p in model.parameters())
+    assert keys["exp_avg_sq"] == (expected, 4) and expected > 0
+    assert f"exp_avg_sq of {expected} of 4 parameters would lose values" in fp16.sentence
+    assert bf16.optimizer_state == ()  # bf16 has fp32's range
+    records = {
+        step: {site: v for site, v in record.items() if site.kind != Kind.OPTIMIZER_STATE}
+        for step, record in diag.run.records.items()
+    }
+    without = {v.fmt: v.level for v in mpdiag.verdicts(mpdiag.Run(formats=diag.run.formats, records=records))}
+    assert {v.fmt: v.level for v in (fp16, bf16)} == without

@@ -14,6 +14,10 @@ What counts, per format:
 - headroom: the site whose largest value comes closest to the format's max, in bits;
 - fp8 formats, which are used with a scale per tensor: the worst site's flushed share even when each
   tensor is scaled by the power of two that puts its largest value just below the format's max;
+- the optimizer's state (``optimizer_state`` sites, with ``optimizer=``): per state key, how many
+  parameters' state would overflow or lose more than the tolerated share of its values to underflow if
+  stored in the format (an 8-bit or bf16 optimizer, pure low-precision training). It never changes the
+  level: autocast keeps the optimizer's state in fp32, so this is what storing it lower would cost;
 - NaN/inf: a run that held them is at best "warn" in every format (its values were not all seen);
   ``nonfinite_verdict`` says where they came from. The inf of a step a GradScaler skipped (its scaled
   gradients overflowed, as the scaler is designed to find) is not the model's: ``skips_verdict`` says
@@ -85,6 +89,9 @@ class Verdict:
     activation_underflow: float
     closest: SiteRisk | None  # the site with the least headroom to max
     scaled_underflow: tuple[str, float] | None  # fp8 formats: worst site with per-tensor scaling
+    # per optimizer state key that would not fit: (key, parameters affected, parameters with that key,
+    # the worst parameter, its share of values lost to underflow or overflow)
+    optimizer_state: tuple[tuple[str, int, int, str, float], ...] = ()
 
 
 def site_label(name: str, kind: str | Kind) -> str:
@@ -182,7 +189,8 @@ def verdict(
     )
     activation_underflow = _underflow_share([v for s, v in merged.items() if s.kind == Kind.ACTIVATION], fmt)
     closest = min((r for r in ranked if r.site in judged), key=lambda r: r.headroom_bits, default=None)
-    scaled = _worst_with_tensor_scaling(merged, fmt) if _is_fp8(fmt) else None
+    training = {s: v for s, v in merged.items() if s.kind != Kind.OPTIMIZER_STATE}
+    scaled = _worst_with_tensor_scaling(training, fmt) if _is_fp8(fmt) else None
 
     parts, level = [], Level.OK
     if overflowing:
@@ -233,6 +241,15 @@ def verdict(
     if contaminated:  # their NaN/inf hide what the values would have been: the run cannot be called safe
         parts.append(f"{len(contaminated)} site(s) held NaN/inf, judged on their finite values only")
         level = _worse(level, Level.WARN)
+    state = _optimizer_state(merged, fmt)
+    if state:
+        parts.append(
+            "if stored in it, the optimizer's "
+            + ", ".join(
+                f"{key} of {n} of {total} parameters would lose values (worst {worst}: {percent(share)})"
+                for key, n, total, worst, share in state
+            )
+        )
     if not parts:
         parts.append("nothing recorded")
     return Verdict(
@@ -247,7 +264,27 @@ def verdict(
         activation_underflow=activation_underflow,
         closest=closest,
         scaled_underflow=scaled,
+        optimizer_state=state,
     )
+
+
+def _optimizer_state(merged: Mapping[Site, TensorStats], fmt: Format) -> tuple[tuple[str, int, int, str, float], ...]:
+    """Per state key (``exp_avg_sq``, ``momentum_buffer``): the parameters whose state in ``fmt`` would
+    overflow or flush more than TOLERATED_UNDERFLOW of its non-zero values to zero."""
+    by_key: dict[str, list[tuple[str, float]]] = {}
+    for site, stats in merged.items():
+        if site.kind != Kind.OPTIMIZER_STATE:
+            continue
+        param, key = site.name.rsplit(".", 1)
+        lost = (stats.underflow(fmt) + stats.overflow(fmt)) / stats.finite_nonzero if stats.finite_nonzero else 0.0
+        by_key.setdefault(key, []).append((param, lost))
+    out = []
+    for key, shares in by_key.items():
+        losing = [(share, param) for param, share in shares if share > TOLERATED_UNDERFLOW]
+        if losing:
+            share, param = max(losing)
+            out.append((key, len(losing), len(shares), param, share))
+    return tuple(out)
 
 
 def _scale_span(run: Run, steps: Iterable[int] | None = None) -> str:
