@@ -74,6 +74,7 @@ def diagnose(
     group: Any = None,
     sinks: Sequence[Sink] = (),
     optimizer_state: bool = True,
+    updates: bool = True,
 ) -> Diagnosis:
     """Record, per module and parameter, how values sit against each format's range.
 
@@ -106,6 +107,10 @@ def diagnose(
             recorded step, per parameter, as sites of kind ``optimizer_state`` named
             ``<parameter>.<key>`` (``blocks.0.mlp.0.weight.exp_avg_sq``). Costs as much counting as the
             parameters once per state tensor (Adam: twice); False leaves it out.
+        updates: with ``optimizer=``, record what each recorded step changed in each parameter (the new
+            value minus the old, exactly) as sites of kind ``update``, named as the parameter. Costs a
+            copy of the observed parameters from the start of the optimizer's step to its end, on
+            recorded steps only; ``include=`` limits it to some modules, False leaves it out.
 
     Returns:
         A ``Diagnosis``, usable as a context manager.
@@ -133,4 +138,5 @@ def diagnose(
         sinks=sinks,
         group=group,
         optimizer_state=optimizer_state,
+        updates=updates,
     )

@@ -1,6 +1,6 @@
-"""The optimizer's state as sites: after each recorded step, every floating state tensor of every observed
-parameter, exactly as ``tensor_stats`` of that tensor taken by hand, for any optimizer; observing it
-never changes training."""
+"""The optimizer's side as sites: after each recorded step, every floating state tensor of every observed
+parameter, and each parameter's update, exactly as ``tensor_stats`` of those tensors taken by hand, for
+any optimizer; observing them never changes training."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def test_observing_the_state_never_changes_training() -> None:
         model(x).pow(2).mean().backward()
         opt.step()
     plain = [p.detach() for p in model.parameters()]
-    for recorded in (final(), final(optimizer_state=False)):
+    for recorded in (final(), final(optimizer_state=False, updates=False)):
         assert all(torch.equal(a, b) for a, b in zip(recorded, plain))
 
 
@@ -205,3 +205,59 @@ def test_the_verdicts_say_which_state_would_not_fit_a_format_and_leave_the_level
     }
     without = {v.fmt: v.level for v in mpdiag.verdicts(mpdiag.Run(formats=diag.run.formats, records=records))}
     assert {v.fmt: v.level for v in (fp16, bf16)} == without
+
+
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=str)
+def test_update_sites_are_the_new_weights_minus_the_old_exactly(weights: torch.dtype) -> None:
+    model = _model().to(weights)  # bf16: real pure-bf16 training, the parameters themselves in bf16
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    by_hand = []
+    with mpdiag.diagnose(model, optimizer=opt, every=2) as diag:
+        for x in _batches():
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            opt.zero_grad()
+            model(x.to(weights)).float().pow(2).mean().backward()
+            opt.step()
+            by_hand.append(
+                {n: mpdiag.tensor_stats(p.detach().double() - before[n].double()) for n, p in model.named_parameters()}
+            )
+    run = diag.run
+    assert run.steps == [0, 2]
+    for step in run.steps:
+        recorded = {s.name: st for s, st in run.records[step].items() if s.kind == Kind.UPDATE}
+        assert recorded == by_hand[step]
+    # the difference of two fp32 (or bf16) values is exact in fp64
+    assert run.stats("3.weight", "update", step=0).dtypes == {"float64"}
+
+
+def test_updates_are_left_out_when_asked_and_for_steps_the_gradscaler_skipped() -> None:
+    _, run, _ = _train(OPTIMIZERS["adam"], updates=False)
+    assert not any(s.kind == Kind.UPDATE for s in run.sites)
+    assert any(s.kind == Kind.OPTIMIZER_STATE for s in run.sites)
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
+    with mpdiag.diagnose(model, optimizer=opt, scaler=scaler) as diag:
+        for x in _batches():
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(x).float().pow(2).mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert not any(s.kind == Kind.UPDATE for step in diag.run.steps for s in diag.run.records[step])
+    with pytest.raises(mpdiag.MpdiagError, match="updates must be True or False"):
+        mpdiag.diagnose(_model(), updates=1)  # type: ignore[arg-type]
+
+
+def test_the_summary_ranks_the_models_sites_and_the_analysis_keeps_every_site() -> None:
+    _, run, _ = _train(OPTIMIZERS["adam"])
+    analysis = mpdiag.analyse(run)
+    kinds = {r.site.kind for r in analysis.riskiest["fp16"]}
+    assert {Kind.OPTIMIZER_STATE, Kind.UPDATE} <= kinds  # every site, for the report's table
+    assert not {r.site.kind for r in analysis.model_riskiest["fp16"]} & {Kind.OPTIMIZER_STATE, Kind.UPDATE}
+    assert len(analysis.model_riskiest["fp16"]) == len(analysis.riskiest["fp16"]) - sum(
+        1 for s in run.sites if s.kind.is_optimizer
+    )
+    text = mpdiag.summary(run, analysis=analysis)
+    assert "optimizer_state" not in text.split("riskiest sites per format", 1)[1]

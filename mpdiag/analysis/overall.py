@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from mpdiag.analysis.grad_scaler import APPROXIMATE, GradScalerSimulation, recorded_settings, simulate_run_scaler
 from mpdiag.analysis.gradients import gradient_sites, scaler_overflows, underflow_per_step
-from mpdiag.analysis.riskiest import SiteRisk, closest_to_max, riskiest
+from mpdiag.analysis.riskiest import SiteRisk, closest_to_max, model_sites, riskiest
 from mpdiag.analysis.scaling import LossScaleAdvice, ScaleOutcome, advise
 from mpdiag.analysis.verdict import Verdict, nonfinite_verdict, skips_verdict, verdict
 from mpdiag.core import formats as _formats
@@ -78,7 +78,9 @@ class Analysis:
             (``scaler_overflows``).
         advice: format name -> loss-scale advice; empty when no gradient was recorded.
         riskiest: format name -> every site's risk in that format, riskiest first (``riskiest``).
-        closest_to_max: every site, ordered by how near its largest value comes to the first format's
+        model_riskiest: the same without the optimizer's state and updates (``model_sites``): the
+            values the model computes with, which the summary and the figures rank.
+        closest_to_max: every model site, ordered by how near its largest value comes to the first format's
             max (NaN/inf, then overflow, first).
         nonfinite_per_step: step -> NaN/inf values over all sites.
         overflow_per_step: step -> values past the scale format's overflow threshold over all sites.
@@ -94,6 +96,7 @@ class Analysis:
     scaler_skips: Mapping[int, float]
     advice: Mapping[str, LossScaleAdvice]
     riskiest: Mapping[str, tuple[SiteRisk, ...]]
+    model_riskiest: Mapping[str, tuple[SiteRisk, ...]]
     closest_to_max: tuple[Site, ...]
     nonfinite_per_step: Mapping[int, int]
     overflow_per_step: Mapping[int, int]
@@ -136,7 +139,8 @@ def analyse(run: Run, *, scale_format: str | None = None) -> Analysis:
         scaler_skips=skips,
         advice=advice,
         riskiest=ranked,
-        closest_to_max=tuple(closest_to_max(ranked[run.formats[0]])),
+        model_riskiest={f: tuple(model_sites(r)) for f, r in ranked.items()},
+        closest_to_max=tuple(closest_to_max(model_sites(ranked[run.formats[0]]))),
         nonfinite_per_step=_per_step(run, lambda v: v.nonfinite),
         overflow_per_step=_per_step(run, lambda v: v.overflow(name)),
         scaling=scaling,

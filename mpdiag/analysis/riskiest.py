@@ -23,7 +23,7 @@ from mpdiag.core import formats as _formats
 from mpdiag.core.formats import Format
 from mpdiag.core.run import Kind, Run, Site
 
-__all__ = ["SiteRisk", "riskiest", "closest_to_max", "headroom_bits", "footroom_bits"]
+__all__ = ["SiteRisk", "riskiest", "model_sites", "closest_to_max", "headroom_bits", "footroom_bits"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,14 @@ def riskiest(run: Run, fmt: str | Format, n: int = 8, step: int | None = None) -
             )
         )
     return sorted(rows, key=SiteRisk.key)[:n]
+
+
+def model_sites(risks: Sequence[SiteRisk]) -> list[SiteRisk]:
+    """``risks`` without the optimizer's state and updates: the values the model computes with. The
+    summary's and the figures' riskiest are these (Adam's squared gradients sit far below fp16's range
+    in every parameter and would crowd out the model's sites); the verdict's optimizer clause judges the
+    state on its own, and the report's table lists every site."""
+    return [r for r in risks if not r.site.kind.is_optimizer]
 
 
 def closest_to_max(risks: Sequence[SiteRisk]) -> list[Site]:

@@ -172,11 +172,9 @@ def verdict(
     # Under a GradScaler the recorded gradients are scaled: their overflow and headroom belong to the
     # loss scale (the scaler skips such steps and backs off), which the advice judges on the true
     # gradients. Range is judged here on the values the run holds unscaled.
-    # The optimizer's state stays in fp32 under autocast: whether it would fit a format is its own question,
-    # not this format's verdict on training.
-    judged = {
-        s: v for s, v in merged.items() if s.kind != Kind.OPTIMIZER_STATE and not (run.loss_scales and _is_gradient(s))
-    }
+    # The optimizer's state stays in fp32 under autocast, and its updates are added to fp32 weights: whether
+    # they would fit a format is their own question, not this format's verdict on training.
+    judged = {s: v for s, v in merged.items() if not s.kind.is_optimizer and not (run.loss_scales and _is_gradient(s))}
     overflowing = sorted((s for s in judged if judged[s].overflow(fmt)), key=lambda s: -judged[s].overflow(fmt))
     # Only sites that overflow in some step can overflow in a given one: look at those alone.
     first_overflow = next(
@@ -189,7 +187,7 @@ def verdict(
     )
     activation_underflow = _underflow_share([v for s, v in merged.items() if s.kind == Kind.ACTIVATION], fmt)
     closest = min((r for r in ranked if r.site in judged), key=lambda r: r.headroom_bits, default=None)
-    training = {s: v for s, v in merged.items() if s.kind != Kind.OPTIMIZER_STATE}
+    training = {s: v for s, v in merged.items() if not s.kind.is_optimizer}
     scaled = _worst_with_tensor_scaling(training, fmt) if _is_fp8(fmt) else None
 
     parts, level = [], Level.OK

@@ -40,6 +40,7 @@ PHASE_OF_KIND: dict[Kind, Phase] = {
     Kind.ACTIVATION_GRAD: "backward",
     Kind.PARAM_GRAD: "backward",
     Kind.OPTIMIZER_STATE: "optimizer",
+    Kind.UPDATE: "optimizer",
 }
 
 

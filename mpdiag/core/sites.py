@@ -20,6 +20,8 @@ class Kind(str, enum.Enum):
     PARAM_GRAD = "param_grad"  # a parameter's gradient as backward left it
     # a tensor of the optimizer's state for a parameter, after the step: "<parameter>.<state key>"
     OPTIMIZER_STATE = "optimizer_state"
+    # the change the optimizer's step made to a parameter: the new value minus the old, exactly (in fp64)
+    UPDATE = "update"
 
     @classmethod
     def parse(cls, value: str | Kind) -> Kind:
@@ -34,6 +36,11 @@ class Kind(str, enum.Enum):
     def is_gradient(self) -> bool:
         """A gradient (of an activation or a parameter): what loss scaling multiplies."""
         return self in (Kind.ACTIVATION_GRAD, Kind.PARAM_GRAD)
+
+    @property
+    def is_optimizer(self) -> bool:
+        """Seen in the optimizer's step (its state, the updates): no value the model computes with."""
+        return self in (Kind.OPTIMIZER_STATE, Kind.UPDATE)
 
     def __str__(self) -> str:
         return self.value

@@ -97,6 +97,7 @@ class Recorder:
         self.device_type = "cpu"  # set by the Diagnosis: where autocast is looked up
         self.autocast_dtype: str | None = None  # the autocast dtype seen in a recorded forward
         self.params_seen = False  # observe_params() ran in this step
+        self.weights_before: dict[str, torch.Tensor] = {}  # copies taken as the optimizer's step began
         self._seq = 0
 
     def accumulator(self, site: Site) -> SiteAccumulator:
@@ -214,6 +215,25 @@ class Recorder:
         for name, param in self.params.items():
             self._observe(Site(name, Kind.PARAM), param, seq=-1)  # what the forward used: before all else
 
+    def copy_weights(self) -> None:
+        """Copy every observed parameter as the optimizer's step begins, on recorded steps only: its
+        update is the value after the step minus this (memory: one copy of them until the step closes)."""
+        if self.recording and not self.weights_before:
+            self.weights_before = {n: p.detach().clone() for n, p in self.params.items() if p.requires_grad}
+
+    def observe_updates(self) -> None:
+        """Observe each parameter's update, after the optimizer's step: new minus old, computed in fp64,
+        where the difference of two fp32 (or bf16, fp16) values is exact."""
+        if not self.recording:
+            return
+        for name, before in self.weights_before.items():
+            self.active = True
+            site = Site(name, Kind.UPDATE)
+            if Site(name, Kind.PARAM) in self.replicated:  # DDP: every rank's update is the whole, alike
+                self.replicated.add(site)
+            self._observe(site, self.params[name].detach().double() - before.double())
+        self.weights_before = {}
+
     def observe_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Observe, after ``optimizer``'s step, every floating tensor of its state for each observed
         parameter (Adam's ``exp_avg``, ``exp_avg_sq``; SGD's ``momentum_buffer``; whatever an optimizer
@@ -273,3 +293,4 @@ class Recorder:
         self.active = False
         self.saw_backward = False
         self.params_seen = False
+        self.weights_before = {}  # a step() that raised never used them

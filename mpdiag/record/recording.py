@@ -108,11 +108,14 @@ class Recording:
         sinks: Sequence[Sink] = (),
         group: Any = None,
         optimizer_state: bool = True,
+        updates: bool = True,
     ) -> None:
         _check_arguments(model, scaler)
-        if not isinstance(optimizer_state, bool):
-            raise MpdiagError(f"optimizer_state must be True or False, got {optimizer_state!r}")
+        for flag, value in (("optimizer_state", optimizer_state), ("updates", updates)):
+            if not isinstance(value, bool):
+                raise MpdiagError(f"{flag} must be True or False, got {value!r}")
         self._records_optimizer_state = optimizer_state
+        self._records_updates = updates
         check_options(every, on_nonfinite, include, exclude)
         _dynamo.prepare(Recorder, Recording)
         optimizer, wrapper_scaler = unwrap_optimizer(optimizer) if optimizer is not None else (None, None)
@@ -352,6 +355,8 @@ class Recording:
         self._in_optimizer_step = True  # a step whose step() raised never reached its post-hook: reset here
         self._closure_running = closure_of(args, kwargs) is not None
         self._recorder.observe_params()
+        if self._records_updates:
+            self._recorder.copy_weights()
         if self._stops_before_the_update():
             self._in_optimizer_step = self._closure_running = False
             self._close_step()  # records the step, then raises NonFiniteError: step() never runs
@@ -371,6 +376,7 @@ class Recording:
             self._in_optimizer_step = self._closure_running = False
             if self._records_optimizer_state:
                 self._recorder.observe_optimizer_state(optimizer)
+            self._recorder.observe_updates()
             self._close_step()
 
     @untraced

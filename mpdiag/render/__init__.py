@@ -39,7 +39,7 @@ class Report:
     figures: dict[str, Path] = field(default_factory=dict)
     verdicts: tuple[Verdict, ...] = ()
     seconds: float = 0.0
-    parts: dict[str, Report] = field(default_factory=dict)
+    parts: dict[str, Report] = field(default_factory=dict, repr=False)
 
 
 def report(

@@ -49,7 +49,7 @@ def build(
     sensitivity: Sensitivity | None = None,
 ) -> tuple[str, dict[str, Path]]:
     """Write the figures of ``run`` and its ``analysis`` into ``out`` as PNG files; return (page, figure files)."""
-    ranked = [r.site for r in analysis.riskiest[run.formats[0]]]  # the first format's, riskiest first
+    ranked = [r.site for r in analysis.model_riskiest[run.formats[0]]]  # the first format's, riskiest first
     saved: dict[str, EmbeddedFigure] = {}
 
     def save(name: str, figure: Figure, caption: str, note: str = "") -> EmbeddedFigure:

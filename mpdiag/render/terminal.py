@@ -71,7 +71,7 @@ def summary(run: Run, n: int = 6, *, analysis: Analysis | None = None) -> str:
                 str(r.overflow),
                 str(r.nonfinite),
             )
-            for r in analysis.riskiest[fmt][:n]
+            for r in analysis.model_riskiest[fmt][:n]
         ]
         parts.append(f"\n{fmt}\n" + table(("site", "amax", "head", "foot", "under%", "over", "nan/inf"), rows))
     for text in (analysis.nonfinite, analysis.skips):
