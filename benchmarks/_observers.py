@@ -80,10 +80,14 @@ def floor_variants(
     model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Callable[[], contextlib.AbstractContextManager[object]]]:
     """The variants both overhead benchmarks time: a plain step, mpdiag recording every step and one in
-    ten, and the two amax floors (outputs only, and with parameters and their gradients)."""
+    ten, mpdiag every step without the optimizer's state and updates, and the two amax floors (outputs
+    only, and with parameters and their gradients)."""
     return {
         "plain": contextlib.nullcontext,
         "mpdiag every=1": lambda: mpdiag.diagnose(model, every=1, optimizer=optimizer),
+        "mpdiag no optim": lambda: mpdiag.diagnose(
+            model, every=1, optimizer=optimizer, optimizer_state=False, updates=False
+        ),
         "mpdiag every=10": lambda: mpdiag.diagnose(model, every=10, optimizer=optimizer),
         "amax hooks": lambda: amax_hooks(model),
         "amax +params": lambda: amax_hooks(model, params=True),

@@ -10,7 +10,8 @@ Models (--model, default all: each in turn, in this process, one table each):
 Variants, run in interleaved rounds so that machine noise hits them alike (ratios are medians over
 rounds of variant time / plain time in the same round):
   plain            the training step alone
-  mpdiag every=1   diagnose() recording every step
+  mpdiag every=1   diagnose() recording every step (with the optimizer's state and the updates)
+  mpdiag no optim  the same with optimizer_state=False, updates=False: the model's sites only
   mpdiag every=10  diagnose() recording one step in ten
   amax hooks       the cheapest useful observer: one abs().amax() per floating tensor in each module output
                    and per gradient of one (parameters and their gradients are not observed)
