@@ -130,10 +130,11 @@ def test_a_nan_in_the_state_is_an_event_of_the_optimizer_phase() -> None:
     assert not [e for e in diag.run.nonfinite_events() if e.step == 1 and e.phase != "optimizer"]
 
 
-def test_gradscaler_skipped_steps_and_a_step_that_raised_close_at_the_next_forward() -> None:
+def _train_under_an_overflowing_grad_scaler() -> mpdiag.Run:
+    """fp16 autocast with Adam under a GradScaler whose scale overflows: its first steps are skipped."""
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # overflows: the first steps are skipped
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
     with mpdiag.diagnose(model, optimizer=opt, scaler=scaler) as diag:
         for x in _batches():
             opt.zero_grad()
@@ -142,7 +143,11 @@ def test_gradscaler_skipped_steps_and_a_step_that_raised_close_at_the_next_forwa
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-    run = diag.run
+    return diag.run
+
+
+def test_gradscaler_skipped_steps_have_no_state_before_adams_first_real_step() -> None:
+    run = _train_under_an_overflowing_grad_scaler()
     assert run.steps == list(range(STEPS))
     skipped = [s for s in run.steps if not any(site.kind == Kind.OPTIMIZER_STATE for site in run.records[s])]
     assert skipped and skipped == list(range(len(skipped)))  # no state before Adam's first real step
@@ -234,18 +239,8 @@ def test_updates_are_left_out_when_asked_and_for_steps_the_gradscaler_skipped() 
     _, run, _ = _train(OPTIMIZERS["adam"], updates=False)
     assert not any(s.kind == Kind.UPDATE for s in run.sites)
     assert any(s.kind == Kind.OPTIMIZER_STATE for s in run.sites)
-    model = _model()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
-    with mpdiag.diagnose(model, optimizer=opt, scaler=scaler) as diag:
-        for x in _batches():
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = model(x).float().pow(2).mean()
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-    assert not any(s.kind == Kind.UPDATE for step in diag.run.steps for s in diag.run.records[step])
+    skipped = _train_under_an_overflowing_grad_scaler()
+    assert not any(s.kind == Kind.UPDATE for step in skipped.steps for s in skipped.records[step])
     with pytest.raises(mpdiag.MpdiagError, match="updates must be True or False"):
         mpdiag.diagnose(_model(), updates=1)  # type: ignore[arg-type]
 
