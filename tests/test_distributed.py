@@ -200,8 +200,11 @@ def test_the_reduced_statistics_equal_one_process_on_all_the_data(how: str, tmp_
             want = grads[step][site.name] if site.kind == Kind.PARAM_GRAD else expected.records[step][site]
             for rank, run in enumerate(runs):
                 assert run.records[step][site] == want, (how, rank, step, site)
+    # what each step did to each parameter: FSDP's shards are counted whole, DDP's replicas once
+    assert expected.updates and all(run.updates == expected.updates for run in runs)
     assert all(r["unchanged"] for r in results)  # training is bit for bit the same with mpdiag attached
-    assert mpdiag.load(tmp_path / f"{how}.mpdiag").records == runs[0].records  # rank 0 wrote the file...
+    written = mpdiag.load(tmp_path / f"{how}.mpdiag")
+    assert (written.records, written.updates) == (runs[0].records, runs[0].updates)  # rank 0 wrote the file...
     assert [r["report"] for r in results] == [True, False]  # ...and the report; rank 1 wrote nothing
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [f"report-{how}-0"]
     assert runs[0].meta["environment"]["distributed"] == {"world_size": 2, "backend": "gloo"}

@@ -42,6 +42,12 @@ def expected_scalars(run: mpdiag.Run) -> dict[str, dict[int, float]]:
                     values[f"{fmt}/{where}/overflow"] = s.overflow(fmt) / s.finite
             for tag, value in values.items():
                 out.setdefault(tag, {})[step] = value
+        for name, u in run.updates.get(step, {}).items():
+            values = {f"{fmt}/update/{name}/stalled": n / u.nonzero for fmt, n in u.stalled.items()}
+            values[f"optimizer/update/{name}/changed"] = u.nonzero / u.numel
+            values[f"optimizer/update/{name}/lost"] = u.lost / u.grad_nonzero  # SGD: no eps share
+            for tag, value in values.items():
+                out.setdefault(tag, {})[step] = value
         if step in run.loss_scales:
             out.setdefault("loss_scale", {})[step] = run.loss_scales[step]
     return out
@@ -70,6 +76,14 @@ def assert_histograms_match(logs: dict[str, dict], run: mpdiag.Run) -> None:
             assert (h.min, h.max, h.num) == pytest.approx(
                 (math.log2(s.amin_nonzero), math.log2(s.amax), s.finite_nonzero)
             )
+        for name, u in run.updates.get(step, {}).items():
+            h = logs["histograms"][f"log2_update_ratio/{name}"][step]
+            counts = np.asarray(u.ratio_counts)
+            nonzero = np.flatnonzero(counts)
+            lo, hi = nonzero[0], nonzero[-1]
+            assert list(h.bucket) == counts[lo : hi + 1].tolist()
+            assert list(h.bucket_limit) == (np.asarray(u.ratio_edges()[lo + 1 : hi + 2])).tolist()
+            assert h.num == sum(u.ratio_counts) == u.nonzero - u.from_zero
 
 
 def train(model: nn.Module, steps: int, scaler: torch.amp.GradScaler | None = None, **options) -> mpdiag.Run:
@@ -98,7 +112,8 @@ def test_the_live_sink_writes_every_recorded_step_as_the_run_holds_it(tmp_path: 
 def test_tags_group_by_format_then_kind_then_site(tmp_path: Path) -> None:
     train(mlp(), 1, formats=("fp16", "bf16"), sinks=[mpdiag.sinks.TensorBoard(tmp_path)])
     groups = {tag.split("/")[0] for tag in read_logs(tmp_path)["scalars"]}
-    assert groups == {"fp16", "bf16", "range", "nonfinite"}
+    assert groups == {"fp16", "bf16", "range", "nonfinite", "optimizer"}
+    assert "bf16/update/0.weight/stalled" in read_logs(tmp_path)["scalars"]  # an fp32 weight's updates
     assert "fp16/activation_grad/0/underflow" in read_logs(tmp_path)["scalars"]
     assert f"range/activation/{ROOT_TAG}/log2_amax" in read_logs(tmp_path)["scalars"]  # the root module's output
 

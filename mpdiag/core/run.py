@@ -29,6 +29,7 @@ from mpdiag.core.errors import MpdiagError, UnknownSiteError
 from mpdiag.core.events import PHASES, AnomalyRecord, NonFiniteEvent, order
 from mpdiag.core.sites import Kind, Site
 from mpdiag.core.stats import TensorStats
+from mpdiag.core.updates import UpdateStats
 
 __all__ = ["Run", "step_ranges"]
 
@@ -46,6 +47,8 @@ class Run:
             steps without an entry were not scaled. Recorded gradients are the scaled ones.
         events: the non-finite events of each recorded step that had any (see ``nonfinite_events``).
         anomalies: what torch's anomaly mode reported while attached (message, forward traceback, module).
+        updates: step -> parameter name -> what the optimizer's step did to it (``update_stats``); recorded
+            when ``diagnose`` is given the optimizer, with ``updates=True``.
     """
 
     formats: tuple[str, ...]
@@ -54,6 +57,7 @@ class Run:
     loss_scales: Mapping[int, float] = field(default_factory=dict)
     events: Mapping[int, tuple[NonFiniteEvent, ...]] = field(default_factory=dict)
     anomalies: tuple[AnomalyRecord, ...] = ()
+    updates: Mapping[int, Mapping[str, UpdateStats]] = field(default_factory=dict)
 
     def nonfinite_events(self) -> list[NonFiniteEvent]:
         """Every observation that held NaN or inf, step by step, forward before backward, in execution order."""
@@ -123,6 +127,39 @@ class Run:
                 f"site {name!r} ({site.kind}) was not seen in step {step}; seen in steps {step_ranges(seen_at)}"
             )
         return self.records[step][site]
+
+    @property
+    def updated_params(self) -> list[str]:
+        """The parameters whose updates were recorded (``update_stats``), in the order first seen."""
+        return list(dict.fromkeys(name for step in sorted(self.updates) for name in self.updates[step]))
+
+    def update_stats(self, param: str, step: int | None = None) -> UpdateStats:
+        """What the optimizer's step did to ``param`` at ``step``, or summed over every recorded step
+        when step is None: elements changed, updates narrower formats would lose, what the weight's own
+        dtype lost, the |update| / |weight| histogram, Adam's eps share (``mpdiag.core.updates``).
+
+        Raises:
+            UnknownSiteError: no update of ``param`` was recorded (the message names close matches).
+            MpdiagError: ``step`` was not recorded, or ``param`` was not updated in it.
+        """
+        name = next((n for n in self._tied_names(param) if n in self.updated_params), param)
+        per_step = {s: self.updates[s][name] for s in sorted(self.updates) if name in self.updates[s]}
+        if not self.updates:
+            raise UnknownSiteError(
+                f"no update of {param!r}: this run recorded no updates; diagnose records them when given the "
+                f"optimizer (diagnose(model, optimizer=opt), with updates=True, the default)"
+            )
+        if not per_step:
+            raise UnknownSiteError(self._unknown_site_message(Site(param, Kind.UPDATE)))
+        if step is None:
+            return UpdateStats.merge_all(per_step.values())
+        if step not in self.records:
+            raise MpdiagError(f"step {step} was not recorded; recorded steps: {step_ranges(self.steps)}")
+        if step not in per_step:
+            raise MpdiagError(
+                f"{param!r} received no recorded update in step {step}; updated in steps {step_ranges(list(per_step))}"
+            )
+        return per_step[step]
 
     def table(self, step: int | None = None) -> list[dict[str, Any]]:
         """One flat dict per site (name, kind and every statistic), ready for ``pandas.DataFrame``."""

@@ -19,11 +19,17 @@ Tags group as TensorBoard's UI groups them, by their first component:
 - ``log2_magnitude/{kind}/{site}``: the histogram of log2|x| at power-of-two resolution (mpdiag's own
   bins, exact); TensorBoard needs a sum and a sum of squares too, which are those of the bins' centres;
 - ``loss_scale``: the GradScaler's scale of the step, when one was followed;
+- ``{format}/update/{param}/stalled``: the share of the parameter's changed elements that a weight
+  stored in the format would have lost in the step (``mpdiag.core.updates.UpdateStats``);
+- ``optimizer/update/{param}/changed``, ``.../lost`` and ``.../eps_dominated``: the share of its elements
+  the step changed, the share of those with a non-zero gradient that its own dtype left unchanged, and
+  the share where Adam's eps dominated the denominator (when each is known);
+- ``log2_update_ratio/{param}``: the histogram of log2(|update| / |weight|), one bucket per power of two;
 - text ``nonfinite`` (the step's NaN/inf events, first seen first) and ``environment``.
 
-``kind`` is activation, activation_grad, param, param_grad or optimizer_state; ``site`` is the module or parameter name
-(the root module's is ``_root``). Gradients are as recorded: under a GradScaler they are scaled, by
-the ``loss_scale`` of the same step.
+``kind`` is activation, activation_grad, param, param_grad, optimizer_state or update; ``site`` is the
+module or parameter name (the root module's is ``_root``). Gradients are as recorded: under a GradScaler
+they are scaled, by the ``loss_scale`` of the same step.
 
 Example:
     >>> import torch, mpdiag
@@ -49,6 +55,7 @@ from mpdiag.core.errors import MpdiagError
 from mpdiag.core.events import AnomalyRecord, NonFiniteEvent
 from mpdiag.core.run import Run, Site
 from mpdiag.core.stats import HIST_EXPONENTS, TensorStats
+from mpdiag.core.updates import RATIO_BINS, RATIO_LOW, UpdateStats
 
 __all__ = ["TensorBoard", "to_tensorboard", "scalar_values", "tag_of", "ROOT_TAG"]
 
@@ -82,14 +89,44 @@ def _site_scalars(site: Site, stats: TensorStats) -> dict[str, float]:
     return values
 
 
+def _update_scalars(update: UpdateStats) -> dict[str, float]:
+    values = {f"{fmt}/update/{update.param}/stalled": update.stalled_share(fmt) for fmt in update.stalled}
+    shares = {"changed": update.nonzero / update.numel if update.numel else 0.0, "lost": update.lost_share}
+    shares["eps_dominated"] = update.eps_share
+    values.update({f"optimizer/update/{update.param}/{k}": v for k, v in shares.items() if v is not None})
+    return values
+
+
 def scalar_values(run: Run, step: int) -> dict[str, float]:
     """Every scalar written for ``step`` of ``run``, by tag (what TensorBoard shows at that step)."""
     values: dict[str, float] = {}
     for site, stats in sorted(run.records[step].items()):
         values.update(_site_scalars(site, stats))
+    for _, update in sorted(run.updates.get(step, {}).items()):
+        values.update(_update_scalars(update))
     if step in run.loss_scales:
         values["loss_scale"] = float(run.loss_scales[step])
     return values
+
+
+def _ratio_histogram(update: UpdateStats) -> dict[str, Any] | None:
+    """The HistogramProto fields of the log2(|update| / |weight|) histogram (as ``_histogram``'s)."""
+    counts = np.asarray(update.ratio_counts, dtype=np.int64)
+    nonzero = np.flatnonzero(counts)
+    if not nonzero.size:
+        return None
+    lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
+    exponents = np.arange(RATIO_LOW, RATIO_LOW + RATIO_BINS, dtype=np.float64)[lo:hi]
+    centres = exponents + 0.5
+    return {
+        "min": float(exponents[0]),
+        "max": float(exponents[-1] + 1),
+        "num": float(counts.sum()),
+        "sum": float(counts[lo:hi] @ centres),
+        "sum_squares": float(counts[lo:hi] @ (centres * centres)),
+        "bucket_limit": (exponents + 1).tolist(),
+        "bucket": counts[lo:hi].tolist(),
+    }
 
 
 def _histogram(stats: TensorStats) -> dict[str, Any] | None:
@@ -140,6 +177,7 @@ class TensorBoard:
         self._writer: Any = None
         self._protos: tuple[Any, Any] = (None, None)  # TensorBoard's Event and HistogramProto, once opened
         self._created: list[Path] = []  # what open() made, for discard
+        self._updates: dict[str, UpdateStats] = {}  # the step's, written in its write_step's event
 
     def __repr__(self) -> str:
         return f"TensorBoard({str(self.log_dir)!r})"
@@ -176,11 +214,21 @@ class TensorBoard:
             histogram = _histogram(stats[site])
             if histogram is not None:
                 add(tag=tag_of("log2_magnitude", site), histo=histogram_class(**histogram))
+        updates, self._updates = self._updates, {}
+        for name in sorted(updates):
+            for tag, value in _update_scalars(updates[name]).items():
+                add(tag=tag, simple_value=value)
+            ratios = _ratio_histogram(updates[name])
+            if ratios is not None:
+                add(tag=f"log2_update_ratio/{name}", histo=histogram_class(**ratios))
         if loss_scale is not None:
             add(tag="loss_scale", simple_value=float(loss_scale))
         self._writer.file_writer.add_event(event, step=step)
         if events:
             self._writer.add_text("nonfinite", _nonfinite_text(events), global_step=step)
+
+    def write_updates(self, step: int, updates: Mapping[str, UpdateStats]) -> None:
+        self._updates = dict(updates)  # the step's write_step follows: one event holds the step
 
     def write_anomaly(self, record: AnomalyRecord) -> None:
         where = f" in module {record.module!r}" if record.module is not None else ""
@@ -216,6 +264,8 @@ def to_tensorboard(run: Run, log_dir: str | os.PathLike[str]) -> Path:
     sink.open(run.formats, run.meta)
     try:
         for step in run.steps:
+            if step in run.updates:
+                sink.write_updates(step, run.updates[step])
             sink.write_step(step, run.records[step], run.events.get(step, ()), run.loss_scales.get(step), run.meta)
         for record in run.anomalies:
             sink.write_anomaly(record)

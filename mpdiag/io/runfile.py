@@ -38,12 +38,15 @@ from mpdiag.core.errors import MpdiagError
 from mpdiag.core.events import AnomalyRecord, NonFiniteEvent
 from mpdiag.core.run import Kind, Run, Site
 from mpdiag.core.stats import STATS, Stat, Storage, TensorStats
+from mpdiag.core.updates import UpdateStats
 
 __all__ = ["load", "RunWriter", "RunFileSink", "RunFileError", "SCHEMA_VERSION", "refuse_existing"]
 
 # 2: events name the ranks they appeared on (torch.distributed). 3: the stats table's columns follow the
 # statistics' declarations and are read by name, so that a statistic added later needs no new version
 # (older files read it as empty, older readers ignore its column); readers of 2 read by position.
+# The updates table (what each optimizer step did to each parameter, as JSON) came later within 3: a
+# file without it reads as having recorded no updates, and older readers ignore it.
 SCHEMA_VERSION = 3
 _APPLICATION_ID = 0x6D706467  # "mpdg": marks the SQLite file as an mpdiag run file
 
@@ -57,6 +60,7 @@ CREATE TABLE stats (
 CREATE TABLE events (step INTEGER, seq INTEGER, name TEXT, kind TEXT, phase TEXT,
                      nans INTEGER, posinf INTEGER, neginf INTEGER, produced INTEGER, ranks TEXT);
 CREATE TABLE anomalies (id INTEGER PRIMARY KEY, step INTEGER, message TEXT, traceback TEXT, module TEXT, node TEXT);
+CREATE TABLE updates (step INTEGER NOT NULL, param TEXT NOT NULL, stats TEXT NOT NULL, PRIMARY KEY (step, param));
 """
 
 
@@ -121,6 +125,7 @@ class RunWriter:
         events: tuple[NonFiniteEvent, ...] = (),
         loss_scale: float | None = None,
         meta: Mapping[str, Any] | None = None,
+        updates: Mapping[str, UpdateStats] | None = None,
     ) -> None:
         with self._transaction():
             self.db.execute("INSERT INTO steps VALUES (?, ?)", (step, loss_scale))
@@ -145,6 +150,10 @@ class RunWriter:
                     for e in events
                 ],
             )
+            self.db.executemany(
+                "INSERT INTO updates VALUES (?, ?, ?)",
+                [(step, name, json.dumps(u.as_dict())) for name, u in (updates or {}).items()],
+            )
             if meta:
                 self._put_meta(meta)
 
@@ -166,6 +175,7 @@ class RunFileSink:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._writer: RunWriter | None = None
+        self._updates: dict[str, UpdateStats] = {}  # the step's, written in its transaction
 
     def open(self, formats: tuple[str, ...], meta: Mapping[str, Any]) -> None:
         self._writer = RunWriter(self.path, formats, meta)
@@ -178,7 +188,11 @@ class RunFileSink:
         loss_scale: float | None,
         meta: Mapping[str, Any],
     ) -> None:
-        self._opened().write_step(step, stats, events, loss_scale, meta)
+        updates, self._updates = self._updates, {}
+        self._opened().write_step(step, stats, events, loss_scale, meta, updates)
+
+    def write_updates(self, step: int, updates: Mapping[str, UpdateStats]) -> None:
+        self._updates = dict(updates)  # the step's write_step follows, and commits them with it
 
     def write_anomaly(self, record: AnomalyRecord) -> None:
         self._opened().write_anomaly(record)
@@ -380,4 +394,15 @@ def _read(db: sqlite3.Connection, path: Path) -> Run:
         loss_scales=scales,
         events={s: tuple(e) for s, e in events.items()},
         anomalies=anomalies,
+        updates=_read_updates(db),
     )
+
+
+def _read_updates(db: sqlite3.Connection) -> dict[int, dict[str, UpdateStats]]:
+    """step -> parameter -> UpdateStats; empty for a file written before updates were stored."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'updates'").fetchone() is None:
+        return {}
+    updates: dict[int, dict[str, UpdateStats]] = {}
+    for step, name, stats in db.execute("SELECT step, param, stats FROM updates ORDER BY step, rowid"):
+        updates.setdefault(step, {})[name] = UpdateStats.from_dict(json.loads(stats))
+    return updates

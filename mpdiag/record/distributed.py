@@ -47,6 +47,7 @@ __all__ = [
     "replicated_sites",
     "grads_settle_late",
     "reduce_accumulators",
+    "reduce_update_counts",
     "gather_events",
     "describe_group",
 ]
@@ -192,6 +193,27 @@ def reduce_accumulators(
         ordered.extend(acc.gathered(_dtype(source), device) for source in sorted(sources))
         out[site] = acc
     reduce_parts(ordered, lambda tensor, op: _dist().all_reduce(tensor, op=_reduce_ops()[op], group=group), device)
+    return out
+
+
+def reduce_update_counts(counts: dict[str, torch.Tensor], group: Any, replicated: set[Site]) -> dict[str, torch.Tensor]:
+    """Each parameter's update counts (``mpdiag.record._updates``) summed across ``group``: a shard counts
+    its own elements. Parameters every rank holds whole (``replicated``) keep this rank's counts. The
+    union of the parameters over ranks is read everywhere (zeros where a rank had none)."""
+    mine = {name: c.numel() for name, c in counts.items() if Site(name, Kind.PARAM) not in replicated}
+    union: dict[str, int] = {}
+    for theirs in _gather_unless_all_alike(mine, group):
+        union.update(theirs)
+    if not union:
+        return counts
+    device = _collective_device(group)
+    names = sorted(union)
+    flat = torch.cat(
+        [counts[n].to(device) if n in mine else torch.zeros(union[n], dtype=torch.int64, device=device) for n in names]
+    )
+    _dist().all_reduce(flat, op=_dist().ReduceOp.SUM, group=group)
+    out = {n: c for n, c in counts.items() if n not in mine}
+    out.update(zip(names, flat.split([union[n] for n in names])))
     return out
 
 

@@ -24,9 +24,11 @@ from mpdiag.core.events import NonFiniteEvent
 from mpdiag.core.run import Kind, Site
 from mpdiag.core.stats import TensorStats
 from mpdiag.core.text import display_name
+from mpdiag.core.updates import UpdateStats
 from mpdiag.record import distributed
 from mpdiag.record._accumulate import SKIP_REASONS, Observation, SiteAccumulator, measure, read_with_extras, skip_reason
 from mpdiag.record._dynamo import inlined_only, untraced
+from mpdiag.record._updates import count_update, decode, second_moments, stall_formats
 from mpdiag.record.anomaly import AnomalyWatch
 from mpdiag.record.environment import autocast_dtype
 from mpdiag.record.event_log import EventLog
@@ -98,6 +100,9 @@ class Recorder:
         self.autocast_dtype: str | None = None  # the autocast dtype seen in a recorded forward
         self.params_seen = False  # observe_params() ran in this step
         self.weights_before: dict[str, torch.Tensor] = {}  # copies taken as the optimizer's step began
+        # per parameter: (its dtype's name, the formats its stalled updates are counted for, the counts
+        # of count_update, on its device), for the step's one read
+        self.update_counts: dict[str, tuple[str, tuple[Any, ...], torch.Tensor]] = {}
         self._seq = 0
 
     def accumulator(self, site: Site) -> SiteAccumulator:
@@ -221,17 +226,25 @@ class Recorder:
         if self.recording and not self.weights_before:
             self.weights_before = {n: p.detach().clone() for n, p in self.params.items() if p.requires_grad}
 
-    def observe_updates(self) -> None:
+    def observe_updates(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Observe each parameter's update, after the optimizer's step: new minus old, computed in fp64,
-        where the difference of two fp32 (or bf16, fp16) values is exact."""
+        where the difference of two fp32 (or bf16, fp16) values is exact; and count, per parameter, what
+        the step changed and what narrower formats would lose (``mpdiag.core.updates``), with the share
+        where Adam's eps dominates when ``optimizer`` is of the Adam family."""
         if not self.recording:
             return
+        moments = {id(p): m for p, m in second_moments(optimizer)} if optimizer is not None else {}
         for name, before in self.weights_before.items():
             self.active = True
+            param = self.params[name]
             site = Site(name, Kind.UPDATE)
             if Site(name, Kind.PARAM) in self.replicated:  # DDP: every rank's update is the whole, alike
                 self.replicated.add(site)
-            self._observe(site, self.params[name].detach().double() - before.double())
+            update = param.detach().double() - before.double()
+            self._observe(site, update)
+            stall = stall_formats(param.dtype, self.format_names)
+            counts = count_update(before, param.detach(), update, param.grad, stall, moments.get(id(param)))
+            self.update_counts[name] = (str(param.dtype).replace("torch.", ""), stall, counts)
         self.weights_before = {}
 
     def observe_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
@@ -253,22 +266,30 @@ class Recorder:
                         self.replicated.add(site)
                     self._observe(site, value)
 
-    def collect(self, step: int) -> tuple[dict[Site, TensorStats], list[NonFiniteEvent]]:
+    def collect(self, step: int) -> tuple[dict[Site, TensorStats], list[NonFiniteEvent], dict[str, UpdateStats]]:
         """Observe parameters (and gradients no hook saw), then read everything with one host transfer
-        per device: the statistics of every site and the non-finite events of the step."""
+        per device: the statistics of every site, the non-finite events and the updates of the step."""
         self.observe_params()
         for name, param in self.params.items():
             grad_site = Site(name, Kind.PARAM_GRAD)
             if param.grad is not None and self.accumulator(grad_site).empty:
                 self._observe(grad_site, param.grad)  # set by hand, not by backward
         live = {site: acc for site, acc in self._accumulators.items() if not acc.empty}
+        counts = {name: vector for name, (_, _, vector) in self.update_counts.items()}
         if self.group is not None:
             live = distributed.reduce_accumulators(live, self.accumulator, self.group, self.replicated)
-        stats, event_counts = read_with_extras(live, self.events.device_tensors())
-        events = self.events.events(step, event_counts)
+            counts = distributed.reduce_update_counts(counts, self.group, self.replicated)
+        event_tensors = self.events.device_tensors()
+        stats, extras = read_with_extras(live, [*event_tensors, *counts.values()])
+        events = self.events.events(step, extras[: len(event_tensors)])
         if self.group is not None:
             events = distributed.gather_events(events, self.group, self.replicated)
-        return stats, events
+        updates = {
+            name: decode(name, *self.update_counts[name][:2], host)
+            for name, host in zip(counts, extras[len(event_tensors) :])
+            if name in self.update_counts  # (a parameter only other ranks updated has no dtype known here)
+        }
+        return stats, events, updates
 
     # What a re-run's forward and backward would change: mpdiag's own probes are not training.
     _PAUSE_KEEPS = ("recording", "active", "saw_backward", "trained", "evaluating", "in_model_forward")
@@ -294,3 +315,4 @@ class Recorder:
         self.saw_backward = False
         self.params_seen = False
         self.weights_before = {}  # a step() that raised never used them
+        self.update_counts = {}

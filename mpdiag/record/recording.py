@@ -24,6 +24,7 @@ from mpdiag.core.errors import AttachError, MpdiagError, MpdiagWarning
 from mpdiag.core.events import NonFiniteError, NonFiniteEvent
 from mpdiag.core.run import Kind, Run, Site
 from mpdiag.core.stats import DEFAULT_FORMATS, FormatSpecs, TensorStats, format_names
+from mpdiag.core.updates import UpdateStats
 from mpdiag.record import _dynamo, distributed
 from mpdiag.record._dynamo import inlined_only, untraced
 from mpdiag.record._loss_scale import LossScaleSnapshot
@@ -142,6 +143,7 @@ class Recording:
         self._records: dict[int, dict[Site, TensorStats]] = {}
         self._loss_scales: dict[int, float] = {}
         self._events: dict[int, tuple[NonFiniteEvent, ...]] = {}
+        self._updates: dict[int, dict[str, UpdateStats]] = {}
         self._scale_seen = LossScaleSnapshot(scaler) if scaler is not None else None
         if self._scale_seen is not None:
             self._recorder.on_first_backward = self._scale_seen.take
@@ -211,6 +213,7 @@ class Recording:
             loss_scales=dict(self._loss_scales),
             events=dict(self._events),
             anomalies=tuple(self._anomaly.records),
+            updates={s: dict(u) for s, u in self._updates.items()},
         )
 
     def _meta(self) -> dict[str, Any]:
@@ -376,7 +379,7 @@ class Recording:
             self._in_optimizer_step = self._closure_running = False
             if self._records_optimizer_state:
                 self._recorder.observe_optimizer_state(optimizer)
-            self._recorder.observe_updates()
+            self._recorder.observe_updates(optimizer)
             self._close_step()
 
     @untraced
@@ -437,7 +440,9 @@ class Recording:
         events: list[NonFiniteEvent] = []
         if rec.recording:
             saw_backward = rec.saw_backward
-            self._records[step], events = rec.collect(step)
+            self._records[step], events, updates = rec.collect(step)
+            if updates:
+                self._updates[step] = updates
             self._check_recorded(step, self._records[step], events, saw_backward)
             if events:
                 self._events[step] = tuple(events)
@@ -448,6 +453,9 @@ class Recording:
             if rec.autocast_dtype is not None:
                 self._environment["autocast_dtype"] = rec.autocast_dtype
             for sink in self._sinks:
+                write_updates = getattr(sink, "write_updates", None)  # optional: sinks written before it
+                if updates and write_updates is not None:
+                    write_updates(step, updates)
                 sink.write_step(
                     step,
                     self._records[step],

@@ -5,7 +5,12 @@ creates nothing), receives every closed step and every anomaly record, and is cl
 recording detaches; ``discard`` undoes ``open`` when the attach fails half-way. Under torch.distributed
 only rank 0 has sinks: the statistics a step closes with are already the whole job's.
 
-The run file (``mpdiag.io.runfile.RunFileSink``) is one; the recording imports none of them.
+A sink may also define ``write_updates(step, updates)``: when the step recorded what the optimizer did
+to each parameter (``mpdiag.core.updates.UpdateStats``, by parameter name), it is called just before
+that step's ``write_step``. It is optional so that a sink written before updates existed still is one.
+
+The run file (``mpdiag.io.runfile.RunFileSink``) and TensorBoard (``mpdiag.integrations.tensorboard``)
+are sinks; the recording imports none of them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,127 @@
+"""Counting what an optimizer step did to each parameter, on the parameter's device, with no host sync.
+
+``count_update`` packs one parameter's counts (see ``mpdiag.core.updates.UpdateStats``) into one int64
+vector: the recorder reads it in the step's one transfer, the distributed reduction sums it across
+ranks (each FSDP shard counts its own elements), and ``decode`` turns it into an UpdateStats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpdiag.core import formats as fmts
+from mpdiag.core.formats import Format
+from mpdiag.core.updates import RATIO_BINS, RATIO_LOW, UpdateStats
+from mpdiag.record._accumulate import is_dtensor
+
+__all__ = ["stall_formats", "count_update", "decode", "second_moments"]
+
+# The vector's leading slots; the stalled counts (one per format of stall_formats) and the ratio
+# histogram follow. "with_grad" and "with_eps" count the ranks that had a gradient / an eps to judge.
+_HEAD = ("numel", "nonzero", "from_zero", "with_grad", "grad_nonzero", "lost", "with_eps", "eps_dominated")
+
+
+def stall_formats(dtype: torch.dtype, format_names: Sequence[str]) -> tuple[Format, ...]:
+    """The tracked storage formats narrower than ``dtype``: those a weight of ``dtype`` could move to."""
+    own = torch.finfo(dtype).bits
+    return tuple(f for f in map(fmts.get, format_names) if f.dtype is not None and f.bits < own)
+
+
+def _local(x: torch.Tensor) -> torch.Tensor:
+    return x.to_local() if is_dtensor(x) else x
+
+
+def count_update(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    update: torch.Tensor,
+    grad: torch.Tensor | None,
+    stall: tuple[Format, ...],
+    second_moment: tuple[torch.Tensor, Any] | None,
+) -> torch.Tensor:
+    """One parameter's counts as an int64 vector on its device.
+
+    ``update`` is after - before, exact (fp64). A format's update stalls where the old weight, rounded
+    to the format, plus the update in fp32 (the arithmetic torch's optimizers use for low-precision
+    weights) rounds back to the same stored value. ``second_moment`` is (v, bound): Adam's eps dominates
+    where v < bound = eps^2 * (1 - beta2^step), i.e. where sqrt(v / (1 - beta2^step)) < eps.
+    """
+    before, after, update = _local(before), _local(after), _local(update)
+    device = after.device
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    changed = update != 0
+    numel = torch.full((), before.numel(), dtype=torch.int64, device=device)
+    head = [numel, changed.sum(), (changed & (before == 0)).sum()]
+    if grad is not None:
+        gradient_nonzero = _local(grad) != 0
+        head += [zero + 1, gradient_nonzero.sum(), (gradient_nonzero & ~changed).sum()]
+    else:
+        head += [zero, zero, zero]
+    if second_moment is not None:
+        v, bound = second_moment
+        head += [zero + 1, (_local(v).double() < bound).sum()]
+    else:
+        head += [zero, zero]
+    update32 = update.float()
+    for f in stall:
+        stored = before.to(f.dtype).float()
+        back = (stored + update32).to(f.dtype).float()
+        head.append((changed & (back == stored) & stored.isfinite()).sum())
+    return torch.cat([torch.stack(head), _ratio_histogram(before, update, changed)])
+
+
+def _ratio_histogram(before: torch.Tensor, update: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
+    """Counts of floor(log2(|update| / |before|)) per bin, over changed elements with a non-zero weight."""
+    ratio = update.abs() / before.double().abs()
+    counted = changed & (before != 0) & ratio.isfinite()
+    exponent = torch.frexp(ratio).exponent.to(torch.int64) - 1  # ratio = m * 2^e, m in [0.5, 1)
+    index = torch.where(counted, (exponent - RATIO_LOW).clamp(0, RATIO_BINS - 1), RATIO_BINS).reshape(-1)
+    counts = torch.zeros(RATIO_BINS + 1, dtype=torch.int64, device=update.device)
+    counts.index_add_(0, index, torch.ones((), dtype=torch.int64, device=update.device).expand(index.numel()))
+    return counts[:RATIO_BINS]
+
+
+def decode(name: str, dtype: str, stall: tuple[Format, ...], counts: np.ndarray) -> UpdateStats:
+    """The UpdateStats that ``count_update``'s vector (read to the host, maybe summed over ranks) holds."""
+    head = dict(zip(_HEAD, (int(c) for c in counts[: len(_HEAD)])))
+    stalled = counts[len(_HEAD) : len(_HEAD) + len(stall)]
+    ratios = counts[len(_HEAD) + len(stall) :]
+    with_grad, with_eps = head["with_grad"] > 0, head["with_eps"] > 0
+    return UpdateStats(
+        param=name,
+        dtype=dtype,
+        numel=head["numel"],
+        nonzero=head["nonzero"],
+        stalled={f.name: int(n) for f, n in zip(stall, stalled)},
+        lost=head["lost"] if with_grad else None,
+        grad_nonzero=head["grad_nonzero"] if with_grad else None,
+        ratio_counts=tuple(int(c) for c in ratios),
+        from_zero=head["from_zero"],
+        eps_dominated=head["eps_dominated"] if with_eps else None,
+    )
+
+
+def second_moments(optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, Any]]]:
+    """(parameter, (v, bound)) for each parameter of an Adam-family optimizer (a param group with ``eps``
+    and ``betas``, a state with ``exp_avg_sq`` and ``step``: Adam, AdamW, NAdam, RAdam): v is the second
+    moment the denominator uses (``max_exp_avg_sq`` under amsgrad), bound is eps^2 * (1 - beta2^step).
+    Nothing is read to the host: a step count on the device stays there."""
+    for group in optimizer.param_groups:
+        eps, betas = group.get("eps"), group.get("betas")
+        if not isinstance(eps, (int, float)) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            continue
+        beta2 = betas[1]
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if not state or "exp_avg_sq" not in state or "step" not in state:
+                continue
+            v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state["exp_avg_sq"]
+            step = state["step"]
+            if not isinstance(v, torch.Tensor):
+                continue
+            step = _local(step).double() if isinstance(step, torch.Tensor) else float(step)
+            yield param, (v, float(eps) ** 2 * (1 - beta2**step))

@@ -1,0 +1,214 @@
+"""What each optimizer step did to each parameter (``run.update_stats``), against the real thing: the
+stalled counts against real low-precision weights given the same update, what pure-bf16 training really
+lost against its weights before and after, Adam's eps share against its own state, the ratio histogram
+against ``math.frexp`` per element."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+from torch import nn
+
+import mpdiag
+from mpdiag.core.errors import MpdiagError, UnknownSiteError
+from mpdiag.core.formats import get as get_format
+from mpdiag.core.updates import RATIO_BINS, RATIO_LOW, UpdateStats
+
+STEPS = 3
+
+
+def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4))
+    nn.init.zeros_(model[0].bias)  # updates from zero: no ratio
+    return model.to(dtype)
+
+
+class Snapshot(NamedTuple):
+    """One parameter in one step, taken by hand: its weight before and after, its gradient, the
+    optimizer's state after the step and the parameter's group."""
+
+    before: torch.Tensor
+    after: torch.Tensor
+    grad: torch.Tensor
+    state: dict[str, torch.Tensor]
+    group: dict[str, Any]
+
+
+def _train(model: nn.Module, make_opt, **options):  # noqa: ANN001, ANN003, ANN202
+    """STEPS steps diagnosed; returns the run and, per step, a Snapshot of each parameter."""
+    opt = make_opt(model.parameters())
+    groups = {p: g for g in opt.param_groups for p in g["params"]}
+    g = torch.Generator().manual_seed(1)
+    steps = []
+    with mpdiag.diagnose(model, optimizer=opt, **options) as diag:
+        for _ in range(STEPS):
+            opt.zero_grad()
+            x = torch.randn(16, 8, generator=g).to(next(model.parameters()).dtype)
+            model(x).float().pow(2).mean().backward()
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            opt.step()
+            steps.append(
+                {
+                    n: Snapshot(
+                        before[n],
+                        p.detach().clone(),
+                        p.grad.clone(),
+                        {k: t.clone() for k, t in opt.state[p].items()},
+                        groups[p],
+                    )
+                    for n, p in model.named_parameters()
+                }
+            )
+    return diag.run, steps
+
+
+def _adam(lr: float = 1e-4, **kw):  # noqa: ANN003, ANN202
+    return lambda params: torch.optim.Adam(params, lr=lr, **kw)
+
+
+def test_stalled_counts_equal_real_narrow_weights_given_the_same_update() -> None:
+    run, steps = _train(_model(), _adam(lr=3e-3))
+    some_stalled = set()
+    for step, per_param in enumerate(steps):
+        for name, snap in per_param.items():
+            u, before = run.update_stats(name, step), snap.before
+            update = snap.after.double() - before.double()
+            changed = update != 0
+            assert u.nonzero == int(changed.sum()) and u.numel == before.numel()
+            assert set(u.stalled) == {"fp16", "bf16", "fp8_e4m3", "fp8_e5m2"}  # every format narrower than fp32
+            for fmt in ("fp16", "bf16"):  # a real weight of that dtype, given the update by torch's own add
+                narrow = before.to(get_format(fmt).dtype)
+                moved = narrow.clone().add_(update.float())
+                assert u.stalled[fmt] == int((changed & (moved == narrow)).sum()), (step, name, fmt)
+                some_stalled.add(0 < u.stalled[fmt] < u.nonzero)
+            for fmt in ("fp8_e4m3", "fp8_e5m2"):  # no arithmetic in fp8: element by element, real casts
+                dtype = get_format(fmt).dtype
+                lost = 0
+                for b, d in zip(before.reshape(-1).tolist(), update.reshape(-1).tolist()):
+                    stored = torch.tensor(b).to(dtype).float()
+                    back = (stored + torch.tensor(d, dtype=torch.float32)).to(dtype).float()
+                    lost += d != 0 and bool(back == stored) and math.isfinite(stored.item())
+                assert u.stalled[fmt] == lost, (step, name, fmt)
+    assert True in some_stalled  # the learning rate puts some updates on either side of the half-ulp
+
+
+def test_bf16_weights_count_what_pure_bf16_training_really_lost() -> None:
+    run, steps = _train(_model(torch.bfloat16), _adam(lr=1e-4))
+    shares = []
+    for step, per_param in enumerate(steps):
+        for name, (before, after, grad, _, _) in per_param.items():
+            u = run.update_stats(name, step)
+            assert u.dtype == "bfloat16" and set(u.stalled) == {"fp8_e4m3", "fp8_e5m2"}  # narrower only
+            assert u.grad_nonzero == int((grad != 0).sum())
+            assert u.lost == int(((grad != 0) & (after == before)).sum()), (step, name)
+            assert u.nonzero == int((after != before).sum())
+            shares.append(u.lost_share)
+    assert max(shares) > 0.3  # lr 1e-4 against weights near 0.1: bf16 rounds most of Adam's steps away
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [_adam(lr=1e-2, eps=1e-3), lambda p: torch.optim.AdamW(p, lr=1e-2, eps=1e-3, amsgrad=True)],
+    ids=["adam", "adamw-amsgrad"],
+)
+def test_the_eps_share_is_where_eps_exceeds_the_bias_corrected_second_moments_root(make_opt) -> None:  # noqa: ANN001
+    run, steps = _train(_model(), make_opt)
+    shares = []
+    for step, per_param in enumerate(steps):
+        for name, snap in per_param.items():
+            v = snap.state["max_exp_avg_sq" if snap.group["amsgrad"] else "exp_avg_sq"].double()
+            t = float(snap.state["step"])
+            corrected = (v / (1 - snap.group["betas"][1] ** t)).sqrt()
+            u = run.update_stats(name, step)
+            assert u.eps_dominated == int((corrected < snap.group["eps"]).sum()), (step, name)
+            shares.append(u.eps_share)
+    assert any(0 < s < 1 for s in shares)  # eps 1e-3 dominates some elements, not all
+
+
+def test_optimizers_without_eps_have_no_eps_share() -> None:
+    run, _ = _train(_model(), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    assert all(run.update_stats(name).eps_dominated is None for name in run.updated_params)
+    assert run.update_stats("2.weight").eps_share is None
+
+
+def test_the_ratio_histogram_is_frexp_of_each_elements_update_over_its_weight() -> None:
+    run, steps = _train(_model(), _adam(lr=3e-3))
+    for step, per_param in enumerate(steps):
+        for name, snap in per_param.items():
+            counts, from_zero = [0] * RATIO_BINS, 0
+            for b, a in zip(snap.before.reshape(-1).tolist(), snap.after.reshape(-1).tolist()):
+                if a == b:
+                    continue
+                if b == 0:
+                    from_zero += 1
+                    continue
+                _, exponent = math.frexp(abs(a - b) / abs(b))  # fp32 values: their fp64 difference is exact
+                counts[min(max(exponent - 1 - RATIO_LOW, 0), RATIO_BINS - 1)] += 1
+            u = run.update_stats(name, step)
+            assert (list(u.ratio_counts), u.from_zero) == (counts, from_zero), (step, name)
+    assert run.update_stats("0.bias", 0).from_zero == 32  # a bias initialised to zero moves from zero
+    assert 0 < run.update_stats("0.weight").share_below(-9) < 1  # Adam's steps near lr against weights near 0.2
+
+
+def test_update_stats_over_every_step_sum_the_steps_and_bad_names_are_explained() -> None:
+    run, _ = _train(_model(), _adam(lr=3e-3))
+    per_step = [run.update_stats("2.weight", s) for s in run.steps]
+    total = run.update_stats("2.weight")
+    assert total.steps == STEPS and total.numel == STEPS * 32 * 4
+    assert total.nonzero == sum(u.nonzero for u in per_step)
+    assert total.stalled == {f: sum(u.stalled[f] for u in per_step) for f in total.stalled}
+    assert total.ratio_counts == tuple(map(sum, zip(*(u.ratio_counts for u in per_step))))
+    assert total.eps_dominated == sum(u.eps_dominated for u in per_step)
+    assert UpdateStats.from_dict(json.loads(json.dumps(total.as_dict()))) == total
+    with pytest.raises(UnknownSiteError, match="2.weight"):
+        run.update_stats("2.weigth")
+    with pytest.raises(MpdiagError, match="step 7 was not recorded"):
+        run.update_stats("2.weight", 7)
+    with pytest.raises(MpdiagError, match="no stalled count for 'fp32'"):
+        total.stalled_share("fp32")
+
+
+def test_a_tied_weight_answers_to_either_name() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10, bias=False))
+    model[1].weight = model[0].weight
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        opt.zero_grad()
+        model(torch.arange(10)).pow(2).mean().backward()
+        opt.step()
+    assert diag.run.updated_params == ["0.weight"]
+    assert diag.run.update_stats("1.weight") == diag.run.update_stats("0.weight")
+
+
+def test_a_run_file_holds_the_updates_and_an_older_file_reads_as_having_none(tmp_path: Path) -> None:
+    run, _ = _train(_model(), _adam(), run_file=tmp_path / "run.mpdiag")
+    assert run.updates and mpdiag.load(tmp_path / "run.mpdiag").updates == run.updates
+    shutil.copy(tmp_path / "run.mpdiag", tmp_path / "older.mpdiag")
+    with sqlite3.connect(tmp_path / "older.mpdiag") as db:
+        db.execute("DROP TABLE updates")  # what a file written before updates were stored holds
+    db.close()
+    older = mpdiag.load(tmp_path / "older.mpdiag")
+    assert older.updates == {} and older.records == run.records
+    with pytest.raises(UnknownSiteError, match="no update"):
+        older.update_stats("0.weight")
+
+
+def test_updates_off_records_no_update_stats_and_training_is_the_same_bit_for_bit() -> None:
+    def final(**options):  # noqa: ANN003, ANN202
+        model = _model(torch.bfloat16)
+        run, _ = _train(model, _adam(lr=1e-3, amsgrad=True), **options)
+        return run, [p.detach().clone() for p in model.parameters()]
+
+    on, with_updates = final()
+    off, without = final(updates=False)
+    assert on.updates and not off.updates
+    assert all(torch.equal(a, b) for a, b in zip(with_updates, without))
