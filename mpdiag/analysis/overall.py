@@ -28,6 +28,7 @@ from mpdiag.analysis.grad_scaler import APPROXIMATE, GradScalerSimulation, recor
 from mpdiag.analysis.gradients import gradient_sites, scaler_overflows, underflow_per_step
 from mpdiag.analysis.riskiest import SiteRisk, closest_to_max, model_sites, riskiest
 from mpdiag.analysis.scaling import LossScaleAdvice, ScaleOutcome, advise
+from mpdiag.analysis.updates import UpdatesAnalysis, analyse_updates
 from mpdiag.analysis.verdict import Verdict, nonfinite_verdict, skips_verdict, verdict
 from mpdiag.core import formats as _formats
 from mpdiag.core.errors import MpdiagError
@@ -85,6 +86,7 @@ class Analysis:
         nonfinite_per_step: step -> NaN/inf values over all sites.
         overflow_per_step: step -> values past the scale format's overflow threshold over all sites.
         scaling: loss scaling in the scale format; None when no gradient was recorded.
+        updates: the optimizer's updates judged (``analyse_updates``); None when none were recorded.
         notes: what the analysis could only approximate, worded for a person (a GradScaler replayed on a
             run that did not record every step).
     """
@@ -102,6 +104,7 @@ class Analysis:
     overflow_per_step: Mapping[int, int]
     scaling: LossScaling | None
     notes: tuple[str, ...]
+    updates: UpdatesAnalysis | None = None
 
 
 def analyse(run: Run, *, scale_format: str | None = None) -> Analysis:
@@ -129,10 +132,12 @@ def analyse(run: Run, *, scale_format: str | None = None) -> Analysis:
     advice = {f: advise(run, f, scaler_skips=skips) for f in run.formats} if gradient_sites(run) else {}
     ranked = {f: tuple(riskiest(run, f, n=len(run.sites))) for f in run.formats}
     scaling = _loss_scaling(run, advice[name], skips) if advice else None
+    updates = analyse_updates(run)
     return Analysis(
         scale_format=name,
         verdicts=tuple(
-            verdict(run, _formats.get(f), advice.get(f), ranked=ranked[f], scaler_skips=skips) for f in run.formats
+            verdict(run, _formats.get(f), advice.get(f), ranked=ranked[f], scaler_skips=skips, updates=updates)
+            for f in run.formats
         ),
         nonfinite=nonfinite_verdict(run, scaler_skips=skips),
         skips=skips_verdict(run, scaler_skips=skips),
@@ -145,6 +150,7 @@ def analyse(run: Run, *, scale_format: str | None = None) -> Analysis:
         overflow_per_step=_per_step(run, lambda v: v.overflow(name)),
         scaling=scaling,
         notes=(APPROXIMATE,) if scaling is not None and scaling.simulation.approximate else (),
+        updates=updates,
     )
 
 

@@ -18,6 +18,10 @@ What counts, per format:
   parameters' state would overflow or lose more than the tolerated share of its values to underflow if
   stored in the format (an 8-bit or bf16 optimizer, pure low-precision training). It never changes the
   level: autocast keeps the optimizer's state in fp32, so this is what storing it lower would cost;
+- the optimizer's updates (with ``optimizer=``, ``mpdiag.analysis.updates``): for weights stored wider,
+  the parameters that would lose more than ``TOLERATED_STALL`` of their updates if stored in the format
+  (the level stays: that is what moving the weights to it would cost); for weights already stored in
+  the format, what they really lost, which makes the verdict at least "warn";
 - NaN/inf: a run that held them is at best "warn" in every format (its values were not all seen);
   ``nonfinite_verdict`` says where they came from. The inf of a step a GradScaler skipped (its scaled
   gradients overflowed, as the scaler is designed to find) is not the model's: ``skips_verdict`` says
@@ -36,6 +40,7 @@ import numpy as np
 from mpdiag.analysis.gradients import exponent_of, flushed_per_step, gradient_sites, scaler_overflows
 from mpdiag.analysis.riskiest import SiteRisk, riskiest
 from mpdiag.analysis.scaling import LossScaleAdvice, advise
+from mpdiag.analysis.updates import ParamShares, UpdatesAnalysis, always_lost_log2, analyse_updates
 from mpdiag.core import formats as _formats
 from mpdiag.core.errors import MpdiagError
 from mpdiag.core.formats import Format, flush_exponent
@@ -92,6 +97,10 @@ class Verdict:
     # per optimizer state key that would not fit: (key, parameters affected, parameters with that key,
     # the worst parameter, its share of values lost to underflow or overflow)
     optimizer_state: tuple[tuple[str, int, int, str, float], ...] = ()
+    # the updates of weights stored wider that the format would lose (``stalled_updates``), and what
+    # weights already stored in it really lost (``lost_updates``); None where nothing was counted
+    stalled_updates: ParamShares | None = None
+    lost_updates: ParamShares | None = None
 
 
 def site_label(name: str, kind: str | Kind) -> str:
@@ -118,13 +127,15 @@ def verdicts(run: Run, advice: Mapping[str, LossScaleAdvice] | None = None) -> l
         raise MpdiagError("the run has no recorded steps; train at least one step with diagnose() attached")
     skips = scaler_overflows(run)
     has_gradients = bool(gradient_sites(run))
+    updates = analyse_updates(run)
     out = []
     for name in run.formats:
         fmt = _formats.get(name)
         adv = None
         if has_gradients:
             adv = (advice or {}).get(fmt.name) or advise(run, fmt, scaler_skips=skips)
-        out.append(verdict(run, fmt, adv, ranked=riskiest(run, fmt, n=len(run.sites)), scaler_skips=skips))
+        ranked = riskiest(run, fmt, n=len(run.sites))
+        out.append(verdict(run, fmt, adv, ranked=ranked, scaler_skips=skips, updates=updates))
     return out
 
 
@@ -164,10 +175,17 @@ def skips_verdict(run: Run, *, scaler_skips: Mapping[int, float] | None = None) 
 
 
 def verdict(
-    run: Run, fmt: Format, adv: LossScaleAdvice | None, *, ranked: Sequence[SiteRisk], scaler_skips: Mapping[int, float]
+    run: Run,
+    fmt: Format,
+    adv: LossScaleAdvice | None,
+    *,
+    ranked: Sequence[SiteRisk],
+    scaler_skips: Mapping[int, float],
+    updates: UpdatesAnalysis | None = None,
 ) -> Verdict:
     """The verdict on ``fmt`` from what ``verdicts`` computes for every format: the format's advice (None
-    without gradients), every site's ``riskiest`` row for it and the run's ``scaler_overflows``."""
+    without gradients), every site's ``riskiest`` row for it, the run's ``scaler_overflows`` and its
+    ``analyse_updates`` (None: the run recorded no updates)."""
     merged = {site: run.stats(site.name, site.kind) for site in run.sites}
     # Under a GradScaler the recorded gradients are scaled: their overflow and headroom belong to the
     # loss scale (the scaler skips such steps and backs off), which the advice judges on the true
@@ -248,6 +266,24 @@ def verdict(
                 for key, n, total, worst, share in state
             )
         )
+    stalled = updates.stalled.get(fmt.name) if updates is not None else None
+    dtype = _dtype_name(fmt)
+    lost = updates.lost.get(dtype) if updates is not None and dtype is not None else None
+    if stalled is not None and stalled.called_out:
+        worst, share = stalled.worst
+        parts.append(
+            f"weights stored in it would lose {percent(share)} of the updates of {worst} ({len(stalled.called_out)} "
+            f"of {len(stalled.shares)} parameters lose over {percent(stalled.threshold)}; an update below "
+            f"2^{always_lost_log2(fmt)} of its weight always rounds away)"
+        )
+    if lost is not None and lost.called_out:
+        worst, share = lost.worst
+        parts.append(
+            f"its weights stored in {fmt.name} lost {percent(lost.overall)} of their updates (worst {worst}: "
+            f"{percent(share)}; {len(lost.called_out)} of {len(lost.shares)} parameters over "
+            f"{percent(lost.threshold)}): keep fp32 master weights"
+        )
+        level = _worse(level, Level.WARN)
     if not parts:
         parts.append("nothing recorded")
     return Verdict(
@@ -263,7 +299,14 @@ def verdict(
         closest=closest,
         scaled_underflow=scaled,
         optimizer_state=state,
+        stalled_updates=stalled,
+        lost_updates=lost,
     )
+
+
+def _dtype_name(fmt: Format) -> str | None:
+    """The name UpdateStats gives ``fmt``'s dtype ("bfloat16"); None for a format that is not a dtype."""
+    return str(fmt.dtype).replace("torch.", "") if fmt.dtype is not None else None
 
 
 def _optimizer_state(merged: Mapping[Site, TensorStats], fmt: Format) -> tuple[tuple[str, int, int, str, float], ...]:

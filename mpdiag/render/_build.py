@@ -18,6 +18,7 @@ from mpdiag.core.run import Kind, Run, Site, step_ranges
 from mpdiag.core.sensitivity import Sensitivity
 from mpdiag.core.version import __version__
 from mpdiag.render import figures as fig
+from mpdiag.render import optimizer_figures
 from mpdiag.render.page import EmbeddedFigure, render_page
 from mpdiag.render.table import columns, site_rows
 
@@ -35,7 +36,12 @@ FIGURES = (
     "loss_scale",
     "grad_scaler",
     "sensitivity",
+    "optimizer_state",
+    "update_ratios",
+    "updates_over_time",
 )
+#: Parameters in the update-ratio figure and the updates table.
+_UPDATED_SHOWN = 24
 
 
 def build(
@@ -73,6 +79,7 @@ def build(
         f"and per-step counts of NaN/inf values and of values past {analysis.scale_format}'s overflow threshold.",
     )
     scaling = _scaling_section(run, analysis, save)
+    optimizer = _optimizer_section(run, analysis, top, save)
     precision = _sensitivity_section(sensitivity, save)
     context = dict(
         title=title,
@@ -84,6 +91,8 @@ def build(
         figures=saved,
         heatmaps=heatmaps,
         scaling=scaling,
+        optimizer=optimizer,
+        eps_text=analysis.updates.sentence if analysis.updates is not None else None,
         nonfinite=_nonfinite_section(run, origin),
         sensitivity=precision,
         **_table_context(run, analysis),
@@ -196,6 +205,56 @@ def _scaling_section(run: Run, analysis: Analysis, save: Callable[..., EmbeddedF
     # Every note is an approximation of the replay (a run that did not record every step): shown beneath it.
     text = str(scaling.simulation) + "".join(f"\nNB: {note}" for note in analysis.notes)
     return {"reason": None, "advice": scaling.advice_text, "simulation": text}
+
+
+def _optimizer_section(
+    run: Run, analysis: Analysis, top: int, save: Callable[..., EmbeddedFigure]
+) -> dict[str, Any] | None:
+    """The optimizer's state against each format and its updates against each format's rounding; None
+    when the run recorded neither (no ``optimizer=``)."""
+    ranked = [r.site for r in analysis.riskiest[run.formats[0]]]
+    state, note = chosen(run, ranked, top, kinds=(Kind.OPTIMIZER_STATE,))
+    updates = analysis.updates
+    if not state and updates is None:
+        return None
+    if state:
+        save(
+            "optimizer_state",
+            fig.range_chart(run, state, run.formats, note),
+            "The optimizer's state (for Adam: exp_avg and exp_avg_sq) from its smallest to its largest non-zero "
+            "value, against each format: what storing it in that format would flush or overflow.",
+            note,
+        )
+    if updates is None:
+        return {"rows": [], "formats": []}
+    shown = list(updates.ranked[:_UPDATED_SHOWN])
+    save(
+        "update_ratios",
+        optimizer_figures.update_ratio_heatmap(run, updates, shown),
+        "log2 of |update| / |weight| per power of two, over the changed elements with a non-zero weight; each "
+        "format's solid line: below it an update always rounds away with the weight stored in it.",
+    )
+    save(
+        "updates_over_time",
+        optimizer_figures.lost_over_time(updates),
+        "Per recorded step, over all parameters: the share of changes each format would round away with the "
+        "weights stored in it"
+        + (", the share of non-zero gradients the weights' own dtype lost" if updates.lost_per_step else "")
+        + (", and where Adam's eps dominated the denominator." if updates.eps_per_step else "."),
+    )
+    formats = list(updates.stalled)
+    rows = []
+    for name in shown:
+        u = updates.merged[name]
+        shares = [u.stalled_share(f) if f in u.stalled else None for f in formats]
+        rows.append((name, u.dtype, u.nonzero / u.numel if u.numel else 0.0, shares, u.lost_share, u.eps_share))
+    return {
+        "rows": rows,
+        "formats": formats,
+        "eps": updates.eps is not None,
+        "total": len(updates.ranked),
+        "lines": updates.always_lost_log2,
+    }
 
 
 def _sensitivity_section(sens: Sensitivity | None, save: Callable[..., EmbeddedFigure]) -> dict[str, Any] | None:

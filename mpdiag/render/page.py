@@ -39,6 +39,11 @@ def sort_key(value: float | str) -> str:
     return repr(float(value))
 
 
+def share(value: float | None) -> str:
+    """A share as a percentage for a table cell; "-" where it is not known."""
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 @functools.cache
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
@@ -49,6 +54,7 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["sortkey"] = sort_key
+    env.filters["share"] = share
     return env
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from mpdiag.analysis.overall import Analysis, analyse
 from mpdiag.analysis.riskiest import SiteRisk
+from mpdiag.analysis.updates import UpdatesAnalysis
 from mpdiag.core.run import Run
 from mpdiag.core.text import display_name
 
@@ -74,9 +75,39 @@ def summary(run: Run, n: int = 6, *, analysis: Analysis | None = None) -> str:
             for r in analysis.model_riskiest[fmt][:n]
         ]
         parts.append(f"\n{fmt}\n" + table(("site", "amax", "head", "foot", "under%", "over", "nan/inf"), rows))
-    for text in (analysis.nonfinite, analysis.skips):
+    if analysis.updates is not None:
+        parts.append(_updates_table(analysis.updates, n))
+    eps = analysis.updates.sentence if analysis.updates is not None else None
+    for text in (analysis.nonfinite, analysis.skips, eps):
         if text is not None:
             parts.append("\n" + textwrap.fill(text, width=80))
     for note in analysis.notes:
         parts.append("\n" + textwrap.fill(f"NB: {note}", width=80))
     return "\n".join(parts)
+
+
+def _updates_table(updates: UpdatesAnalysis, n: int) -> str:
+    """The ``n`` most affected parameters: the share of elements the steps changed, of those changes each
+    format would lose with the weight stored in it, of the non-zero gradients the weight's own dtype
+    lost, and of elements where Adam's eps dominated."""
+    formats = list(updates.stalled)
+    eps = updates.eps is not None
+    rows = []
+    for name in updates.ranked[:n]:
+        u = updates.merged[name]
+        shares = [u.stalled_share(f) if f in u.stalled else None for f in formats] + [u.lost_share]
+        shares += [u.eps_share] if eps else []
+        label = name if len(name) <= _NAME_WIDTH else "..." + name[-(_NAME_WIDTH - 3) :]
+        rows.append((label, _percent(u.nonzero / u.numel if u.numel else 0.0), *map(_percent, shares)))
+    header = ("parameter", "changed", *formats, "lost", *(["eps"] if eps else []))
+    intro = (
+        f"Updates, the {min(n, len(updates.ranked))} most affected of {len(updates.ranked)} parameters (% over "
+        "the recorded steps): elements changed; of those changes, what each format would round away with the "
+        "weight stored in it; of the non-zero gradients, what the weight's own dtype lost"
+        + ("; elements where Adam's eps dominated." if eps else ".")
+    )
+    return "\n" + textwrap.fill(intro, width=80) + "\n" + table(header, rows)
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}"

@@ -1,0 +1,129 @@
+"""The optimizer's updates where users read them: the always-lost line each format's verdict quotes
+(property-tested against torch's real casts), the verdict clauses against counts taken by hand, the
+terminal summary, the report's optimizer section in a real browser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from browser import chromium
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import mpdiag
+from mpdiag.analysis.updates import TOLERATED_STALL, always_lost_log2
+from mpdiag.core import formats
+from mpdiag.core.text import percent
+
+NARROW = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
+STEPS = 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.sampled_from(NARROW),
+    weight=st.floats(allow_nan=False, allow_infinity=False, min_value=-1e4, max_value=1e4),
+    ratio=st.floats(min_value=-1.0, max_value=1.0, exclude_min=True, exclude_max=True),
+)
+def test_below_the_line_a_stored_weight_plus_its_update_casts_back_to_itself(
+    name: str, weight: float, ratio: float
+) -> None:
+    fmt = formats.get(name)
+    stored = torch.tensor(weight).to(fmt.dtype)
+    if stored.float() == 0 or not stored.float().isfinite():
+        return
+    w = stored.float()
+    update = w * (ratio * 2.0 ** always_lost_log2(fmt))  # |update| < 2^line * |weight|
+    assert (w + update).to(fmt.dtype).float() == w
+
+
+@pytest.mark.parametrize("name", NARROW)
+def test_the_line_is_within_one_bit_of_the_updates_a_format_keeps(name: str) -> None:
+    """Twice the line, an update moves the binade's largest weight (its half-ulp is smallest relative to it)."""
+    fmt = formats.get(name)
+    largest_in_binade = torch.tensor(2.0 - fmt.eps)  # 1.11...1 in binary: representable in the format
+    stored = largest_in_binade.to(fmt.dtype).float()
+    assert stored == largest_in_binade
+    moved = (stored + stored * 2.0 ** (always_lost_log2(fmt) + 1)).to(fmt.dtype).float()
+    assert moved != stored
+
+
+def _train(dtype: torch.dtype = torch.float32, lr: float = 1e-4, eps: float = 1e-8, **options):  # noqa: ANN003, ANN202
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4)).to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=eps)
+    g = torch.Generator().manual_seed(1)
+    grads_and_changes = []
+    with mpdiag.diagnose(model, optimizer=opt, **options) as diag:
+        for _ in range(STEPS):
+            opt.zero_grad()
+            model(torch.randn(16, 8, generator=g).to(dtype)).float().pow(2).mean().backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step()
+            grads_and_changes += [(p.grad != 0, p.detach() != b) for p, b in zip(model.parameters(), before)]
+    return diag.run, grads_and_changes
+
+
+def test_pure_bf16_weights_warn_with_the_share_they_really_lost() -> None:
+    run, by_hand = _train(torch.bfloat16)
+    bf16 = next(v for v in mpdiag.verdicts(run) if v.fmt == "bf16")
+    lost = sum(int((g & ~c).sum()) for g, c in by_hand)
+    assert bf16.lost_updates.overall == pytest.approx(lost / sum(int(g.sum()) for g, _ in by_hand))
+    assert bf16.level == "warn" and "its weights stored in bf16 lost" in bf16.sentence
+    assert f"lost {percent(bf16.lost_updates.overall)} of their updates" in bf16.sentence
+    assert bf16.stalled_updates is None  # nothing narrower-than-itself to predict for bf16 weights
+
+
+def test_fp32_weights_get_the_stalled_clause_and_the_level_is_left_alone() -> None:
+    run, _ = _train()
+    without, _ = _train(updates=False)
+    with_updates = {v.fmt: v for v in mpdiag.verdicts(run)}
+    plain = {v.fmt: v for v in mpdiag.verdicts(without)}
+    bf16 = with_updates["bf16"]
+    worst, share = bf16.stalled_updates.worst
+    assert share == run.update_stats(worst).stalled_share("bf16") > TOLERATED_STALL
+    assert f"would lose {percent(share)} of the updates of {worst}" in bf16.sentence
+    assert "2^-9 of its weight" in bf16.sentence and bf16.lost_updates is None
+    assert {f: v.level for f, v in with_updates.items()} == {f: v.level for f, v in plain.items()}
+    assert all(v.stalled_updates is None and "updates" not in v.sentence for v in plain.values())
+
+
+def test_the_summary_and_the_report_show_the_updates_and_eps(tmp_path: Path) -> None:
+    run, _ = _train(lr=1e-3, eps=1e-2)  # an eps far above these gradients' roots: it dominates
+    analysis = mpdiag.analyse(run)
+    eps = analysis.updates.eps
+    assert eps.called_out and analysis.updates.sentence.startswith("Adam's eps dominates the denominator")
+    text = mpdiag.summary(run)
+    assert "Updates, the 4 most affected of 4 parameters" in text and analysis.updates.sentence[:40] in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+    written = mpdiag.report(run, tmp_path / "report")
+    assert {"optimizer_state", "update_ratios", "updates_over_time"} <= set(written.figures)
+    html = written.html.read_text()
+    assert 'id="optimizer"' in html and 'id="eps"' in html
+    first = analysis.updates.ranked[0]
+    with chromium() as browser:
+        browser.get(written.html.as_uri())
+        images = browser.execute_script(
+            "return [...document.querySelectorAll('#optimizer img')].map(i => [i.complete, i.naturalWidth])"
+        )
+        assert len(images) == 3 and all(ok and width > 0 for ok, width in images)
+        cells = browser.execute_script(
+            "return [...document.querySelectorAll('#updates tr:nth-child(2) td')].map(td => td.textContent)"
+        )
+    u = run.update_stats(first)
+    assert cells[:3] == [first, "float32", f"{100 * u.nonzero / u.numel:.1f}%"]
+    assert cells[-1] == f"{100 * u.eps_share:.1f}%"
+
+
+def test_a_report_without_an_optimizer_has_no_optimizer_section(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    with mpdiag.diagnose(model) as diag:
+        model(torch.randn(3, 4)).sum().backward()
+    written = mpdiag.report(diag.run, tmp_path)
+    assert 'id="optimizer"' not in written.html.read_text()
+    assert not {"optimizer_state", "update_ratios", "updates_over_time"} & set(written.figures)
+    assert mpdiag.analyse(diag.run).updates is None and "Updates," not in mpdiag.summary(diag.run)
