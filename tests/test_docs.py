@@ -52,6 +52,12 @@ CLAIMS = {
         "run.meta['environment']['autocast_dtype'] == 'bfloat16'",
         "mpdiag.load('lightning.mpdiag').steps == [0, 1, 2]",
     ],
+    "optimizer.md": [
+        "u.stalled_share('bf16') > 0.8 and u.stalled_share('fp16') < u.stalled_share('bf16')",
+        "abs(pure.update_stats('0.weight').lost_share - u.stalled_share('bf16')) < 0.05",  # predicted = lost
+        "bf16.level == 'warn' and {v.fmt: v.level for v in mpdiag.verdicts(master)}['bf16'] == 'ok'",
+        "state.underflow('fp16') > 0 and mpdiag.analyse(loose).updates.sentence is not None",
+    ],
     "tensorboard.md": ["len(amax) == 5", "diag.run.steps == [0, 1, 2, 3, 4]"],
     "stacks.md": [
         "all(advice.limiting_sites) and '' not in advice.limiting_sites",

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import mpdiag
+import mpdiag.record._updates
 from mpdiag.core.errors import MpdiagError, UnknownSiteError
 from mpdiag.core.formats import get as get_format
 from mpdiag.core.updates import RATIO_BINS, RATIO_LOW, UpdateStats
@@ -174,6 +175,23 @@ def test_update_stats_over_every_step_sum_the_steps_and_bad_names_are_explained(
         run.update_stats("2.weight", 7)
     with pytest.raises(MpdiagError, match="no stalled count for 'fp32'"):
         total.stalled_share("fp32")
+
+
+def test_counting_in_chunks_counts_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    whole, _ = _train(_model(), _adam(lr=3e-3, eps=1e-3))
+    monkeypatch.setattr(mpdiag.record._updates, "CHUNK", 7)  # chunks that split every parameter unevenly
+    chunked, _ = _train(_model(), _adam(lr=3e-3, eps=1e-3))
+    assert chunked.updates == whole.updates
+
+
+def test_what_fp32_weights_predict_for_bf16_is_what_pure_bf16_training_loses() -> None:
+    """The same model and data from the same start, in fp32 and in bf16: their trajectories differ, but
+    the share of updates bf16 rounds away is the share the prediction gave, within a few percent."""
+    master, _ = _train(_model(), _adam(lr=1e-4))
+    pure, _ = _train(_model(torch.bfloat16), _adam(lr=1e-4))
+    for name in master.updated_params:
+        predicted, lost = master.update_stats(name).stalled_share("bf16"), pure.update_stats(name).lost_share
+        assert lost == pytest.approx(predicted, abs=0.05), name
 
 
 def test_a_tied_weight_answers_to_either_name() -> None:

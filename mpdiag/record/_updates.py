@@ -20,6 +20,9 @@ from mpdiag.record._accumulate import is_dtensor
 
 __all__ = ["stall_formats", "count_update", "decode", "second_moments"]
 
+#: Elements counted at a time (see count_update).
+CHUNK = 1 << 22
+
 # The vector's leading slots; the stalled counts (one per format of stall_formats) and the ratio
 # histogram follow. "with_grad" and "with_eps" count the ranks that had a gradient / an eps to judge.
 _HEAD = ("numel", "nonzero", "from_zero", "with_grad", "grad_nonzero", "lost", "with_eps", "eps_dominated")
@@ -37,7 +40,6 @@ def _local(x: torch.Tensor) -> torch.Tensor:
 
 def count_update(
     before: torch.Tensor,
-    after: torch.Tensor,
     update: torch.Tensor,
     grad: torch.Tensor | None,
     stall: tuple[Format, ...],
@@ -45,25 +47,52 @@ def count_update(
 ) -> torch.Tensor:
     """One parameter's counts as an int64 vector on its device.
 
-    ``update`` is after - before, exact (fp64). A format's update stalls where the old weight, rounded
+    ``update`` is the new weight minus ``before``, exact (fp64). A format's update stalls where the old weight, rounded
     to the format, plus the update in fp32 (the arithmetic torch's optimizers use for low-precision
     weights) rounds back to the same stored value. ``second_moment`` is (v, bound): Adam's eps dominates
     where v < bound = eps^2 * (1 - beta2^step), i.e. where sqrt(v / (1 - beta2^step)) < eps.
     """
-    before, after, update = _local(before), _local(after), _local(update)
-    device = after.device
+    before, update = (_local(t).reshape(-1) for t in (before, update))
+    grad_flat = _local(grad).reshape(-1) if grad is not None else None
+    v = _local(second_moment[0]).reshape(-1) if second_moment is not None else None
+    bound = second_moment[1] if second_moment is not None else None
+    total = None
+    # In chunks: the masks, casts and ratios of one chunk at a time, so that the transient memory is
+    # bounded (tens of bytes per element of a chunk) however large the parameter.
+    for start in range(0, max(before.numel(), 1), CHUNK):
+        part = slice(start, start + CHUNK)
+        counts = _count_chunk(
+            before[part],
+            update[part],
+            grad_flat[part] if grad_flat is not None else None,
+            (v[part], bound) if v is not None else None,
+            stall,
+        )
+        total = counts if total is None else total + counts
+    assert total is not None  # the loop runs at least once
+    return total
+
+
+def _count_chunk(
+    before: torch.Tensor,
+    update: torch.Tensor,
+    grad: torch.Tensor | None,
+    second_moment: tuple[torch.Tensor, Any] | None,
+    stall: tuple[Format, ...],
+) -> torch.Tensor:
+    device = update.device
     zero = torch.zeros((), dtype=torch.int64, device=device)
     changed = update != 0
     numel = torch.full((), before.numel(), dtype=torch.int64, device=device)
     head = [numel, changed.sum(), (changed & (before == 0)).sum()]
     if grad is not None:
-        gradient_nonzero = _local(grad) != 0
+        gradient_nonzero = grad != 0
         head += [zero + 1, gradient_nonzero.sum(), (gradient_nonzero & ~changed).sum()]
     else:
         head += [zero, zero, zero]
     if second_moment is not None:
         v, bound = second_moment
-        head += [zero + 1, (_local(v).double() < bound).sum()]
+        head += [zero + 1, (v.double() < bound).sum()]
     else:
         head += [zero, zero]
     update32 = update.float()

@@ -243,7 +243,7 @@ class Recorder:
             update = param.detach().double() - before.double()
             self._observe(site, update)
             stall = stall_formats(param.dtype, self.format_names)
-            counts = count_update(before, param.detach(), update, param.grad, stall, moments.get(id(param)))
+            counts = count_update(before, update, param.grad, stall, moments.get(id(param)))
             self.update_counts[name] = (str(param.dtype).replace("torch.", ""), stall, counts)
         self.weights_before = {}
 
