@@ -109,6 +109,16 @@ def image_batches(n: int, batch: int = 4, seed: int = 1) -> Iterator[tuple[torch
 
 
 def sites_that_differ(a: mpdiag.Run, b: mpdiag.Run) -> list[mpdiag.Site]:
-    """Sites of either run whose statistics (merged over steps) are not identical in the other."""
+    """Sites of either run whose statistics (merged over steps) are not identical in the other; an
+    update site also differs where its ``update_stats`` of some step do."""
     union = list(dict.fromkeys([*a.sites, *b.sites]))
-    return [s for s in union if s not in a.sites or s not in b.sites or a.stats(*s) != b.stats(*s)]
+    differ = [s for s in union if s not in a.sites or s not in b.sites or a.stats(*s) != b.stats(*s)]
+    steps = sorted({*a.updates, *b.updates})
+    params = dict.fromkeys(n for run in (a, b) for s in steps for n in run.updates.get(s, {}))
+    differ += [
+        mpdiag.Site(name, mpdiag.Kind.UPDATE)
+        for name in params
+        if any(a.updates.get(s, {}).get(name) != b.updates.get(s, {}).get(name) for s in steps)
+        and mpdiag.Site(name, mpdiag.Kind.UPDATE) not in differ
+    ]
+    return differ

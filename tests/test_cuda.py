@@ -101,3 +101,38 @@ def test_compare_on_the_gpu_measures_bf16s_smaller_activations_and_restores_the_
     if torch.cuda.get_device_capability()[0] >= 8:  # Ampere and later have TF32 tensor cores
         assert not cmp.results["tf32"].notes and cmp.results["tf32"].losses != fp32.losses
     print(cmp)
+
+
+def test_update_counts_on_the_gpu_equal_those_on_the_cpu_and_read_nothing() -> None:
+    from mpdiag.record._updates import count_update, decode, second_moments, stall_formats
+
+    torch.manual_seed(0)
+    model = nn.Linear(512, 512).cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-6, fused=True)
+    model(torch.randn(64, 512, device="cuda")).pow(2).mean().backward()
+    before = {p: p.detach().clone() for p in model.parameters()}
+    opt.step()
+    stall = stall_formats(torch.float32, ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2"))
+    moments = dict(second_moments(opt))
+    for p in model.parameters():
+        update = p.detach().double() - before[p].double()
+        with CountHostReads() as mode:
+            on_gpu = count_update(before[p], update, p.grad, stall, moments[p])
+        assert mode.reads == 0
+        v, bound = moments[p]
+        on_cpu = count_update(before[p].cpu(), update.cpu(), p.grad.cpu(), stall, (v.cpu(), bound.cpu()))
+        assert decode("p", "float32", stall, on_gpu.cpu().numpy()) == decode("p", "float32", stall, on_cpu.numpy())
+
+
+def test_update_stats_of_a_gpu_run_in_bf16_count_what_it_lost() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 10)).cuda().to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    lost = {}
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        opt.zero_grad()
+        model(torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)).float().pow(2).mean().backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        lost = {n: int(((p.grad != 0) & (p.detach() == before[n])).sum()) for n, p in model.named_parameters()}
+    assert {n: diag.run.update_stats(n, 0).lost for n in lost} == lost

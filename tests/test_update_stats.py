@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
+from host_reads import CountHostReads
 from torch import nn
 
 import mpdiag
@@ -21,6 +22,7 @@ import mpdiag.record._updates
 from mpdiag.core.errors import MpdiagError, UnknownSiteError
 from mpdiag.core.formats import get as get_format
 from mpdiag.core.updates import RATIO_BINS, RATIO_LOW, UpdateStats
+from mpdiag.record._updates import count_update, second_moments, stall_formats
 
 STEPS = 3
 
@@ -192,6 +194,20 @@ def test_what_fp32_weights_predict_for_bf16_is_what_pure_bf16_training_loses() -
     for name in master.updated_params:
         predicted, lost = master.update_stats(name).stalled_share("bf16"), pure.update_stats(name).lost_share
         assert lost == pytest.approx(predicted, abs=0.05), name
+
+
+def test_counting_reads_nothing_from_the_device() -> None:
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+    before = {p: p.detach().clone() for p in model.parameters()}
+    opt.step()
+    stall = stall_formats(torch.float32, ("fp16", "bf16", "fp8_e4m3"))
+    with CountHostReads() as mode:
+        moments = dict(second_moments(opt))
+        for p in model.parameters():
+            count_update(before[p], p.detach().double() - before[p].double(), p.grad, stall, moments[p])
+    assert mode.reads == 0 and len(moments) == 4
 
 
 def test_a_tied_weight_answers_to_either_name() -> None:
