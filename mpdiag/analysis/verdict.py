@@ -266,23 +266,11 @@ def verdict(
                 for key, n, total, worst, share in state
             )
         )
-    stalled = updates.stalled.get(fmt.name) if updates is not None else None
-    dtype = _dtype_name(fmt)
-    lost = updates.lost.get(dtype) if updates is not None and dtype is not None else None
+    stalled, lost = _updates_of(updates, fmt)
     if stalled is not None and stalled.called_out:
-        worst, share = stalled.worst
-        parts.append(
-            f"weights stored in it would lose {percent(share)} of the updates of {worst} ({len(stalled.called_out)} "
-            f"of {len(stalled.shares)} parameters lose over {percent(stalled.threshold)}; an update below "
-            f"2^{always_lost_log2(fmt)} of its weight always rounds away)"
-        )
+        parts.append(_stalled_clause(stalled, fmt))
     if lost is not None and lost.called_out:
-        worst, share = lost.worst
-        parts.append(
-            f"its weights stored in {fmt.name} lost {percent(lost.overall)} of their updates (worst {worst}: "
-            f"{percent(share)}; {len(lost.called_out)} of {len(lost.shares)} parameters over "
-            f"{percent(lost.threshold)}): keep fp32 master weights"
-        )
+        parts.append(_lost_clause(lost, fmt))
         level = _worse(level, Level.WARN)
     if not parts:
         parts.append("nothing recorded")
@@ -301,6 +289,32 @@ def verdict(
         optimizer_state=state,
         stalled_updates=stalled,
         lost_updates=lost,
+    )
+
+
+def _updates_of(updates: UpdatesAnalysis | None, fmt: Format) -> tuple[ParamShares | None, ParamShares | None]:
+    """The updates ``fmt`` would lose with weights stored wider, and what weights stored in it lost."""
+    if updates is None:
+        return None, None
+    dtype = _dtype_name(fmt)
+    return updates.stalled.get(fmt.name), updates.lost.get(dtype) if dtype is not None else None
+
+
+def _stalled_clause(stalled: ParamShares, fmt: Format) -> str:
+    worst, share = stalled.worst
+    return (
+        f"weights stored in it would lose {percent(share)} of the updates of {worst} ({len(stalled.called_out)} "
+        f"of {len(stalled.shares)} parameters lose over {percent(stalled.threshold)}; an update below "
+        f"2^{always_lost_log2(fmt)} of its weight always rounds away)"
+    )
+
+
+def _lost_clause(lost: ParamShares, fmt: Format) -> str:
+    worst, share = lost.worst
+    return (
+        f"its weights stored in {fmt.name} lost {percent(lost.overall)} of their updates (worst {worst}: "
+        f"{percent(share)}; {len(lost.called_out)} of {len(lost.shares)} parameters over "
+        f"{percent(lost.threshold)}): keep fp32 master weights"
     )
 
 
