@@ -18,6 +18,7 @@ from host_reads import CountHostReads
 from torch import nn
 
 import mpdiag
+import mpdiag.record._cpu_updates
 import mpdiag.record._updates
 from mpdiag.core.errors import MpdiagError, UnknownSiteError
 from mpdiag.core.formats import get as get_format
@@ -180,8 +181,9 @@ def test_update_stats_over_every_step_sum_the_steps_and_bad_names_are_explained(
 
 
 def test_counting_in_chunks_counts_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
-    whole, _ = _train(_model(), _adam(lr=3e-3, eps=1e-3))
-    monkeypatch.setattr(mpdiag.record._updates, "CHUNK", 7)  # chunks that split every parameter unevenly
+    whole, _ = _train(_model(), _adam(lr=3e-3, eps=1e-3))  # on the CPU, the compiled kernel where numba is
+    monkeypatch.setattr(mpdiag.record._cpu_updates, "available", lambda weight: False)  # the torch path...
+    monkeypatch.setattr(mpdiag.record._updates, "CHUNK", 7)  # ...in chunks that split every parameter unevenly
     chunked, _ = _train(_model(), _adam(lr=3e-3, eps=1e-3))
     assert chunked.updates == whole.updates
 
@@ -196,7 +198,9 @@ def test_what_fp32_weights_predict_for_bf16_is_what_pure_bf16_training_loses() -
         assert lost == pytest.approx(predicted, abs=0.05), name
 
 
-def test_counting_reads_nothing_from_the_device() -> None:
+def test_counting_reads_nothing_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The torch path, which a GPU's tensors take (the compiled kernel is for CPU tensors, where a read is free)
+    monkeypatch.setattr(mpdiag.record._cpu_updates, "available", lambda weight: False)
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.randn(4, 8)).pow(2).mean().backward()

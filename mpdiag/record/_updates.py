@@ -16,6 +16,7 @@ import torch
 from mpdiag.core import formats as fmts
 from mpdiag.core.formats import Format
 from mpdiag.core.updates import RATIO_BINS, RATIO_LOW, UpdateStats
+from mpdiag.record import _cpu_updates
 from mpdiag.record._accumulate import is_dtensor
 
 __all__ = ["stall_formats", "count_update", "decode", "second_moments"]
@@ -53,6 +54,11 @@ def count_update(
     where v < bound = eps^2 * (1 - beta2^step), i.e. where sqrt(v / (1 - beta2^step)) < eps.
     """
     before, update = (_local(t).reshape(-1) for t in (before, update))
+    if _cpu_updates.available(before):  # one compiled pass instead of some sixty torch ops
+        local_moment = (_local(second_moment[0]), second_moment[1]) if second_moment is not None else None
+        return _cpu_updates.count(
+            before, update, _local(grad) if grad is not None else None, local_moment, stall, len(_HEAD)
+        )
     grad_flat = _local(grad).reshape(-1) if grad is not None else None
     v = _local(second_moment[0]).reshape(-1) if second_moment is not None else None
     bound = second_moment[1] if second_moment is not None else None
