@@ -16,15 +16,17 @@ from mpdiag.core import formats
 from mpdiag.record import _cpu_updates, _updates
 from mpdiag.record._updates import count_update, decode, stall_formats
 
-pytestmark = pytest.mark.skipif(not _cpu_updates.available(torch.ones(1)), reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not _cpu_updates.usable(torch.ones(1)), reason="numba is not installed")
 
 FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
 
 
 def both_paths(before, update, grad, moment, monkeypatch):  # noqa: ANN001, ANN201
     """The decoded counts of the kernel and of the torch path, for weights ``before`` (any dtype)."""
+    _cpu_updates.finish_compiling()
     stall = stall_formats(before.dtype, FORMATS)
     name = str(before.dtype).replace("torch.", "")
+    assert _cpu_updates.available(before)
     kernel = decode("w", name, stall, count_update(before, update, grad, stall, moment).numpy())
     with monkeypatch.context() as patch:
         patch.setattr(_cpu_updates, "available", lambda weight: False)

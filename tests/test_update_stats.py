@@ -181,6 +181,7 @@ def test_update_stats_over_every_step_sum_the_steps_and_bad_names_are_explained(
 
 
 def test_counting_in_chunks_counts_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    mpdiag.record._cpu_updates.finish_compiling()
     whole, _ = _train(_model(), _adam(lr=3e-3, eps=1e-3))  # on the CPU, the compiled kernel where numba is
     monkeypatch.setattr(mpdiag.record._cpu_updates, "available", lambda weight: False)  # the torch path...
     monkeypatch.setattr(mpdiag.record._updates, "CHUNK", 7)  # ...in chunks that split every parameter unevenly
