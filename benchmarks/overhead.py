@@ -50,7 +50,7 @@ from _timing import interleaved_rounds, print_times, whole_cycles
 from torch import nn
 
 import mpdiag
-from mpdiag.record import _accumulate, _cpu_kernel
+from mpdiag.record import _accumulate, _cpu_kernel, _cpu_updates
 from mpdiag.toy import TinyTransformerLM, lm_loss, synthetic_batches
 
 MODELS = ("toy", "gpt2", "convnet")
@@ -213,6 +213,7 @@ def measure_model(name: str, settings: Mapping[str, int], breakdown: bool) -> No
         work.step()  # warm up the allocator
     observed = observed_per_step(work.model, work.optimizer, work.step)  # compiles mpdiag's kernels
     _cpu_kernel.finish_compiling()  # the threaded one compiles in the background: time the same path throughout
+    _cpu_updates.finish_compiling()  # so does the update counts' kernel
     variants = variants_of(work, breakdown)
     if breakdown:
         with _counting_with(_checked_torch_counter, lambda: mpdiag.diagnose(work.model, optimizer=work.optimizer)):

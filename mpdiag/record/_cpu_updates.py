@@ -98,14 +98,24 @@ def _compile() -> None:
     # parallel region launched from this thread while the main thread runs one would abort the process
     # under numba's workqueue threading layer.
     f32, f64 = np.zeros(0, np.float32), np.zeros(0, np.float64)
-    table = np.zeros((1, 1), np.float64)
-    example = (f32, f64, f32, f32, 0.0, table, table, np.zeros(1, np.int64), 8)
-    signature = tuple(numba.typeof(a) for a in example)
+    arrays = (
+        f32,
+        np.zeros(0, np.int32),
+        f64,
+        f32,
+        f32,
+        0.0,
+        np.zeros((1, 1)),
+        np.zeros((1, 3, 1)),
+        np.zeros(1, np.int64),
+        8,
+    )
+    signature = tuple(numba.typeof(a) for a in arrays)
     try:
-        for kernel in (_count_parallel, _count_serial):
+        for kernel, extra in ((_count_parallel, ()), (_count_range, (0, 0))):
             compile_signature = getattr(kernel, "compile", None)  # absent with NUMBA_DISABLE_JIT=1
             if compile_signature is not None:
-                compile_signature(signature)
+                compile_signature(signature + tuple(numba.typeof(a) for a in extra))
     except Exception as err:  # noqa: BLE001 - the torch path is exact: keep counting with it
         log.warning(
             "mpdiag: the update kernel did not compile (%s: %s); the torch path counts", type(err).__name__, err
@@ -114,25 +124,44 @@ def _compile() -> None:
     _COMPILED.set()
 
 
-#: log2 of the largest magnitude a rounding table covers: past every narrow format's overflow threshold.
+#: log2 of the largest magnitude a table covers: past every narrow format's overflow threshold.
 _TOP_EXPONENT = 128
+# The columns of format_constants' rows.
+_EMIN, _THRESHOLD, _MAX, _OVERFLOW, _MANTISSA, _EMAX, _SIGNIFICANDS = range(7)
 
 
 def format_constants(stall: Sequence[Format]) -> tuple[np.ndarray, np.ndarray]:
-    """Per format, (row of constants, rounding table). Constants: the exponent of the smallest normal,
-    the overflow threshold, max and what overflow gives (0 inf, 1 NaN, 2 max). Table: for each exponent
-    e from the smallest normal's to _TOP_EXPONENT, 1.5 * 2^(q + 52) with q = e - mantissa bits: adding it
-    and subtracting it again rounds a float64 of magnitude in [2^e, 2^(e+1)) to a multiple of 2^q, half
-    to even (a magnitude below the smallest normal takes the first entry: the subnormals' spacing)."""
+    """Per format, (row of constants, tables).
+
+    Constants: the exponent of the smallest normal, the overflow threshold, max, what overflow gives (0
+    inf, 1 NaN, 2 max), the mantissa bits, the exponent of max and 2^(mantissa bits + 1), the
+    significands of a binade. Tables, for each exponent e from the smallest normal's to _TOP_EXPONENT,
+    with q = e - mantissa bits: 1.5 * 2^(q + 52), which added and subtracted again rounds a float64 of
+    magnitude in [2^e, 2^(e+1)) to a multiple of 2^q, half to even; 2^q, the format's spacing there;
+    and 2^-q. A magnitude below the smallest normal takes the first entries: the subnormals' spacing.
+    """
     constants = np.array(
-        [(_exponent(f.min_normal), f.overflow_threshold, f.max, _OVERFLOW_CODES[f.overflow]) for f in stall],
+        [
+            (
+                _exponent(f.min_normal),
+                f.overflow_threshold,
+                f.max,
+                _OVERFLOW_CODES[f.overflow],
+                f.mantissa_bits,
+                _exponent(f.max),
+                2 ** (f.mantissa_bits + 1),
+            )
+            for f in stall
+        ],
         dtype=np.float64,
-    ).reshape(len(stall), 4)
-    tables = np.zeros((len(stall), _TOP_EXPONENT + 160), dtype=np.float64)
+    ).reshape(len(stall), 7)
+    tables = np.zeros((len(stall), 3, _TOP_EXPONENT + 160), dtype=np.float64)
     for i, f in enumerate(stall):
         emin = _exponent(f.min_normal)
         for j, e in enumerate(range(emin, _TOP_EXPONENT + 1)):
-            tables[i, j] = math.ldexp(1.5, e - f.mantissa_bits + 52)
+            tables[i, 0, j] = math.ldexp(1.5, e - f.mantissa_bits + 52)
+            tables[i, 1, j] = math.ldexp(1.0, e - f.mantissa_bits)
+            tables[i, 2, j] = math.ldexp(1.0, f.mantissa_bits - e)
     return constants, tables
 
 
@@ -177,43 +206,20 @@ if _HAVE_NUMBA:
         def cached(dispatcher):  # noqa: ANN001, ANN202
             return dispatcher
 
-    # Inlined: a call that passes arrays costs their reference counts, which cost more than the work.
-    @numba.njit(nogil=True, inline="always")
-    def _exponent_of(buffer, bits, x):  # noqa: ANN001, ANN202
-        """floor(log2 |x|) of a normal float64 ``x``, from its bits: ``buffer`` is a 1-element float64
-        array and ``bits`` its int64 view (how numba reads a float's bits)."""
-        buffer[0] = x
-        return ((bits[0] >> 52) & 0x7FF) - 1023
-
-    @numba.njit(nogil=True, inline="always")
-    def _round(x, buffer, bits, constants, tables, f):  # noqa: ANN001, ANN202
-        """``x`` rounded to format ``f`` of ``constants`` and ``tables`` (``format_constants``)."""
-        a = abs(x)
-        if a != a or a == 0.0:
-            return x
-        if a >= constants[f, 1]:
-            if constants[f, 3] == 0.0:
-                return math.copysign(math.inf, x)
-            if constants[f, 3] == 1.0:
-                return math.nan
-            return math.copysign(constants[f, 2], x)
-        emin = np.int64(constants[f, 0])
-        magic = tables[f, max(_exponent_of(buffer, bits, a), emin) - emin]
-        rounded = (a + magic) - magic
-        return rounded if x > 0 else -rounded
-
     @cached
-    @numba.njit(nogil=True, inline="always")
-    def _count_range(weights, changes, grads, moments, bound, constants, tables, out, head, start, stop):  # noqa: ANN001, ANN202
+    @numba.njit(nogil=True)
+    def _count_range(weights, bits, changes, grads, moments, bound, constants, tables, out, head, start, stop):  # noqa: ANN001, ANN202
         """The counts of elements [start, stop) added into ``out`` (the layout of ``_updates._HEAD``).
 
-        Counted into locals and an array of its own, added to ``out`` at the end: with ``out`` written in
-        the loop, the compiler must assume it may alias the inputs and reload everything (10x slower)."""
+        ``bits`` is ``weights`` viewed as int32: a weight's exponent is read from it (an fp32 subnormal
+        reads as -127, below every narrow format's smallest normal, where the subnormals' spacing
+        applies). Per format, the stored weight is rounded with the table, and whether the moved weight
+        rounds back to it is read off the interval that does: half the spacing on either side (a quarter
+        below a power of two above the smallest normal, where the spacing halves), ties to the even
+        neighbour; past max, what the format's overflow gives."""
         with_grad = grads.size > 0
         with_eps = moments.size > 0
         n_formats = constants.shape[0]
-        buffer = np.zeros(1, dtype=np.float64)
-        bits = buffer.view(np.int64)
         stalled = np.zeros(n_formats, dtype=np.int64)
         ratios = np.zeros(RATIO_BINS, dtype=np.int64)
         nonzero = from_zero = grad_nonzero = lost = eps_dominated = 0
@@ -228,14 +234,39 @@ if _HAVE_NUMBA:
                 else:
                     ratio = abs(d) / abs(b)
                     if ratio == ratio and ratio != math.inf:
-                        ratios[min(max(_exponent_of(buffer, bits, ratio) - RATIO_LOW, 0), RATIO_BINS - 1)] += 1
+                        ratios[min(max(math.frexp(ratio)[1] - 1 - RATIO_LOW, 0), RATIO_BINS - 1)] += 1
+                magnitude = abs(b)
+                finite = magnitude == magnitude and magnitude != math.inf
+                raw = np.int64((bits[i] >> 23) & 0xFF) - 127
                 d32 = np.float32(d)
-                for f in range(n_formats):
-                    stored = _round(b, buffer, bits, constants, tables, f)
-                    if stored == stored and abs(stored) != math.inf:
-                        moved = np.float64(np.float32(np.float32(stored) + d32))
-                        if _round(moved, buffer, bits, constants, tables, f) == stored:
-                            stalled[f] += 1
+                sign = 1.0 if b > 0.0 else -1.0
+                for f in range(n_formats if finite else 0):  # an inf or NaN weight stalls in no format
+                    emin = np.int64(constants[f, _EMIN])
+                    if magnitude >= constants[f, _THRESHOLD]:
+                        if constants[f, _OVERFLOW] != 2.0:
+                            continue  # stored as inf or NaN: not a weight that can stall
+                        e = np.int64(constants[f, _EMAX])
+                        stored_abs = constants[f, _MAX]
+                    else:
+                        e = max(raw, emin)
+                        magic = tables[f, 0, e - emin]
+                        stored_abs = (magnitude + magic) - magic
+                        if stored_abs >= tables[f, 1, e - emin] * constants[f, _SIGNIFICANDS]:
+                            e += 1  # rounded up into the next binade
+                    spacing = tables[f, 1, e - emin]
+                    stored = stored_abs * sign
+                    moved = np.float64(np.float32(np.float32(stored) + d32))
+                    # Branch-free from here (the outcomes are data, unpredictable): & and |, not and/or.
+                    # A NaN moved fails every comparison, so it never stays.
+                    steps = np.int64(stored_abs * tables[f, 2, e - emin])  # the stored significand
+                    away = (moved - stored) * sign  # signed distance, away from zero
+                    dist = abs(away)
+                    quarter = (away < 0.0) & (e > emin) & (2 * steps == np.int64(constants[f, _SIGNIFICANDS]))
+                    half = spacing * (0.25 if quarter else 0.5)  # below a power of two the spacing halves
+                    stays = (dist < half) | ((dist == half) & ((steps & 1) == 0))
+                    saturated = (away >= 0.0) & (stored_abs == constants[f, _MAX]) & (constants[f, _OVERFLOW] == 2.0)
+                    stays = (stays & ~saturated) | (saturated & (dist == dist))  # past max (inf too) saturates
+                    stalled[f] += np.int64(stays)
             if with_grad and grads[i] != 0.0:
                 grad_nonzero += 1
                 if not changed:
@@ -254,30 +285,26 @@ if _HAVE_NUMBA:
 
     @cached
     @numba.njit(parallel=True, nogil=True)
-    def _count_parallel(weights, changes, grads, moments, bound, constants, tables, out, head):  # noqa: ANN001, ANN202
+    def _count_parallel(weights, bits, changes, grads, moments, bound, constants, tables, out, head):  # noqa: ANN001, ANN202
         """``_count_range`` over every element, a chunk per task, summed into ``out``."""
         n = weights.size
         chunks = (n + _CHUNK - 1) // _CHUNK
         partial = np.zeros((max(chunks, 1), out.size), dtype=np.int64)
         for c in numba.prange(chunks):
             stop = min(n, (c + 1) * _CHUNK)
-            _count_range(weights, changes, grads, moments, bound, constants, tables, partial[c], head, c * _CHUNK, stop)
+            _count_range(
+                weights, bits, changes, grads, moments, bound, constants, tables, partial[c], head, c * _CHUNK, stop
+            )
         for j in range(out.size):
             out[j] = partial[:, j].sum()
 
-    # parallel=True with no prange: no threads, but numba's parallel pipeline compiles this loop about
-    # 5x faster than its plain one (measured with numba 0.61 on x86: 44 against 215 ns per element).
-    @cached
-    @numba.njit(parallel=True, nogil=True)
-    def _count_serial(weights, changes, grads, moments, bound, constants, tables, out, head):  # noqa: ANN001, ANN202
-        """``_count_range`` over every element in this thread (below _PARALLEL_FROM elements, waking
-        threads costs more than they save)."""
-        _count_range(weights, changes, grads, moments, bound, constants, tables, out, head, 0, weights.size)
-
 
 def _count(weights, changes, grads, moments, bound, constants, tables, out, head):  # noqa: ANN001, ANN202
-    kernel = _count_parallel if weights.size >= _PARALLEL_FROM else _count_serial
-    kernel(weights, changes, grads, moments, bound, constants, tables, out, head)
+    bits = weights.view(np.int32)
+    if weights.size >= _PARALLEL_FROM:
+        _count_parallel(weights, bits, changes, grads, moments, bound, constants, tables, out, head)
+    else:  # below this, waking threads costs more than they save
+        _count_range(weights, bits, changes, grads, moments, bound, constants, tables, out, head, 0, weights.size)
     out[0] = weights.size
     out[3] = 1 if grads.size > 0 else 0
     out[6] = 1 if moments.size > 0 else 0
