@@ -5,6 +5,7 @@ against ``math.frexp`` per element."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -22,6 +23,7 @@ import mpdiag.record._cpu_updates
 import mpdiag.record._updates
 from mpdiag.core.errors import MpdiagError, UnknownSiteError
 from mpdiag.core.formats import get as get_format
+from mpdiag.core.run import Kind
 from mpdiag.core.updates import RATIO_BINS, RATIO_LOW, UpdateStats
 from mpdiag.record._updates import count_update, second_moments, stall_formats
 
@@ -251,3 +253,63 @@ def test_updates_off_records_no_update_stats_and_training_is_the_same_bit_for_bi
     off, without = final(updates=False)
     assert on.updates and not off.updates
     assert all(torch.equal(a, b) for a, b in zip(with_updates, without))
+
+
+def test_a_parameter_another_optimizer_steps_is_not_judged_by_this_one() -> None:
+    model = _model(torch.bfloat16)
+    first = torch.optim.Adam(model[0].parameters(), lr=1e-4)
+    second = torch.optim.SGD(model[2].parameters(), lr=0.5)
+    with mpdiag.diagnose(model, optimizer=first) as diag:
+        for _ in range(2):
+            first.zero_grad(), second.zero_grad()
+            model(torch.randn(4, 8, dtype=torch.bfloat16)).float().pow(2).mean().backward()
+            first.step(), second.step()  # the second one's step changes 2.weight after this one's closed
+    assert diag.run.updated_params == ["0.weight", "0.bias"]
+    with pytest.raises(UnknownSiteError, match="does not step it"):
+        diag.run.update_stats("2.weight")
+
+
+def test_sparse_gradients_count_their_non_zero_rows() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 4, sparse=True), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        opt.zero_grad()
+        model(torch.tensor([1, 5, 5, 7])).sum().backward()
+        assert model[0].weight.grad.is_sparse
+        before = model[0].weight.detach().clone()
+        opt.step()
+    u = diag.run.update_stats("0.weight", 0)
+    assert u.grad_nonzero == 3 * 4 and u.nonzero == int((model[0].weight.detach() != before).sum()) > 0
+
+
+def test_the_eps_share_counts_only_the_steps_that_judged_eps() -> None:
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=100.0)  # eps dominates every element it judges
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        for step in range(3):
+            opt.zero_grad()
+            out = model[0](torch.randn(4, 8)) if step == 0 else model(torch.randn(4, 8))  # 2.* idle in step 0
+            out.pow(2).mean().backward()
+            opt.step()
+    assert diag.run.update_stats("2.weight", 0).eps_dominated is None  # no gradient: Adam skipped it
+    merged = diag.run.update_stats("2.weight")
+    assert merged.eps_share == 1.0 and merged.eps_numel == 2 * 32 * 4
+
+
+def test_a_tied_parameters_update_and_state_sites_answer_to_either_name() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10, bias=False))
+    model[1].weight = model[0].weight
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with mpdiag.diagnose(model, optimizer=opt) as diag:
+        model(torch.arange(10)).pow(2).mean().backward()
+        opt.step()
+    run = diag.run
+    assert run.stats("1.weight", "update") == run.stats("0.weight", "update")
+    assert run.stats("1.weight.exp_avg_sq", "optimizer_state") == run.stats("0.weight.exp_avg_sq", "optimizer_state")
+    without = dataclasses.replace(
+        run, records={s: {k: v for k, v in r.items() if k.kind != Kind.UPDATE} for s, r in run.records.items()}
+    )
+    with pytest.raises(UnknownSiteError, match="none of them has an update site"):
+        without.stats("1.weight", "update")

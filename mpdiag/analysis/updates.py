@@ -204,7 +204,11 @@ def _lost(updates: Mapping[str, UpdateStats], dtype: str) -> ParamShares | None:
 
 
 def _eps(updates: Mapping[str, UpdateStats]) -> ParamShares | None:
-    counts = {n: (u.eps_dominated, u.numel) for n, u in updates.items() if u.eps_dominated is not None}
+    counts = {
+        n: (u.eps_dominated, u.eps_numel)
+        for n, u in updates.items()
+        if u.eps_dominated is not None and u.eps_numel is not None
+    }
     return _shares("eps dominated", counts, EPS_DOMINATES)
 
 

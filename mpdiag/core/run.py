@@ -147,7 +147,13 @@ class Run:
         if not self.updates:
             raise UnknownSiteError(
                 f"no update of {param!r}: this run recorded no updates; diagnose records them when given the "
-                f"optimizer (diagnose(model, optimizer=opt), with updates=True, the default)"
+                f"optimizer (diagnose(model, optimizer=opt), with updates=True, the default), in the recorded "
+                f"steps the optimizer took (not those a GradScaler skipped)"
+            )
+        if not per_step and any(Site(n, Kind.PARAM) in self._merged for n in self._tied_names(param)):
+            raise UnknownSiteError(
+                f"no update of {param!r} was recorded, though the parameter was: the optimizer given to "
+                f"diagnose does not step it (it is frozen, requires_grad=False, or another optimizer's)"
             )
         if not per_step:
             raise UnknownSiteError(self._unknown_site_message(Site(param, Kind.UPDATE)))
@@ -172,21 +178,25 @@ class Run:
         """Every name of the parameter called ``name`` (``[name]`` for a parameter held under one)."""
         return next((list(group) for group in self.meta.get("tied_parameters", ()) if name in group), [name])
 
+    def _aliases(self, site: Site) -> list[Site]:
+        """``site`` under every name of its parameter, where it is a parameter's: its value, gradient and
+        update, or a state tensor ``<parameter>.<key>`` of it."""
+        if site.kind in (Kind.PARAM, Kind.PARAM_GRAD, Kind.UPDATE):
+            return [Site(n, site.kind) for n in self._tied_names(site.name)]
+        if site.kind == Kind.OPTIMIZER_STATE and "." in site.name:
+            param, key = site.name.rsplit(".", 1)
+            return [Site(f"{n}.{key}", site.kind) for n in self._tied_names(param)]
+        return [site]
+
     def _recorded_as(self, site: Site) -> Site:
         """The site that holds ``site``'s statistics: itself, or the tied parameter's recorded name."""
-        if site in self._merged or site.kind not in (Kind.PARAM, Kind.PARAM_GRAD):
+        if site in self._merged:
             return site
-        return next(
-            (Site(n, site.kind) for n in self._tied_names(site.name) if Site(n, site.kind) in self._merged), site
-        )
+        return next((alias for alias in self._aliases(site) if alias in self._merged), site)
 
     def _unknown_site_message(self, site: Site) -> str:
-        recorded = {s.name for s in self.sites if s.kind == site.kind}
-        names = set(recorded)
-        if site.kind in (Kind.PARAM, Kind.PARAM_GRAD):  # every name of a recorded tied parameter answers
-            for group in self.meta.get("tied_parameters", ()):
-                if recorded.intersection(group):
-                    names.update(group)
+        recorded = [s for s in self.sites if s.kind == site.kind]
+        names = {alias.name for s in recorded for alias in self._aliases(s)}  # every name of a tied parameter
         by_lower: dict[str, list[str]] = {}
         for n in sorted(names):
             by_lower.setdefault(n.lower(), []).append(n)
@@ -199,16 +209,21 @@ class Run:
         kinds = sorted({s.kind.value for s in self.sites if s.name == site.name})
         if kinds:
             hint = f"; {site.name!r} was recorded as {', '.join(kinds)}"
-        others = [n for n in self._tied_names(site.name) if n != site.name]
+        others = [alias.name for alias in self._aliases(site) if alias.name != site.name]
         if others:
             hint = (
                 f"; {site.name!r} is tied to {', '.join(map(repr, others))} (one tensor, recorded once, under "
-                f"the first of its names), and none of them has a {site.kind} site"
+                f"the first of its names), and none of them has {_a(site.kind.value)} {site.kind} site"
             )
         return f"no {site.kind} site named {site.name!r} in this run{hint}"
 
     def __repr__(self) -> str:
         return f"Run(steps={step_ranges(self.steps)}, sites={len(self.sites)}, formats={self.formats})"
+
+
+def _a(word: str) -> str:
+    """The indefinite article of ``word``: 'an update', 'a param'."""
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def step_ranges(steps: list[int]) -> str:

@@ -56,6 +56,8 @@ class UpdateStats:
         from_zero: changed elements whose old weight was zero (no ratio).
         eps_dominated: elements where Adam's ``eps`` exceeded sqrt of the bias-corrected second moment;
             None for optimizers without one.
+        eps_numel: the elements eps was judged on (``numel`` of the steps where the optimizer had a
+            second moment for the parameter: not a step it skipped, with no gradient); None with none.
         steps: how many recorded steps these counts cover.
     """
 
@@ -70,6 +72,7 @@ class UpdateStats:
     grad_nonzero: int | None = None
     eps_dominated: int | None = None
     steps: int = 1
+    eps_numel: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.ratio_counts) != RATIO_BINS:
@@ -93,10 +96,10 @@ class UpdateStats:
 
     @property
     def eps_share(self) -> float | None:
-        """The share of elements where ``eps`` dominated Adam's denominator (None without one)."""
-        if self.eps_dominated is None:
+        """The share of the elements judged where ``eps`` dominated Adam's denominator (None without one)."""
+        if self.eps_dominated is None or self.eps_numel is None:
             return None
-        return self.eps_dominated / self.numel if self.numel else 0.0
+        return self.eps_dominated / self.eps_numel if self.eps_numel else 0.0
 
     @staticmethod
     def ratio_edges() -> list[int]:
@@ -123,6 +126,7 @@ class UpdateStats:
             "grad_nonzero": self.grad_nonzero,
             "eps_dominated": self.eps_dominated,
             "steps": self.steps,
+            "eps_numel": self.eps_numel,
         }
 
     @classmethod
@@ -140,6 +144,7 @@ class UpdateStats:
             grad_nonzero=_optional_int(values.get("grad_nonzero")),
             eps_dominated=_optional_int(values.get("eps_dominated")),
             steps=int(values.get("steps", 1)),  # type: ignore[call-overload]
+            eps_numel=_optional_int(values.get("eps_numel")),
         )
 
     @classmethod
@@ -169,6 +174,7 @@ class UpdateStats:
             grad_nonzero=known_sum([u.grad_nonzero for u in items]),
             eps_dominated=known_sum([u.eps_dominated for u in items]),
             steps=sum(u.steps for u in items),
+            eps_numel=known_sum([u.eps_numel for u in items]),
         )
 
 

@@ -54,6 +54,8 @@ def count_update(
     where v < bound = eps^2 * (1 - beta2^step), i.e. where sqrt(v / (1 - beta2^step)) < eps.
     """
     before, update = (_local(t).reshape(-1) for t in (before, update))
+    if grad is not None and grad.layout != torch.strided:  # sparse (nn.Embedding(sparse=True)): which are non-zero
+        grad = _local(grad).to_dense()
     if _cpu_updates.available(before):  # one compiled pass instead of some sixty torch ops
         local_moment = (_local(second_moment[0]), second_moment[1]) if second_moment is not None else None
         return _cpu_updates.count(
@@ -137,6 +139,7 @@ def decode(name: str, dtype: str, stall: tuple[Format, ...], counts: np.ndarray)
         ratio_counts=tuple(int(c) for c in ratios),
         from_zero=head["from_zero"],
         eps_dominated=head["eps_dominated"] if with_eps else None,
+        eps_numel=head["numel"] if with_eps else None,
     )
 
 
@@ -151,6 +154,8 @@ def second_moments(optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch.Ten
             continue
         beta2 = betas[1]
         for param in group["params"]:
+            if param.grad is None:  # the step skipped it: its state is an earlier step's
+                continue
             state = optimizer.state.get(param)
             if not state or "exp_avg_sq" not in state or "step" not in state:
                 continue

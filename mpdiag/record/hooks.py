@@ -220,11 +220,15 @@ class Recorder:
         for name, param in self.params.items():
             self._observe(Site(name, Kind.PARAM), param, seq=-1)  # what the forward used: before all else
 
-    def copy_weights(self) -> None:
-        """Copy every observed parameter as the optimizer's step begins, on recorded steps only: its
-        update is the value after the step minus this (memory: one copy of them until the step closes)."""
+    def copy_weights(self, optimizer: torch.optim.Optimizer) -> None:
+        """Copy every observed parameter that ``optimizer`` steps, as its step begins, on recorded steps
+        only: its update is the value after the step minus this (memory: one copy of them until the step
+        closes). A parameter another optimizer steps is not this one's to judge."""
         if self.recording and not self.weights_before:
-            self.weights_before = {n: p.detach().clone() for n, p in self.params.items() if p.requires_grad}
+            stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            self.weights_before = {
+                n: p.detach().clone() for n, p in self.params.items() if p.requires_grad and id(p) in stepped
+            }
 
     def observe_updates(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Observe each parameter's update, after the optimizer's step: new minus old, computed in fp64,

@@ -359,7 +359,7 @@ class Recording:
         self._closure_running = closure_of(args, kwargs) is not None
         self._recorder.observe_params()
         if self._records_updates:
-            self._recorder.copy_weights()
+            self._recorder.copy_weights(optimizer)
         if self._stops_before_the_update():
             self._in_optimizer_step = self._closure_running = False
             self._close_step()  # records the step, then raises NonFiniteError: step() never runs

@@ -246,7 +246,7 @@ def _optimizer_section(
     rows = []
     for name in shown:
         u = updates.merged[name]
-        shares = [u.stalled_share(f) if f in u.stalled else None for f in formats]
+        shares = [u.stalled_share(f) if f in u.stalled and u.nonzero else None for f in formats]  # "-": no change
         rows.append((name, u.dtype, u.nonzero / u.numel if u.numel else 0.0, shares, u.lost_share, u.eps_share))
     return {
         "rows": rows,

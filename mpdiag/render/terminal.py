@@ -95,7 +95,8 @@ def _updates_table(updates: UpdatesAnalysis, n: int) -> str:
     rows = []
     for name in updates.ranked[:n]:
         u = updates.merged[name]
-        shares = [u.stalled_share(f) if f in u.stalled else None for f in formats] + [u.lost_share]
+        # no change to lose: "-", not 0%
+        shares = [u.stalled_share(f) if f in u.stalled and u.nonzero else None for f in formats] + [u.lost_share]
         shares += [u.eps_share] if eps else []
         label = name if len(name) <= _NAME_WIDTH else "..." + name[-(_NAME_WIDTH - 3) :]
         rows.append((label, _percent(u.nonzero / u.numel if u.numel else 0.0), *map(_percent, shares)))
