@@ -29,7 +29,7 @@ from mpdiag.core import formats as _formats
 from mpdiag.core.formats import Format
 from mpdiag.core.run import Run
 from mpdiag.core.text import percent
-from mpdiag.core.updates import UpdateStats
+from mpdiag.core.updates import WEIGHT_BITS_AT_LEAST, UpdateStats
 
 __all__ = [
     "ParamShares",
@@ -91,7 +91,8 @@ class UpdatesAnalysis:
             parameters stored wider (formats with no such parameter are absent).
         lost: weight dtype ("bfloat16") -> what the parameters stored in it really lost.
         eps: where Adam's eps dominated the denominator; None for optimizers without one.
-        always_lost_log2: format -> log2 of the |update| / |weight| below which it always loses the update.
+        always_lost_log2: format -> log2 of the |update| / |weight| below which it always loses the update,
+            for the formats a weight is stored in (WEIGHT_BITS_AT_LEAST bits or more).
         stalled_per_step, lost_per_step: the same shares over all parameters together, per recorded step.
         eps_per_step: the eps-dominated share over all parameters' elements, per recorded step.
         sentence: eps's verdict in words (``eps_sentence``), or None when eps dominates nowhere.
@@ -140,7 +141,9 @@ def analyse_updates(run: Run) -> UpdatesAnalysis | None:
         stalled=stalled,
         lost=lost,
         eps=eps,
-        always_lost_log2={f.name: always_lost_log2(f) for f in formats if f.dtype is not None},
+        always_lost_log2={
+            f.name: always_lost_log2(f) for f in formats if f.dtype is not None and f.bits >= WEIGHT_BITS_AT_LEAST
+        },
         stalled_per_step={f: {s: _overall(_stalled(run.updates[s], f)) for s in steps} for f in stalled},
         lost_per_step={d: {s: _overall(_lost(run.updates[s], d)) for s in steps} for d in lost},
         eps_per_step={s: _overall(_eps(run.updates[s])) for s in steps} if eps is not None else {},

@@ -23,7 +23,12 @@ from dataclasses import dataclass
 
 from mpdiag.core.errors import MpdiagError
 
-__all__ = ["UpdateStats", "RATIO_LOW", "RATIO_BINS", "ratio_bin_of"]
+__all__ = ["UpdateStats", "RATIO_LOW", "RATIO_BINS", "ratio_bin_of", "WEIGHT_BITS_AT_LEAST"]
+
+#: The fewest bits a weight is stored in between steps: stalled updates are counted for the formats of
+#: at least this many. fp8 recipes (Transformer Engine, torchao) keep the master weights in bf16 or fp32
+#: and cast them to fp8 per matmul: no weight takes an fp8 update.
+WEIGHT_BITS_AT_LEAST = 16
 
 #: log2 of the lowest |update| / |weight| bin's lower edge: bin i holds ratios in [2^(RATIO_LOW+i),
 #: 2^(RATIO_LOW+i+1)); the first bin also holds smaller ratios, the last larger ones. An fp32 weight
@@ -47,7 +52,8 @@ class UpdateStats:
         numel: elements of the parameter (summed over the steps merged).
         nonzero: elements the step changed (new value != old value).
         stalled: format -> how many of the ``nonzero`` changes a weight stored in that format would
-            lose; the formats tracked that are narrower than ``dtype``.
+            lose; the formats tracked that are narrower than ``dtype`` and of at least
+            WEIGHT_BITS_AT_LEAST bits.
         lost: elements with a non-zero gradient that the step left unchanged (what ``dtype`` really
             lost); None when the parameter had no gradient.
         grad_nonzero: elements with a non-zero gradient (None without a gradient).

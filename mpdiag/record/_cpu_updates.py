@@ -222,6 +222,8 @@ if _HAVE_NUMBA:
         n_formats = constants.shape[0]
         stalled = np.zeros(n_formats, dtype=np.int64)
         ratios = np.zeros(RATIO_BINS, dtype=np.int64)
+        buffer = np.zeros(1, dtype=np.float64)  # how numba reads a float64's bits: through an int64 view
+        buffer_bits = buffer.view(np.int64)
         nonzero = from_zero = grad_nonzero = lost = eps_dominated = 0
         for i in range(start, stop):
             b = np.float64(weights[i])
@@ -233,8 +235,10 @@ if _HAVE_NUMBA:
                     from_zero += 1
                 else:
                     ratio = abs(d) / abs(b)
-                    if ratio == ratio and ratio != math.inf:
-                        ratios[min(max(math.frexp(ratio)[1] - 1 - RATIO_LOW, 0), RATIO_BINS - 1)] += 1
+                    if ratio == ratio and ratio != math.inf:  # floor(log2 ratio) from its bits: a normal double
+                        buffer[0] = ratio
+                        exponent = ((buffer_bits[0] >> 52) & 0x7FF) - 1023
+                        ratios[min(max(exponent - RATIO_LOW, 0), RATIO_BINS - 1)] += 1
                 magnitude = abs(b)
                 finite = magnitude == magnitude and magnitude != math.inf
                 raw = np.int64((bits[i] >> 23) & 0xFF) - 127

@@ -15,7 +15,7 @@ import torch
 
 from mpdiag.core import formats as fmts
 from mpdiag.core.formats import Format
-from mpdiag.core.updates import RATIO_BINS, RATIO_LOW, UpdateStats
+from mpdiag.core.updates import RATIO_BINS, RATIO_LOW, WEIGHT_BITS_AT_LEAST, UpdateStats
 from mpdiag.record import _cpu_updates
 from mpdiag.record._accumulate import is_dtensor
 
@@ -30,9 +30,10 @@ _HEAD = ("numel", "nonzero", "from_zero", "with_grad", "grad_nonzero", "lost", "
 
 
 def stall_formats(dtype: torch.dtype, format_names: Sequence[str]) -> tuple[Format, ...]:
-    """The tracked storage formats narrower than ``dtype``: those a weight of ``dtype`` could move to."""
+    """The tracked formats a weight of ``dtype`` could move to: storage dtypes narrower than it, of at
+    least WEIGHT_BITS_AT_LEAST bits."""
     own = torch.finfo(dtype).bits
-    return tuple(f for f in map(fmts.get, format_names) if f.dtype is not None and f.bits < own)
+    return tuple(f for f in map(fmts.get, format_names) if f.dtype is not None and WEIGHT_BITS_AT_LEAST <= f.bits < own)
 
 
 def _local(x: torch.Tensor) -> torch.Tensor:

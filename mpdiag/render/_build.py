@@ -231,8 +231,9 @@ def _optimizer_section(
     save(
         "update_ratios",
         optimizer_figures.update_ratio_heatmap(run, updates, shown),
-        "log2 of |update| / |weight| per power of two, over the changed elements with a non-zero weight; each "
-        "format's solid line: below it an update always rounds away with the weight stored in it.",
+        "log2 of |update| / |weight| per power of two, over the changed elements with a non-zero weight (a "
+        "parameter whose steps changed nothing has an empty column); each format's solid line: below it an "
+        "update always rounds away with the weight stored in it.",
     )
     save(
         "updates_over_time",

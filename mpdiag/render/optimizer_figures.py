@@ -111,7 +111,7 @@ def lost_over_time(updates: UpdatesAnalysis) -> Figure:
             shares = [100 * per_step[s] for s in steps]
             ax.plot(steps, shares, marker=".", ls="--", color="black", label=f"{dtype} lost")
     ax.set_ylim(-3, 103)
-    ax.set_ylabel("% of the changes lost")
+    ax.set_ylabel("% lost (formats: of the changes; dtype: of the non-zero gradients)", fontsize=8)
     ax.set_title("updates lost with the weights stored in each format", fontsize=10)
     if with_eps:
         steps = sorted(updates.eps_per_step)
