@@ -106,3 +106,9 @@ def test_large_parameters_are_counted_in_threads_alike(monkeypatch: pytest.Monke
     kernel, torch_path = both_paths(before, update, torch.randn(n, generator=g), moment, monkeypatch)
     assert kernel == torch_path and kernel.numel == n
     assert _updates.CHUNK > n  # one torch chunk: the comparison is of the kernel's threads, not chunking
+
+
+def test_a_parameter_of_no_elements_is_counted_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = torch.zeros(0)
+    kernel, torch_path = both_paths(empty, empty.double(), empty, (empty, 0.1), monkeypatch)
+    assert kernel == torch_path and (kernel.lost, kernel.eps_dominated, kernel.numel) == (0, 0, 0)

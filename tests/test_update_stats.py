@@ -327,3 +327,25 @@ def test_a_tied_parameters_update_and_state_sites_answer_to_either_name() -> Non
     )
     with pytest.raises(UnknownSiteError, match="none of them has an update site"):
         without.stats("1.weight", "update")
+
+
+def test_a_group_with_no_learning_rate_loses_nothing_and_radam_has_no_eps_share() -> None:
+    model = _model(torch.bfloat16)
+    opt = torch.optim.Adam(
+        [{"params": model[0].parameters(), "lr": 0.0}, {"params": model[2].parameters(), "lr": 1e-4}]
+    )
+    run, _ = _train(model, lambda params: opt)
+    assert run.update_stats("0.weight").lost is None and run.update_stats("2.weight").lost > 0
+    radam, _ = _train(_model(), lambda params: torch.optim.RAdam(params, lr=1e-3))  # eps on the uncorrected root
+    assert all(radam.update_stats(n).eps_dominated is None for n in radam.updated_params)
+
+
+def test_a_second_moment_not_shaped_as_its_parameter_is_not_judged() -> None:
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+    opt.step()
+    weight = model[0].weight
+    opt.state[weight]["exp_avg_sq"] = torch.ones(3)  # as a low-rank optimizer (GaLore) keeps it
+    judged = {id(p) for p, _ in second_moments(opt)}
+    assert id(weight) not in judged and id(model[0].bias) in judged

@@ -5,9 +5,12 @@ All of it reads ``run.update_stats`` (recorded with ``diagnose(..., optimizer=op
 recorded steps, and is plain data for the verdicts, the report and the summary.
 
 - Stalled: with fp32 master weights, how many of each parameter's changes a weight stored in a format
-  would have lost (the stored weight plus the update rounds back to the stored weight). An update below
-  ``always_lost_log2(fmt)`` of the weight is always lost in that format: a weight in [2^e, 2^(e+1)) has a
-  half unit in the last place of 2^(e - mantissa bits - 1), at least 2^-(mantissa bits + 2) of it.
+  would have lost (the stored weight plus the update rounds back to the stored weight). For a weight in
+  the format's normal range, an update below ``always_lost_log2(fmt)`` of the weight is always lost: the
+  stored weight lies in [2^e, 2^(e+1)) with half-spacings of 2^(e - mantissa bits - 1) above and, at a
+  power of two, half that below, while the weight itself may lie up to a half-spacing from the stored
+  one; an update of at least ``never_lost_log2(fmt)`` of the weight never is. In between, it depends on
+  where the weight lies in its binade. Below the normal range the spacing is absolute, and larger.
 - Lost: for weights stored in a low-precision dtype, the elements with a non-zero gradient that the
   step left unchanged (pure bf16 training silently stops learning there).
 - eps: where Adam's eps exceeds the root of the bias-corrected second moment, the step there is the
@@ -15,8 +18,8 @@ recorded steps, and is plain data for the verdicts, the report and the summary.
 
 Examples:
     >>> from mpdiag.core import formats
-    >>> always_lost_log2(formats.get("bf16")), always_lost_log2(formats.get("fp16"))
-    (-9, -12)
+    >>> always_lost_log2(formats.get("bf16")), never_lost_log2(formats.get("bf16"))
+    (-10, -7)
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = [
     "analyse_updates",
     "eps_sentence",
     "always_lost_log2",
+    "never_lost_log2",
     "stalled_updates",
     "lost_updates",
     "eps_dominance",
@@ -77,9 +81,15 @@ class ParamShares:
 
 
 def always_lost_log2(fmt: Format) -> int:
-    """log2 of the |update| / |weight| ratio below which a weight stored in ``fmt`` always rounds the
-    update away: a quarter of the format's eps (from ``torch.finfo``)."""
-    return round(math.log2(fmt.eps)) - 2
+    """log2 of the |update| / |weight| ratio below which a weight stored in ``fmt`` (in its normal
+    range) always rounds the update away: an eighth of the format's eps (from ``torch.finfo``)."""
+    return round(math.log2(fmt.eps)) - 3
+
+
+def never_lost_log2(fmt: Format) -> int:
+    """log2 of the |update| / |weight| ratio from which a weight stored in ``fmt`` (in its normal range)
+    never rounds the update away: the format's eps."""
+    return round(math.log2(fmt.eps))
 
 
 @dataclass(frozen=True)
@@ -91,10 +101,12 @@ class UpdatesAnalysis:
             parameters stored wider (formats with no such parameter are absent).
         lost: weight dtype ("bfloat16") -> what the parameters stored in it really lost.
         eps: where Adam's eps dominated the denominator; None for optimizers without one.
-        always_lost_log2: format -> log2 of the |update| / |weight| below which it always loses the update,
-            for the formats a weight is stored in (WEIGHT_BITS_AT_LEAST bits or more).
+        always_lost_log2, never_lost_log2: format -> log2 of the |update| / |weight| below which it always
+            loses the update, and from which it never does (weights in its normal range), for the formats
+            a weight is stored in (WEIGHT_BITS_AT_LEAST bits or more).
         stalled_per_step, lost_per_step: the same shares over all parameters together, per recorded step.
         eps_per_step: the eps-dominated share over all parameters' elements, per recorded step.
+        ratio_per_step: the |update| / |weight| histogram over all parameters (``ratio_counts``) per step.
         sentence: eps's verdict in words (``eps_sentence``), or None when eps dominates nowhere.
         ranked: every updated parameter, the most affected first: by the share its own dtype lost, then
             by the share the first tracked format narrower than it would lose.
@@ -105,9 +117,11 @@ class UpdatesAnalysis:
     lost: Mapping[str, ParamShares]
     eps: ParamShares | None
     always_lost_log2: Mapping[str, int]
+    never_lost_log2: Mapping[str, int]
     stalled_per_step: Mapping[str, Mapping[int, float]]
     lost_per_step: Mapping[str, Mapping[int, float]]
     eps_per_step: Mapping[int, float]
+    ratio_per_step: Mapping[int, tuple[int, ...]]
     sentence: str | None
     ranked: tuple[str, ...]
     merged: Mapping[str, UpdateStats]
@@ -126,7 +140,7 @@ def analyse_updates(run: Run) -> UpdatesAnalysis | None:
         ...     opt.step()
         >>> result = analyse_updates(diag.run)
         >>> result.always_lost_log2["bf16"], result.stalled["bf16"].worst[1]  # lr 1e-5: all lost in bf16
-        (-9, 1.0)
+        (-10, 1.0)
     """
     if not run.updates:
         return None
@@ -137,16 +151,17 @@ def analyse_updates(run: Run) -> UpdatesAnalysis | None:
     lost = {d: v for d in dtypes if (v := _lost(merged, d)) is not None}
     eps = _eps(merged)
     steps = sorted(run.updates)
+    stored_in = [f for f in formats if f.dtype is not None and f.bits >= WEIGHT_BITS_AT_LEAST]
     return UpdatesAnalysis(
         stalled=stalled,
         lost=lost,
         eps=eps,
-        always_lost_log2={
-            f.name: always_lost_log2(f) for f in formats if f.dtype is not None and f.bits >= WEIGHT_BITS_AT_LEAST
-        },
+        always_lost_log2={f.name: always_lost_log2(f) for f in stored_in},
+        never_lost_log2={f.name: never_lost_log2(f) for f in stored_in},
         stalled_per_step={f: {s: _overall(_stalled(run.updates[s], f)) for s in steps} for f in stalled},
         lost_per_step={d: {s: _overall(_lost(run.updates[s], d)) for s in steps} for d in lost},
         eps_per_step={s: _overall(_eps(run.updates[s])) for s in steps} if eps is not None else {},
+        ratio_per_step={s: tuple(map(sum, zip(*(u.ratio_counts for u in run.updates[s].values())))) for s in steps},
         sentence=eps_sentence(eps),
         ranked=tuple(sorted(merged, key=lambda n: _affected(merged[n], run.formats))),
         merged=merged,

@@ -297,7 +297,9 @@ def _updates_of(updates: UpdatesAnalysis | None, fmt: Format) -> tuple[ParamShar
     if updates is None:
         return None, None
     dtype = _dtype_name(fmt)
-    return updates.stalled.get(fmt.name), updates.lost.get(dtype) if dtype is not None else None
+    # What fp32 weights lose is no reason to keep fp32 master weights: judged for narrower formats only.
+    narrower = fmt.bits < _formats.get("fp32").bits
+    return updates.stalled.get(fmt.name), updates.lost.get(dtype) if dtype is not None and narrower else None
 
 
 def _stalled_clause(stalled: ParamShares, fmt: Format) -> str:
@@ -305,7 +307,7 @@ def _stalled_clause(stalled: ParamShares, fmt: Format) -> str:
     return (
         f"weights stored in it would lose {percent(share)} of the updates of {worst} ({len(stalled.called_out)} "
         f"of {len(stalled.shares)} parameters lose over {percent(stalled.threshold)}; an update below "
-        f"2^{always_lost_log2(fmt)} of its weight always rounds away)"
+        f"2^{always_lost_log2(fmt)} of a weight in its normal range always rounds away)"
     )
 
 

@@ -128,10 +128,19 @@ class Run:
             )
         return self.records[step][site]
 
+    @cached_property
+    def _updated(self) -> dict[str, list[int]]:
+        """Parameter -> the steps its update was recorded in (computed once: ``update_stats`` asks per call)."""
+        steps: dict[str, list[int]] = {}
+        for step in sorted(self.updates):
+            for name in self.updates[step]:
+                steps.setdefault(name, []).append(step)
+        return steps
+
     @property
     def updated_params(self) -> list[str]:
         """The parameters whose updates were recorded (``update_stats``), in the order first seen."""
-        return list(dict.fromkeys(name for step in sorted(self.updates) for name in self.updates[step]))
+        return list(self._updated)
 
     def update_stats(self, param: str, step: int | None = None) -> UpdateStats:
         """What the optimizer's step did to ``param`` at ``step``, or summed over every recorded step
@@ -142,8 +151,8 @@ class Run:
             UnknownSiteError: no update of ``param`` was recorded (the message names close matches).
             MpdiagError: ``step`` was not recorded, or ``param`` was not updated in it.
         """
-        name = next((n for n in self._tied_names(param) if n in self.updated_params), param)
-        per_step = {s: self.updates[s][name] for s in sorted(self.updates) if name in self.updates[s]}
+        name = next((n for n in self._tied_names(param) if n in self._updated), param)
+        per_step = {s: self.updates[s][name] for s in self._updated.get(name, [])}
         if not self.updates:
             raise UnknownSiteError(
                 f"no update of {param!r}: this run recorded no updates; diagnose records them when given the "

@@ -19,6 +19,7 @@ compiled in the background on first use (``available``) and cached like the stat
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -130,7 +131,8 @@ _TOP_EXPONENT = 128
 _EMIN, _THRESHOLD, _MAX, _OVERFLOW, _MANTISSA, _EMAX, _SIGNIFICANDS = range(7)
 
 
-def format_constants(stall: Sequence[Format]) -> tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=64)
+def format_constants(stall: tuple[Format, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Per format, (row of constants, tables).
 
     Constants: the exponent of the smallest normal, the overflow threshold, max, what overflow gives (0
@@ -188,8 +190,20 @@ def count(
     else:
         moments, bound = np.zeros(0, np.float32), 0.0
     out = np.zeros(head + len(stall) + RATIO_BINS, dtype=np.int64)
-    constants, tables = format_constants(stall)
-    _count(weights, changes, grads, moments, bound, constants, tables, out, head)
+    constants, tables = format_constants(tuple(stall))
+    _count(
+        weights,
+        changes,
+        grads,
+        moments,
+        bound,
+        constants,
+        tables,
+        out,
+        head,
+        grad is not None,
+        second_moment is not None,
+    )
     return torch.from_numpy(out)
 
 
@@ -303,12 +317,14 @@ if _HAVE_NUMBA:
             out[j] = partial[:, j].sum()
 
 
-def _count(weights, changes, grads, moments, bound, constants, tables, out, head):  # noqa: ANN001, ANN202
+def _count(weights, changes, grads, moments, bound, constants, tables, out, head, with_grad, with_eps):  # noqa: ANN001, ANN202
+    # The slots of _updates._HEAD: numel 0, nonzero 1, from_zero 2, with_grad 3, grad_nonzero 4, lost 5,
+    # with_eps 6, eps_dominated 7 (the tests compare every slot with the torch path's).
     bits = weights.view(np.int32)
     if weights.size >= _PARALLEL_FROM:
         _count_parallel(weights, bits, changes, grads, moments, bound, constants, tables, out, head)
     else:  # below this, waking threads costs more than they save
         _count_range(weights, bits, changes, grads, moments, bound, constants, tables, out, head, 0, weights.size)
     out[0] = weights.size
-    out[3] = 1 if grads.size > 0 else 0
-    out[6] = 1 if moments.size > 0 else 0
+    out[3] = int(with_grad)  # given, not grads.size > 0: a parameter of 0 elements has a gradient too
+    out[6] = int(with_eps)

@@ -144,11 +144,17 @@ def decode(name: str, dtype: str, stall: tuple[Format, ...], counts: np.ndarray)
     )
 
 
+#: The optimizers whose denominator is sqrt(v / (1 - beta2^step)) + eps (torch's; subclasses too).
+#: RAdam adds eps to the uncorrected root, and others (transformers' old AdamW) differ again.
+BIAS_CORRECTED_ADAMS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam)
+
+
 def second_moments(optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, Any]]]:
-    """(parameter, (v, bound)) for each parameter of an Adam-family optimizer (a param group with ``eps``
-    and ``betas``, a state with ``exp_avg_sq`` and ``step``: Adam, AdamW, NAdam, RAdam): v is the second
-    moment the denominator uses (``max_exp_avg_sq`` under amsgrad), bound is eps^2 * (1 - beta2^step).
-    Nothing is read to the host: a step count on the device stays there."""
+    """(parameter, (v, bound)) for each parameter that the step of an optimizer of BIAS_CORRECTED_ADAMS
+    updated: v is the second moment the denominator uses (``max_exp_avg_sq`` under amsgrad), bound is
+    eps^2 * (1 - beta2^step). Nothing is read to the host: a step count on the device stays there."""
+    if not isinstance(optimizer, BIAS_CORRECTED_ADAMS):
+        return
     for group in optimizer.param_groups:
         eps, betas = group.get("eps"), group.get("betas")
         if not isinstance(eps, (int, float)) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -162,7 +168,7 @@ def second_moments(optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch.Ten
                 continue
             v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state["exp_avg_sq"]
             step = state["step"]
-            if not isinstance(v, torch.Tensor):
-                continue
+            if not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.shape != param.shape:
+                continue  # not one moment per element of the parameter: no share of its elements
             step = _local(step).double() if isinstance(step, torch.Tensor) else float(step)
             yield param, (v, float(eps) ** 2 * (1 - beta2**step))

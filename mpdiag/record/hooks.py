@@ -231,13 +231,19 @@ class Recorder:
             }
 
     def observe_updates(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Observe each parameter's update, after the optimizer's step: new minus old, computed in fp64,
-        where the difference of two fp32 (or bf16, fp16) values is exact; and count, per parameter, what
+        """Observe each parameter's update, after the optimizer's step: new minus old, computed in fp64
+        (exact unless the weight changed by more than 2^29 times itself); and count, per parameter, what
         the step changed and what narrower formats would lose (``mpdiag.core.updates``), with the share
-        where Adam's eps dominates when ``optimizer`` is of the Adam family."""
+        where Adam's eps dominates when ``optimizer`` is of the Adam family. A parameter whose group has
+        a learning rate of 0 was not meant to change: what it "lost" is not counted."""
         if not self.recording:
             return
         moments = {id(p): m for p, m in second_moments(optimizer)} if optimizer is not None else {}
+        frozen: set[int] = set()
+        for group in optimizer.param_groups if optimizer is not None else ():
+            lr = group.get("lr")
+            if isinstance(lr, (int, float)) and lr == 0:  # a tensor lr is not read: that would sync the host
+                frozen.update(id(p) for p in group["params"])
         for name, before in self.weights_before.items():
             self.active = True
             param = self.params[name]
@@ -247,7 +253,8 @@ class Recorder:
             update = param.detach().double() - before.double()
             self._observe(site, update)
             stall = stall_formats(param.dtype, self.format_names)
-            counts = count_update(before, update, param.grad, stall, moments.get(id(param)))
+            grad = param.grad if id(param) not in frozen else None
+            counts = count_update(before, update, grad, stall, moments.get(id(param)))
             self.update_counts[name] = (str(param.dtype).replace("torch.", ""), stall, counts)
         self.weights_before = {}
 

@@ -230,10 +230,10 @@ def _optimizer_section(
     shown = list(updates.ranked[:_UPDATED_SHOWN])
     save(
         "update_ratios",
-        optimizer_figures.update_ratio_heatmap(run, updates, shown),
+        optimizer_figures.update_ratio_heatmap(updates, shown),
         "log2 of |update| / |weight| per power of two, over the changed elements with a non-zero weight (a "
         "parameter whose steps changed nothing has an empty column); each format's solid line: below it an "
-        "update always rounds away with the weight stored in it.",
+        "update always rounds away with a weight stored in it (in its normal range); dotted: above it, never.",
     )
     save(
         "updates_over_time",

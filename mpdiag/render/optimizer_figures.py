@@ -1,6 +1,6 @@
 """The report's figures of the optimizer's updates: the |update| / |weight| ratio against each format's
-rounding, and the shares of updates lost, step by step. Plain data in (the Run and its
-``UpdatesAnalysis``), a matplotlib Figure out, as in ``mpdiag.render.figures``.
+rounding, and the shares of updates lost, step by step. Plain data in (a run's ``UpdatesAnalysis``), a
+matplotlib Figure out, as in ``mpdiag.render.figures``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from mpdiag.analysis.updates import UpdatesAnalysis
-from mpdiag.core.run import Run
 from mpdiag.core.updates import RATIO_BINS, RATIO_LOW
 from mpdiag.render.figures import FORMAT_COLOURS
 
@@ -41,17 +40,17 @@ def _window(matrices: Sequence[np.ndarray], lines: Sequence[int]) -> tuple[int, 
     return max(lo, 0), min(hi, RATIO_BINS - 1)
 
 
-def update_ratio_heatmap(run: Run, updates: UpdatesAnalysis, params: Sequence[str]) -> Figure:
+def update_ratio_heatmap(updates: UpdatesAnalysis, params: Sequence[str]) -> Figure:
     """log2(|update| / |weight|) per power of two: left, every parameter together, step by step; right,
     ``params`` over every recorded step. Colour: the share of the changed elements (with a non-zero
-    weight) in each bin. Each format's line: below it an update always rounds away with the weight stored
-    in that format; up to one bit above it (dotted), it does depending on where the weight lies in its
-    binade."""
-    steps = sorted(run.updates)
-    by_step = np.array([np.sum([u.ratio_counts for u in run.updates[s].values()], axis=0) for s in steps], float)
+    weight) in each bin. Each format's solid line: below it an update always rounds away with the weight
+    stored in that format (in its normal range); dotted: above it, it never does; between the two, it
+    depends on where the weight lies in its binade."""
+    steps = sorted(updates.ratio_per_step)
+    by_step = np.array([updates.ratio_per_step[s] for s in steps], float).reshape(len(steps), RATIO_BINS)
     by_param = np.array([updates.merged[p].ratio_counts for p in params], float).reshape(len(params), RATIO_BINS)
     lines = dict(updates.always_lost_log2)
-    lo, hi = _window([by_step, by_param], list(lines.values()))
+    lo, hi = _window([by_step, by_param], [*lines.values(), *updates.never_lost_log2.values()])
     fig = Figure(figsize=(13.0, _ROW_INCHES * max(len(params), 14) + 2.2), layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=(1.0, 1.2))
     norm = LogNorm(vmin=1e-4, vmax=1.0)
@@ -75,7 +74,7 @@ def update_ratio_heatmap(run: Run, updates: UpdatesAnalysis, params: Sequence[st
         for name, line in lines.items():
             colour = FORMAT_COLOURS.get(name, "black")
             ax.axhline(line, color=colour, lw=1.4)
-            ax.axhline(line + 1, color=colour, lw=1.0, ls=":")
+            ax.axhline(updates.never_lost_log2[name], color=colour, lw=1.0, ls=":")
         ax.set_ylabel("log2 (|update| / |weight|), bin [2^e, 2^(e+1))")
         ax.set_facecolor("white")
     left.set_title("all parameters, step by step", fontsize=10)
@@ -88,7 +87,7 @@ def update_ratio_heatmap(run: Run, updates: UpdatesAnalysis, params: Sequence[st
     if image is not None:
         fig.colorbar(image, ax=[left, right], label="share of the changed elements", shrink=0.8)
     handles = [Line2D([], [], color=FORMAT_COLOURS.get(n, "black"), label=f"{n}: always lost below") for n in lines]
-    handles.append(Line2D([], [], color="black", ls=":", label="lost or not, by the weight's mantissa"))
+    handles.append(Line2D([], [], color="black", ls=":", label="never lost above"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     fig.suptitle("How large each update is against its weight, against each format's rounding", fontsize=11)
     return fig
