@@ -250,7 +250,7 @@ class Recorder:
             site = Site(name, Kind.UPDATE)
             if Site(name, Kind.PARAM) in self.replicated:  # DDP: every rank's update is the whole, alike
                 self.replicated.add(site)
-            update = param.detach().double() - before.double()
+            update = param.detach().double().sub_(before)  # before promoted inside the kernel: one fp64 copy
             self._observe(site, update)
             stall = stall_formats(param.dtype, self.format_names)
             grad = param.grad if id(param) not in frozen else None
