@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _OVERFLOW_CODES = {Overflow.INF: 0, Overflow.NAN: 1, Overflow.SATURATE: 2}
-_CHUNK = 1 << 16  # elements per task of the threaded loop
-_PARALLEL_FROM = 1 << 17  # fewer elements than this: counted in the calling thread
+_CHUNK = 1 << 14  # elements per task of the threaded loop
+_PARALLEL_FROM = 1 << 15  # fewer elements than this: counted in the calling thread
 
 try:
     import numba
