@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mpdiag
-from mpdiag.analysis.updates import TOLERATED_STALL, always_lost_log2, never_lost_log2
+from mpdiag.analysis.updates import TOLERATED_STALL, always_lost_log2, analyse_updates, never_lost_log2
 from mpdiag.core import formats
 from mpdiag.core.text import percent
+from mpdiag.core.updates import RATIO_BINS, UpdateStats
 
 NARROW = ("fp16", "bf16")  # the formats a weight is stored in
 STEPS = 4
@@ -153,3 +154,16 @@ def test_a_report_without_an_optimizer_has_no_optimizer_section(tmp_path: Path) 
     assert 'id="optimizer"' not in written.html.read_text()
     assert not {"optimizer_state", "update_ratios", "updates_over_time"} & set(written.figures)
     assert mpdiag.analyse(diag.run).updates is None and "Updates," not in mpdiag.summary(diag.run)
+
+
+def test_the_most_affected_rank_first_by_a_16_bit_weights_loss_then_by_the_first_formats() -> None:
+    def stats(name: str, dtype: str, stalled: dict[str, int], lost: int) -> UpdateStats:
+        return UpdateStats(name, dtype, 100, 100, stalled, lost, (0,) * RATIO_BINS, 0, grad_nonzero=100)
+
+    updates = {
+        "noisy": stats("noisy", "float32", {"fp16": 10, "bf16": 90}, lost=5),  # fp32's own rounding noise
+        "stalls": stats("stalls", "float32", {"fp16": 60, "bf16": 99}, lost=0),
+        "pure": stats("pure", "bfloat16", {}, lost=40),  # a bf16 weight's real loss comes first
+    }
+    run = mpdiag.Run(formats=("fp16", "bf16"), records={0: {}}, updates={0: updates})
+    assert analyse_updates(run).ranked == ("pure", "stalls", "noisy")

@@ -51,6 +51,8 @@ __all__ = [
 #: A parameter is called out when a format would lose (or its dtype lost) more than this share of its
 #: changes: a percent of a step's updates rounded away is learning the model does not get.
 TOLERATED_STALL = 0.01
+#: Weight dtypes whose own losses rank no parameter (``UpdatesAnalysis.ranked``).
+_WIDE_DTYPES = ("float32", "float64")
 #: A parameter is called out when eps dominates the denominator in more than this share of its
 #: elements: most of it then trains as SGD with momentum.
 EPS_DOMINATES = 0.5
@@ -108,8 +110,8 @@ class UpdatesAnalysis:
         eps_per_step: the eps-dominated share over all parameters' elements, per recorded step.
         ratio_per_step: the |update| / |weight| histogram over all parameters (``ratio_counts``) per step.
         sentence: eps's verdict in words (``eps_sentence``), or None when eps dominates nowhere.
-        ranked: every updated parameter, the most affected first: by the share its own dtype lost, then
-            by the share the first tracked format narrower than it would lose.
+        ranked: every updated parameter, the most affected first: by the share its own dtype lost (a
+            16-bit weight's), then by the share the first tracked format narrower than it would lose.
         merged: parameter -> its updates over every recorded step (``run.update_stats(name)``).
     """
 
@@ -169,10 +171,12 @@ def analyse_updates(run: Run) -> UpdatesAnalysis | None:
 
 
 def _affected(update: UpdateStats, formats: tuple[str, ...]) -> tuple[float, float, str]:
-    """The sort key of ``ranked``: the most affected parameter sorts first."""
+    """The sort key of ``ranked``: the most affected parameter sorts first. What an fp32 or fp64 weight
+    itself loses is rounding noise beside what a 16-bit format would: for those, the stalled share."""
     first = next((f for f in formats if f in update.stalled), None)
     stalled = update.stalled_share(first) if first is not None else 0.0
-    return -(update.lost_share or 0.0), -stalled, update.param
+    lost = (update.lost_share or 0.0) if update.dtype not in _WIDE_DTYPES else 0.0
+    return -lost, -stalled, update.param
 
 
 def eps_sentence(eps: ParamShares | None) -> str | None:
