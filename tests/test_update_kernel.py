@@ -73,7 +73,7 @@ def test_the_kernel_counts_what_the_torch_path_counts_where_rounding_is_decided(
     before = torch.tensor([w for w, _ in pairs], dtype=torch.float32).to(dtype)
     after = (before.float() + torch.tensor([d for _, d in pairs])).to(dtype)
     update = after.double() - before.double()
-    update = torch.where(update.isnan() & before.isnan(), 0.0, update)  # what a NaN weight's update reads
+    update = torch.where(update.isnan() & before.isnan(), 0.0, update)  # NaN weights with a 0 update too
     grad = torch.tensor([float(i % 3) for i in range(len(pairs))])
     moment = (torch.rand(len(pairs)), 0.5)
     kernel, torch_path = both_paths(before, update, grad, moment, monkeypatch)
