@@ -92,15 +92,17 @@ def _updates_table(updates: UpdatesAnalysis, n: int) -> str:
     lost, and of elements where Adam's eps dominated."""
     formats = list(updates.stalled)
     eps = updates.eps is not None
+    header = ("parameter", "changed", *formats, "lost", *(["eps"] if eps else []))
+    # The name takes what the share columns (at most "100.0", or their title) leave of 80 columns.
+    width = 80 - sum(max(len(h), len("100.0")) + 2 for h in header[1:])
     rows = []
     for name in updates.ranked[:n]:
         u = updates.merged[name]
         # no change to lose: "-", not 0%
         shares = [u.stalled_share(f) if f in u.stalled and u.nonzero else None for f in formats] + [u.lost_share]
         shares += [u.eps_share] if eps else []
-        label = name if len(name) <= _NAME_WIDTH else "..." + name[-(_NAME_WIDTH - 3) :]
+        label = name if len(name) <= width else "..." + name[-(width - 3) :]
         rows.append((label, _percent(u.nonzero / u.numel if u.numel else 0.0), *map(_percent, shares)))
-    header = ("parameter", "changed", *formats, "lost", *(["eps"] if eps else []))
     intro = (
         f"Updates, the {min(n, len(updates.ranked))} most affected of {len(updates.ranked)} parameters (% over "
         "the recorded steps): elements changed; of those changes, what each format would round away with the "
