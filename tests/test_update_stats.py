@@ -231,17 +231,22 @@ def test_counting_reads_nothing_from_the_device(monkeypatch: pytest.MonkeyPatch)
     assert mode.reads == 0 and len(moments) == 4
 
 
-def test_a_tied_weight_answers_to_either_name() -> None:
+def _tied_run() -> mpdiag.Run:
+    """One Adam step of an embedding whose weight the output layer shares."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10, bias=False))
     model[1].weight = model[0].weight
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     with mpdiag.diagnose(model, optimizer=opt) as diag:
-        opt.zero_grad()
         model(torch.arange(10)).pow(2).mean().backward()
         opt.step()
-    assert diag.run.updated_params == ["0.weight"]
-    assert diag.run.update_stats("1.weight") == diag.run.update_stats("0.weight")
+    return diag.run
+
+
+def test_a_tied_weight_answers_to_either_name() -> None:
+    run = _tied_run()
+    assert run.updated_params == ["0.weight"]
+    assert run.update_stats("1.weight") == run.update_stats("0.weight")
 
 
 def test_a_run_file_holds_the_updates_and_an_older_file_reads_as_having_none(tmp_path: Path) -> None:
@@ -312,14 +317,7 @@ def test_the_eps_share_counts_only_the_steps_that_judged_eps() -> None:
 
 
 def test_a_tied_parameters_update_and_state_sites_answer_to_either_name() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10, bias=False))
-    model[1].weight = model[0].weight
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    with mpdiag.diagnose(model, optimizer=opt) as diag:
-        model(torch.arange(10)).pow(2).mean().backward()
-        opt.step()
-    run = diag.run
+    run = _tied_run()
     assert run.stats("1.weight", "update") == run.stats("0.weight", "update")
     assert run.stats("1.weight.exp_avg_sq", "optimizer_state") == run.stats("0.weight.exp_avg_sq", "optimizer_state")
     without = dataclasses.replace(

@@ -25,7 +25,7 @@ Examples:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mpdiag.core import formats as _formats
@@ -37,13 +37,11 @@ from mpdiag.core.updates import WEIGHT_BITS_AT_LEAST, UpdateStats
 __all__ = [
     "ParamShares",
     "UpdatesAnalysis",
+    "UpdateRow",
     "analyse_updates",
     "eps_sentence",
     "always_lost_log2",
     "never_lost_log2",
-    "stalled_updates",
-    "lost_updates",
-    "eps_dominance",
     "TOLERATED_STALL",
     "EPS_DOMINATES",
 ]
@@ -95,6 +93,38 @@ def never_lost_log2(fmt: Format) -> int:
 
 
 @dataclass(frozen=True)
+class UpdateRow:
+    """One parameter's shares over the recorded steps, as the summary and the report tabulate them.
+
+    Attributes:
+        param, dtype: the parameter and the dtype its weight is stored in.
+        changed: the share of its elements the steps changed.
+        stalled: per format of ``UpdatesAnalysis.stalled``, the share of those changes a weight stored in
+            it would lose; None where it is not counted (not narrower than the weight) or nothing changed.
+        lost: the share of its non-zero gradients its own dtype lost (None without a gradient).
+        eps: the share of its elements where Adam's eps dominated (None without one).
+    """
+
+    param: str
+    dtype: str
+    changed: float
+    stalled: tuple[float | None, ...]
+    lost: float | None
+    eps: float | None
+
+    @classmethod
+    def of(cls, update: UpdateStats, formats: Sequence[str]) -> UpdateRow:
+        return cls(
+            param=update.param,
+            dtype=update.dtype,
+            changed=update.nonzero / update.numel if update.numel else 0.0,
+            stalled=tuple(update.stalled_share(f) if f in update.stalled and update.nonzero else None for f in formats),
+            lost=update.lost_share,
+            eps=update.eps_share,
+        )
+
+
+@dataclass(frozen=True)
 class UpdatesAnalysis:
     """The optimizer's updates over a run, judged (``analyse_updates``).
 
@@ -113,6 +143,7 @@ class UpdatesAnalysis:
         ranked: every updated parameter, the most affected first: by the share its own dtype lost (a
             16-bit weight's), then by the share the first tracked format narrower than it would lose.
         merged: parameter -> its updates over every recorded step (``run.update_stats(name)``).
+        rows: the ``ranked`` parameters' shares, in that order (``UpdateRow``).
     """
 
     stalled: Mapping[str, ParamShares]
@@ -127,6 +158,7 @@ class UpdatesAnalysis:
     sentence: str | None
     ranked: tuple[str, ...]
     merged: Mapping[str, UpdateStats]
+    rows: tuple[UpdateRow, ...]
 
 
 def analyse_updates(run: Run) -> UpdatesAnalysis | None:
@@ -153,6 +185,7 @@ def analyse_updates(run: Run) -> UpdatesAnalysis | None:
     lost = {d: v for d in dtypes if (v := _lost(merged, d)) is not None}
     eps = _eps(merged)
     steps = sorted(run.updates)
+    ranked = tuple(sorted(merged, key=lambda n: _affected(merged[n], run.formats)))
     stored_in = [f for f in formats if f.dtype is not None and f.bits >= WEIGHT_BITS_AT_LEAST]
     return UpdatesAnalysis(
         stalled=stalled,
@@ -165,8 +198,9 @@ def analyse_updates(run: Run) -> UpdatesAnalysis | None:
         eps_per_step={s: _overall(_eps(run.updates[s])) for s in steps} if eps is not None else {},
         ratio_per_step={s: tuple(map(sum, zip(*(u.ratio_counts for u in run.updates[s].values())))) for s in steps},
         sentence=eps_sentence(eps),
-        ranked=tuple(sorted(merged, key=lambda n: _affected(merged[n], run.formats))),
+        ranked=ranked,
         merged=merged,
+        rows=tuple(UpdateRow.of(merged[n], list(stalled)) for n in ranked),
     )
 
 
@@ -191,24 +225,6 @@ def eps_sentence(eps: ParamShares | None) -> str | None:
         f"times lr/eps, SGD with momentum rather than Adam. A smaller eps, or gradients scaled up, restores "
         f"Adam's per-element step sizes."
     )
-
-
-def stalled_updates(run: Run, fmt: Format) -> ParamShares | None:
-    """How many of each parameter's changes a weight stored in ``fmt`` would lose, for the parameters
-    stored in a wider dtype (None when none has a stalled count for ``fmt``)."""
-    return _stalled({name: run.update_stats(name) for name in run.updated_params}, fmt.name)
-
-
-def lost_updates(run: Run, dtype: str) -> ParamShares | None:
-    """What the parameters stored in ``dtype`` ("bfloat16") really lost: elements with a non-zero
-    gradient the step left unchanged, over those with a non-zero gradient (None when no parameter of
-    ``dtype`` had a gradient)."""
-    return _lost({name: run.update_stats(name) for name in run.updated_params}, dtype)
-
-
-def eps_dominance(run: Run) -> ParamShares | None:
-    """Where Adam's eps dominated the denominator, per parameter (None for optimizers without one)."""
-    return _eps({name: run.update_stats(name) for name in run.updated_params})
 
 
 def _stalled(updates: Mapping[str, UpdateStats], fmt: str) -> ParamShares | None:

@@ -97,8 +97,8 @@ class Verdict:
     # per optimizer state key that would not fit: (key, parameters affected, parameters with that key,
     # the worst parameter, its share of values lost to underflow or overflow)
     optimizer_state: tuple[tuple[str, int, int, str, float], ...] = ()
-    # the updates of weights stored wider that the format would lose (``stalled_updates``), and what
-    # weights already stored in it really lost (``lost_updates``); None where nothing was counted
+    # the updates of weights stored wider that the format would lose (``UpdatesAnalysis.stalled``), and
+    # what weights already stored in it really lost (``UpdatesAnalysis.lost``); None where nothing was counted
     stalled_updates: ParamShares | None = None
     lost_updates: ParamShares | None = None
 

@@ -111,44 +111,40 @@ def scalar_values(run: Run, step: int) -> dict[str, float]:
 
 def _ratio_histogram(update: UpdateStats) -> dict[str, Any] | None:
     """The HistogramProto fields of the log2(|update| / |weight|) histogram (as ``_histogram``'s)."""
-    counts = np.asarray(update.ratio_counts, dtype=np.int64)
+    exponents = np.arange(RATIO_LOW, RATIO_LOW + RATIO_BINS, dtype=np.float64)
+    return _log2_buckets(np.asarray(update.ratio_counts, dtype=np.int64), exponents)
+
+
+def _histogram(stats: TensorStats) -> dict[str, Any] | None:
+    """The HistogramProto fields of the log2|x| histogram (``_log2_buckets``), with the site's extremes."""
+    if not stats.finite_nonzero:
+        return None
+    return _log2_buckets(stats.hist, HIST_EXPONENTS, math.log2(stats.amin_nonzero), math.log2(stats.amax))
+
+
+def _log2_buckets(
+    counts: np.ndarray, exponents: np.ndarray, lowest: float | None = None, highest: float | None = None
+) -> dict[str, Any] | None:
+    """The HistogramProto fields of ``counts`` per power of two, bucket i covering [exponents[i],
+    exponents[i] + 1) (TensorBoard gives each bucket its right edge; the first starts at min), from the
+    first non-empty bucket to the last; None when all are empty. ``lowest`` and ``highest`` (log2 of the
+    extremes) give min and max, kept inside those buckets (fp64 values beyond fp32's range are counted
+    in the end bins); without them, the buckets' own edges."""
     nonzero = np.flatnonzero(counts)
     if not nonzero.size:
         return None
     lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
-    exponents = np.arange(RATIO_LOW, RATIO_LOW + RATIO_BINS, dtype=np.float64)[lo:hi]
-    centres = exponents + 0.5
+    span, edges = counts[lo:hi], exponents[lo:hi]
+    centres = edges + 0.5
+    low, high = float(edges[0]), float(edges[-1] + 1)
     return {
-        "min": float(exponents[0]),
-        "max": float(exponents[-1] + 1),
-        "num": float(counts.sum()),
-        "sum": float(counts[lo:hi] @ centres),
-        "sum_squares": float(counts[lo:hi] @ (centres * centres)),
-        "bucket_limit": (exponents + 1).tolist(),
-        "bucket": counts[lo:hi].tolist(),
-    }
-
-
-def _histogram(stats: TensorStats) -> dict[str, Any] | None:
-    """The HistogramProto fields of the log2|x| histogram: one bucket per power of two, bucket i covering
-    [e_i, e_i + 1) (TensorBoard gives each bucket its right edge; the first starts at min)."""
-    if not stats.finite_nonzero:
-        return None
-    nonzero = np.flatnonzero(stats.hist)
-    lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
-    counts = stats.hist[lo:hi]
-    exponents = HIST_EXPONENTS[lo:hi]
-    centres = exponents + 0.5
-    # fp64 values beyond fp32's range are counted in the end bins: keep min and max inside the buckets
-    low, high = float(exponents[0]), float(exponents[-1] + 1)
-    return {
-        "min": min(max(math.log2(stats.amin_nonzero), low), high),
-        "max": max(min(math.log2(stats.amax), high), low),
-        "num": float(stats.finite_nonzero),  # the histogram's total: every finite non-zero value
-        "sum": float(counts @ centres),
-        "sum_squares": float(counts @ (centres * centres)),
-        "bucket_limit": (exponents + 1).tolist(),
-        "bucket": counts.tolist(),
+        "min": low if lowest is None else min(max(lowest, low), high),
+        "max": high if highest is None else max(min(highest, high), low),
+        "num": float(span.sum()),  # every value counted (for a site: every finite non-zero one)
+        "sum": float(span @ centres),
+        "sum_squares": float(span @ (centres * centres)),
+        "bucket_limit": (edges + 1).tolist(),
+        "bucket": span.tolist(),
     }
 
 

@@ -55,15 +55,16 @@ def count_update(
     where v < bound = eps^2 * (1 - beta2^step), i.e. where sqrt(v / (1 - beta2^step)) < eps.
     """
     before, update = (_local(t).reshape(-1) for t in (before, update))
-    if grad is not None and grad.layout != torch.strided:  # sparse (nn.Embedding(sparse=True)): which are non-zero
-        grad = _local(grad).to_dense()
+    if grad is not None:
+        grad = _local(grad)
+        if grad.layout != torch.strided:  # sparse (nn.Embedding(sparse=True)): which elements are non-zero
+            grad = grad.to_dense()
+    if second_moment is not None:
+        second_moment = (_local(second_moment[0]), second_moment[1])
     if _cpu_updates.available(before):  # one compiled pass instead of some sixty torch ops
-        local_moment = (_local(second_moment[0]), second_moment[1]) if second_moment is not None else None
-        return _cpu_updates.count(
-            before, update, _local(grad) if grad is not None else None, local_moment, stall, len(_HEAD)
-        )
-    grad_flat = _local(grad).reshape(-1) if grad is not None else None
-    v = _local(second_moment[0]).reshape(-1) if second_moment is not None else None
+        return _cpu_updates.count(before, update, grad, second_moment, stall, len(_HEAD))
+    grad_flat = grad.reshape(-1) if grad is not None else None
+    v = second_moment[0].reshape(-1) if second_moment is not None else None
     bound = second_moment[1] if second_moment is not None else None
     total = None
     # In chunks: the masks, casts and ratios of one chunk at a time, so that the transient memory is

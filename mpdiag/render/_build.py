@@ -243,15 +243,9 @@ def _optimizer_section(
         + (", the share of non-zero gradients the weights' own dtype lost" if updates.lost_per_step else "")
         + (", and where Adam's eps dominated the denominator." if updates.eps_per_step else "."),
     )
-    formats = list(updates.stalled)
-    rows = []
-    for name in shown:
-        u = updates.merged[name]
-        shares = [u.stalled_share(f) if f in u.stalled and u.nonzero else None for f in formats]  # "-": no change
-        rows.append((name, u.dtype, u.nonzero / u.numel if u.numel else 0.0, shares, u.lost_share, u.eps_share))
     return {
-        "rows": rows,
-        "formats": formats,
+        "rows": updates.rows[:_UPDATED_SHOWN],
+        "formats": list(updates.stalled),
         "eps": updates.eps is not None,
         "total": len(updates.ranked),
         "lines": updates.always_lost_log2,

@@ -96,13 +96,10 @@ def _updates_table(updates: UpdatesAnalysis, n: int) -> str:
     # The name takes what the share columns (at most "100.0", or their title) leave of 80 columns.
     width = 80 - sum(max(len(h), len("100.0")) + 2 for h in header[1:])
     rows = []
-    for name in updates.ranked[:n]:
-        u = updates.merged[name]
-        # no change to lose: "-", not 0%
-        shares = [u.stalled_share(f) if f in u.stalled and u.nonzero else None for f in formats] + [u.lost_share]
-        shares += [u.eps_share] if eps else []
-        label = name if len(name) <= width else "..." + name[-(width - 3) :]
-        rows.append((label, _percent(u.nonzero / u.numel if u.numel else 0.0), *map(_percent, shares)))
+    for row in updates.rows[:n]:
+        shares = [row.changed, *row.stalled, row.lost, *([row.eps] if eps else [])]
+        label = row.param if len(row.param) <= width else "..." + row.param[-(width - 3) :]
+        rows.append((label, *map(_percent, shares)))
     intro = (
         f"Updates, the {min(n, len(updates.ranked))} most affected of {len(updates.ranked)} parameters (% over "
         "the recorded steps): elements changed; of those changes, what each format would round away with the "
@@ -113,4 +110,4 @@ def _updates_table(updates: UpdatesAnalysis, n: int) -> str:
 
 
 def _percent(share: float | None) -> str:
-    return "-" if share is None else f"{100 * share:.1f}"
+    return "-" if share is None else f"{100 * share:.1f}"  # None: not counted, or no change to lose
